@@ -1,0 +1,13 @@
+"""Cross-tokenizer scorers: pure maths over tokenizers and teacher log-probs (no Ray)."""
+
+from pipeline.scoring.common import Regime, ScoredDocument, SubsetRegimeError, Teacher
+from pipeline.scoring.subset import PreparedDocument, SubsetExactScorer
+
+__all__ = [
+    "PreparedDocument",
+    "Regime",
+    "ScoredDocument",
+    "SubsetExactScorer",
+    "SubsetRegimeError",
+    "Teacher",
+]

@@ -1,0 +1,748 @@
+"""Subset-exact scorer: exact student targets when the student is the teacher's BPE with a
+truncated merge list (``../shared/spec/scoring.md`` §2).
+
+Three phases per batch of documents:
+
+1. Tokenizer phase (`prepare`, pure Python, no model): canonical teacher and student
+   encodings, the R1 check, and for every student position ``i`` the VALID exact covers
+   (teacher token sequences ``E`` with ``D(E) = s_1..s_i`` that are a prefix of some
+   canonical encoding). They are found locally: the teacher encoding of the text since
+   the last stable pre-token boundary, plus probe continuations where trailing
+   whitespace (regex look-ahead) or a split UTF-8 character lets a later character
+   change the split. All covers of a document form a prefix tree of teacher contexts.
+2. Teacher phase: one batched forward over the prefix trees of many documents (tree
+   attention mask) gives ``p_T(. | E)`` for every tree node; path sums give the cover
+   weights ``w_E = P_T(E)``.
+3. Row phase (torch, on the teacher's device, float64 accumulation): for row ``i`` and
+   every exact cover ``E`` at position ``j <= i`` whose decomposition trie node
+   ``s_{j+1..i}`` still has children, add ``w_E`` times the mass of each child, read as
+   differences of a cumulative sum of ``p_T(. | E)`` over the teacher vocab sorted by
+   decomposition (every trie node is a contiguous range). Specials follow exact covers
+   only. No Python loop touches the vocabulary.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.scoring.common import Regime, ScoredDocument, SubsetRegimeError
+from pipeline.scoring.unicode import completion_representatives
+from pipeline.tokenization import (
+    DOC_END_TOKENS,
+    ByteLevelBPE,
+    TokenizerError,
+    UnscorableTextError,
+    load_tokenizer,
+    to_byte_level,
+)
+
+# Characters appended to a text that ends in whitespace to find the alternative exact
+# cover that regex look-ahead (`\s+(?!\S)`) creates: a digit does not absorb a preceding
+# space in Qwen/Llama-3 regexes, a letter and punctuation do in GPT-2's; a newline
+# joins whitespace runs. Together they cover every class the regexes distinguish.
+DEFAULT_PROBES: tuple[str, ...] = ("", "1", "a", ".", "\n", "'")
+
+# Texts the pair check encodes with both tokenizers (R1) at construction.
+R1_PROBE_TEXTS: tuple[str, ...] = (
+    "Hello world! It's 2024-11-22; the price is $1,234.56.",
+    "a  1\n\n  x\t\ty   \n",
+    "  leading and trailing   ",
+    "Café naïve e\u0301 résumé",
+    "中文测试，你好世界。日本語のテキスト",
+    "emoji 😀👍🏽 done",
+    "def f(x):\n    return x**2  # comment\n",
+    "I'll we've they're DON'T",
+    "1234567890 12 345",
+)
+
+
+@dataclass
+class PreparedDocument:
+    """Output of the tokenizer phase for one document."""
+
+    text: str
+    teacher_ids: list[int]
+    student_ids: list[int]
+    covers: list[list[int]]  # per student position 0..L: tree node indices of valid exact covers
+    tokens: list[int]  # tree node tokens; node 0 is the start of text (token -1)
+    parents: list[int]  # tree node parents (-1 for node 0)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.tokens)
+
+
+class _Tree:
+    """Prefix tree of teacher contexts: canonical path first, then branches."""
+
+    def __init__(self, canonical: list[int]) -> None:
+        self.canonical = canonical
+        self.tokens = [-1, *canonical]
+        self.parents = [-1, *range(len(canonical))]
+        self.branch: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+
+    def node(self, m: int, suffix: Sequence[int]) -> int:
+        """Node of the context canonical[:m] + suffix."""
+        k = 0
+        canon = self.canonical
+        while k < len(suffix) and m < len(canon) and canon[m] == suffix[k]:
+            m += 1
+            k += 1
+        node = m
+        for t in suffix[k:]:
+            key = (node, int(t))
+            nxt = self.branch.get(key)
+            if nxt is None:
+                nxt = len(self.tokens)
+                self.tokens.append(int(t))
+                self.parents.append(node)
+                self.branch[key] = nxt
+            node = nxt
+        return node
+
+
+class SubsetExactScorer:
+    """Exact student targets for a student whose merges are a prefix of the teacher's.
+
+    Args:
+        teacher_tokenizer: the teacher's tokenizer (`tokenizers.Tokenizer`, HF fast
+            tokenizer, tokenizer.json path, HF directory or hub id).
+        student_tokenizer: the student's tokenizer, same accepted forms.
+        eos_token: content of the teacher's end-of-text token whose mass goes to the
+            student's token of the same content in every row (row ``L`` is where it
+            matters). Default: the first of ``DOC_END_TOKENS`` the teacher has.
+        probes: continuation characters used to find exact covers at trailing whitespace.
+        accum_dtype: dtype of the row accumulation (float64 keeps tiny probabilities
+            exact to ~1e-16 absolute).
+        max_block_bytes: memory budget of one block of rows in the row phase.
+
+    Special tokens in a text (e.g. ``<|im_start|>`` from a chat template) are parsed as
+    the added tokens they name, as both tokenizers do, and scored as atomic symbols: a
+    special follows only an exact cover, and the cover set collapses to one element
+    after it. An added token the student lacks is refused. Empty texts give one row
+    (the distribution of the first token). Texts that do not survive the teacher's
+    encode/decode (bytes without a symbol in its vocab) raise `UnscorableTextError`.
+    """
+
+    regime = Regime.EXACT
+
+    def __init__(
+        self,
+        teacher_tokenizer: Any,
+        student_tokenizer: Any,
+        *,
+        eos_token: str | None = None,
+        probes: Sequence[str] = DEFAULT_PROBES,
+        accum_dtype: torch.dtype = torch.float64,
+        max_block_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.T = ByteLevelBPE(load_tokenizer(teacher_tokenizer), "teacher")
+        self.S = ByteLevelBPE(load_tokenizer(student_tokenizer), "student")
+        self.probes = tuple(dict.fromkeys(probes))
+        self.accum_dtype = accum_dtype
+        self.max_block_bytes = max_block_bytes
+        check_subset_pair(self.T, self.S)
+        self.decomp = _decompositions(self.T, self.S)
+        self.max_depth = max(len(d) for d in self.decomp.values())
+        self._build_trie()
+        self._map_specials(eos_token)
+        self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
+        bad = [t for t in R1_PROBE_TEXTS if self._r1_mismatch(t) is not None]
+        if bad:
+            raise SubsetRegimeError(
+                "R1 fails (student encoding != unmerged teacher encoding) on "
+                + "; ".join(f"{t!r}: {self._r1_mismatch(t)}" for t in bad[:3])
+            )
+
+    # ------------------------------------------------------------------ construction
+    def _build_trie(self) -> None:
+        """Teacher BPE vocab sorted by decomposition; every trie node is a range."""
+        ids = sorted(self.decomp, key=lambda t: self.decomp[t])
+        self.perm = np.asarray(ids, dtype=np.int64)
+        seqs = [self.decomp[t] for t in ids]
+        n = len(seqs)
+        lo, hi, tok, term, clo, chi = [0], [n], [-1], [-1], [0], [0]
+        child: dict[tuple[int, int], int] = {}
+        prev = [0] * n
+        for k in range(1, self.max_depth + 1):
+            cur = [-1] * n
+            last: tuple[int, int] | None = None
+            nid = -1
+            for pos in range(n):
+                s = seqs[pos]
+                if len(s) < k:
+                    continue
+                key = (prev[pos], s[k - 1])
+                if key != last:
+                    nid = len(lo)
+                    parent = key[0]
+                    lo.append(pos)
+                    hi.append(pos + 1)
+                    tok.append(s[k - 1])
+                    term.append(-1)
+                    clo.append(0)
+                    chi.append(0)
+                    if chi[parent] == 0:
+                        clo[parent] = nid
+                    chi[parent] = nid + 1
+                    child[key] = nid
+                    last = key
+                else:
+                    hi[nid] = pos + 1
+                if len(s) == k:
+                    term[nid] = ids[pos]
+                cur[pos] = nid
+            prev = cur
+        self.trie_child = child
+        self.trie = {
+            "lo": np.asarray(lo, np.int64),
+            "hi": np.asarray(hi, np.int64),
+            "tok": np.asarray(tok, np.int64),
+            "clo": np.asarray(clo, np.int64),
+            "chi": np.asarray(chi, np.int64),
+        }
+        # Depth-1 nodes indexed by student id: mass of all t with d(t)[0] = a.
+        root_lo = np.zeros(self.S.size, np.int64)
+        root_hi = np.zeros(self.S.size, np.int64)
+        for nd in range(clo[0], chi[0]):
+            root_lo[tok[nd]] = lo[nd]
+            root_hi[tok[nd]] = hi[nd]
+        self.trie["root_lo"] = root_lo
+        self.trie["root_hi"] = root_hi
+
+    def _map_specials(self, eos_token: str | None) -> None:
+        t_spec = sorted(self.T.added_ids)
+        s_by_content = self.S.added_by_content
+        mapped_t, mapped_s, unmapped = [], [], []
+        for t in t_spec:
+            content = self.T.token_bytes[t].decode("utf-8")
+            if content in s_by_content:
+                mapped_t.append(t)
+                mapped_s.append(s_by_content[content])
+            else:
+                unmapped.append(t)
+        if eos_token is None:
+            eos_token = next((c for c in DOC_END_TOKENS if c in self.T.added_by_content), None)
+            if eos_token is None:
+                raise TokenizerError(
+                    "teacher has no end-of-text token among "
+                    f"{DOC_END_TOKENS}; pass eos_token= explicitly"
+                )
+        if eos_token not in self.T.added_by_content:
+            raise TokenizerError(f"eos_token {eos_token!r} is not an added token of the teacher")
+        if eos_token not in s_by_content:
+            raise TokenizerError(f"the student has no token {eos_token!r} to carry end-of-text mass")
+        self.eos_token = eos_token
+        self.teacher_eos = self.T.added_by_content[eos_token]
+        self.student_eos = s_by_content[eos_token]
+        self.special_t = np.asarray(mapped_t, np.int64)
+        self.special_s = np.asarray(mapped_s, np.int64)
+        self.unmapped_t = np.asarray(unmapped, np.int64)
+        self.t2s_special = dict(zip(mapped_t, mapped_s, strict=True))
+
+    def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        cache = self._device_cache.get(device)
+        if cache is None:
+            cache = {k: torch.as_tensor(v, device=device) for k, v in self.trie.items()}
+            cache["perm"] = torch.as_tensor(self.perm, device=device)
+            cache["special_t"] = torch.as_tensor(self.special_t, device=device)
+            cache["special_s"] = torch.as_tensor(self.special_s, device=device)
+            cache["unmapped_t"] = torch.as_tensor(self.unmapped_t, device=device)
+            self._device_cache[device] = cache
+        return cache
+
+    def _decompose(self, ids: Iterable[int]) -> list[int]:
+        out: list[int] = []
+        for t in ids:
+            if t in self.t2s_special:
+                out.append(self.t2s_special[t])
+            elif t in self.decomp:
+                out.extend(self.decomp[t])
+            else:
+                raise TokenizerError(
+                    f"the text contains the teacher's added token {self.T.token_repr(t)!r}, "
+                    "which the student tokenizer does not have"
+                )
+        return out
+
+    def _r1_mismatch(self, text: str) -> str | None:
+        t = self.T.tokenizer.encode(text, add_special_tokens=False).ids
+        s = self.S.tokenizer.encode(text, add_special_tokens=False).ids
+        d = self._decompose(t)
+        if d == s:
+            return None
+        k = next((i for i, (a, b) in enumerate(zip(d, s, strict=False)) if a != b), min(len(d), len(s)))
+        return (
+            f"at student position {k}: unmerged teacher gives "
+            f"{[self.S.token_repr(x) for x in d[k : k + 3]]}, student gives "
+            f"{[self.S.token_repr(x) for x in s[k : k + 3]]}"
+        )
+
+    # ------------------------------------------------------------------ tokenizer phase
+    def prepare(self, text: str) -> PreparedDocument:
+        """Tokenizer phase for one text: encodings, R1 check, exact covers, context tree."""
+        norm = self.T.normalize(text)
+        parts = self.T.split_added(norm)
+        student_ids = self.S.tokenizer.encode(text, add_special_tokens=False).ids
+        canonical: list[int] = []
+        seg_t: list[list[int] | None] = []
+        for part in parts:
+            if isinstance(part, int):
+                canonical.append(part)
+                seg_t.append(None)
+            else:
+                ids = self.T.encode_plain(part)
+                got = self.T.decode_bytes(ids)
+                if got != part.encode("utf-8"):
+                    lost = sorted({ch for ch in part if self.T.encode_plain(ch) == [] or
+                                   self.T.decode_bytes(self.T.encode_plain(ch)) != ch.encode()})
+                    raise UnscorableTextError(
+                        f"text does not survive the teacher's encode/decode; characters "
+                        f"without a symbol in its vocab: {lost[:10]!r}"
+                    )
+                canonical.extend(ids)
+                seg_t.append(ids)
+        hf_ids = self.T.tokenizer.encode(text, add_special_tokens=False).ids
+        if hf_ids != canonical:
+            raise TokenizerError(
+                "internal segmentation differs from the teacher tokenizer's own encoding "
+                "(unsupported added-token options such as lstrip/rstrip?)"
+            )
+        if self._decompose(canonical) != student_ids:
+            raise SubsetRegimeError(f"R1 fails on this text: {self._r1_mismatch(text)}")
+
+        tree = _Tree(canonical)
+        covers: list[list[int]] = [[0]]  # position 0: start of text
+        m0 = 0  # teacher tokens before the current part
+        i0 = 0  # student tokens before the current part
+        n_alt = 0
+        for part, tids in zip(parts, seg_t, strict=True):
+            if tids is None:  # an added token: atomic, frontier collapses after it
+                m0 += 1
+                i0 += 1
+                covers.append([tree.node(m0, ())])
+                continue
+            assert isinstance(part, str)
+            n_s = len(self._decompose(tids))
+            seg = _Segment(self, part, tids, student_ids[i0 : i0 + n_s])
+            for k in range(1, n_s + 1):
+                cands = seg.exact_covers(k)
+                if len(cands) > 1:
+                    n_alt += len(cands) - 1
+                covers.append([tree.node(m0 + m, suf) for m, suf in cands])
+            m0 += len(tids)
+            i0 += n_s
+        assert i0 == len(student_ids) and m0 == len(canonical)
+        return PreparedDocument(
+            text=norm,
+            teacher_ids=canonical,
+            student_ids=list(student_ids),
+            covers=covers,
+            tokens=tree.tokens,
+            parents=tree.parents,
+            stats={"alt_covers": n_alt},
+        )
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self,
+        teacher: Any,
+        texts: Sequence[str],
+        top_k: int | None = 64,
+        max_batch_nodes: int | None = None,
+    ) -> list[ScoredDocument]:
+        """Score ``texts``; see `ScoredDocument` for the row convention.
+
+        ``top_k=None`` returns dense rows over the whole student vocab (specials
+        included). Documents are grouped so that one teacher call sees at most
+        ``max_batch_nodes`` tree nodes (default: the teacher's ``max_batch_tokens``).
+        """
+        if top_k is not None and top_k < 1:
+            raise ValueError("top_k must be >= 1 or None")
+        prepared = [self.prepare(t) for t in texts]
+        return self.score_prepared(teacher, prepared, top_k, max_batch_nodes)
+
+    def score_prepared(
+        self,
+        teacher: Any,
+        prepared: Sequence[PreparedDocument],
+        top_k: int | None = 64,
+        max_batch_nodes: int | None = None,
+    ) -> list[ScoredDocument]:
+        budget = max_batch_nodes or int(getattr(teacher, "max_batch_tokens", 4096))
+        out: list[ScoredDocument | None] = [None] * len(prepared)
+        for batch in _batches([p.num_nodes for p in prepared], budget):
+            logps = teacher_tree_logprobs(teacher, [(prepared[b].tokens, prepared[b].parents) for b in batch])
+            for b, lp in zip(batch, logps, strict=True):
+                out[b] = self._rows(prepared[b], lp, top_k)
+        return [o for o in out if o is not None]
+
+    def _rows(self, doc: PreparedDocument, logp: torch.Tensor, top_k: int | None) -> ScoredDocument:
+        """Row phase for one document given teacher log-probs [num_nodes, V_T] per node."""
+        device = logp.device
+        adt = self.accum_dtype
+        tz = self._tensors(device)
+        vt = self.T.size
+        if logp.shape[1] < vt:
+            raise ValueError(f"teacher returned {logp.shape[1]} columns, tokenizer has {vt} ids")
+        logp = logp[:, :vt]
+        S = doc.student_ids
+        L = len(S)
+        n = doc.num_nodes
+        tokens = torch.as_tensor(doc.tokens, device=device)
+        parents = torch.as_tensor(doc.parents, device=device)
+        # path log-weights w_E = log P_T(E): parents precede children, so one pass.
+        step = torch.zeros(n, dtype=adt, device=device)
+        if n > 1:
+            step[1:] = logp[parents[1:], tokens[1:]].to(adt)
+        step_np = step.cpu().numpy()
+        logw_np = np.zeros(n, dtype=np.float64)
+        par = doc.parents
+        for v in range(1, n):
+            logw_np[v] = logw_np[par[v]] + step_np[v]
+
+        # (row, cover node, trie node) triples, walking each anchor forward until its
+        # trie node has no children left.
+        rows, cov, tnode = [], [], []
+        child = self.trie_child
+        chi, clo = self.trie["chi"], self.trie["clo"]
+        for j in range(L + 1):
+            if not doc.covers[j]:
+                continue
+            q = 0
+            i = j
+            while True:
+                for e in doc.covers[j]:
+                    rows.append(i)
+                    cov.append(e)
+                    tnode.append(q)
+                if i == L:
+                    break
+                q = child.get((q, S[i]), -1)
+                if q < 0 or chi[q] == clo[q]:
+                    break
+                i += 1
+        rows_t = torch.as_tensor(rows, device=device)
+        cov_t = torch.as_tensor(cov, device=device)
+        tnode_t = torch.as_tensor(tnode, device=device)
+        logw = torch.as_tensor(logw_np, dtype=adt, device=device)
+        lw = logw[cov_t]
+        shift = torch.full((L + 1,), -math.inf, dtype=adt, device=device)
+        shift.scatter_reduce_(0, rows_t, lw, reduce="amax")
+        w = torch.exp(lw - shift[rows_t])
+
+        vs = self.S.size
+        k_eff = None if top_k is None else min(top_k, vs)
+        res_ids = torch.empty((L + 1, k_eff or 0), dtype=torch.int64, device=device)
+        res_lp = torch.empty((L + 1, k_eff or 0), dtype=adt, device=device)
+        dense = torch.empty((L + 1, vs), dtype=adt, device=device) if top_k is None else None
+        tail = torch.zeros(L + 1, dtype=adt, device=device)
+        unmapped = torch.zeros(L + 1, dtype=adt, device=device)
+        total = torch.zeros(L + 1, dtype=adt, device=device)
+        target = torch.empty(L + 1, dtype=adt, device=device)
+        next_ids = torch.as_tensor([*S, self.student_eos], device=device)
+
+        # Blocks of rows bounded by the memory of the cumulative sums they need.
+        vb = len(self.perm)
+        per_cover = (vb + 1 + max(vs, vb)) * 8
+        rows_per_block = max(1, self.max_block_bytes // (per_cover * 3))
+        order = torch.argsort(rows_t, stable=True)
+        rows_sorted = rows_t[order]
+        for r0 in range(0, L + 1, rows_per_block):
+            r1 = min(L + 1, r0 + rows_per_block)
+            a = int(torch.searchsorted(rows_sorted, r0))
+            b = int(torch.searchsorted(rows_sorted, r1))
+            sel = order[a:b]
+            J = torch.zeros((r1 - r0, vs), dtype=adt, device=device)
+            un = torch.zeros(r1 - r0, dtype=adt, device=device)
+            if b > a:
+                self._accumulate(J, un, logp, rows_t[sel] - r0, cov_t[sel], tnode_t[sel], w[sel], tz)
+            J.clamp_min_(0.0)  # cumsum differences can be -1e-17 instead of 0
+            mapped = J.sum(1)
+            tot = mapped + un
+            total[r0:r1] = tot
+            unmapped[r0:r1] = torch.where(tot > 0, un / tot, torch.zeros_like(tot))
+            logJ = torch.log(J) - torch.log(mapped)[:, None]
+            logJ = torch.where((mapped > 0)[:, None], logJ, torch.full_like(logJ, -math.inf))
+            target[r0:r1] = logJ.gather(1, next_ids[r0:r1, None]).squeeze(1)
+            if dense is not None:
+                dense[r0:r1] = logJ
+            else:
+                assert k_eff is not None
+                vals, idx = torch.topk(logJ, k_eff, dim=1)
+                res_ids[r0:r1] = idx
+                res_lp[r0:r1] = vals
+                tail[r0:r1] = (1.0 - torch.exp(vals).sum(1)).clamp_min(0.0)
+        prefix_lp = shift + torch.log(total)
+        return ScoredDocument(
+            text=doc.text,
+            student_ids=np.asarray(S, dtype=np.int64),
+            teacher_ids=np.asarray(doc.teacher_ids, dtype=np.int64),
+            topk_ids=None if top_k is None else res_ids.cpu().numpy(),
+            topk_logprobs=None if top_k is None else res_lp.cpu().numpy(),
+            logprobs=None if dense is None else dense.cpu().numpy(),
+            tail_mass=tail.cpu().numpy(),
+            target_logprobs=target.cpu().numpy(),
+            unmapped_mass=unmapped.cpu().numpy(),
+            unaccounted_mass=np.zeros(L + 1),
+            regime=np.full(L + 1, int(Regime.EXACT), dtype=np.uint8),
+            prefix_logprob=prefix_lp.cpu().numpy(),
+            stats={
+                "teacher_nodes": n,
+                "canonical_tokens": len(doc.teacher_ids),
+                "exact_covers": sum(len(c) for c in doc.covers),
+                **doc.stats,
+            },
+        )
+
+    def _accumulate(
+        self,
+        J: torch.Tensor,
+        un: torch.Tensor,
+        logp: torch.Tensor,
+        rows: torch.Tensor,
+        cov: torch.Tensor,
+        tnode: torch.Tensor,
+        w: torch.Tensor,
+        tz: dict[str, torch.Tensor],
+    ) -> None:
+        """Add every (row, cover, trie node) triple's mass to the rows ``J`` in place."""
+        adt = J.dtype
+        ucov, inv = torch.unique(cov, return_inverse=True)
+        P = torch.exp(logp[ucov].to(adt))  # [nE, V_T]
+        C = torch.zeros((len(ucov), len(tz["perm"]) + 1), dtype=adt, device=J.device)
+        torch.cumsum(P[:, tz["perm"]], dim=1, out=C[:, 1:])
+        at_root = tnode == 0
+        if bool(at_root.any()):
+            r, ci, wr = rows[at_root], inv[at_root], w[at_root]
+            cix = ci[:, None]
+            J.index_add_(0, r, wr[:, None] * (C[cix, tz["root_hi"]] - C[cix, tz["root_lo"]]))
+            Pr = P[ci]
+            if len(tz["special_t"]):
+                J.index_put_(
+                    (r[:, None].expand(-1, len(tz["special_s"])), tz["special_s"].expand(len(r), -1)),
+                    wr[:, None] * Pr[:, tz["special_t"]],
+                    accumulate=True,
+                )
+            if len(tz["unmapped_t"]):
+                un.index_add_(0, r, wr * Pr[:, tz["unmapped_t"]].sum(1))
+        pend = ~at_root
+        if bool(pend.any()):
+            r, ci, wp, q = rows[pend], inv[pend], w[pend], tnode[pend]
+            c0, c1 = tz["clo"][q], tz["chi"][q]
+            counts = c1 - c0
+            rep = torch.repeat_interleave(torch.arange(len(q), device=J.device), counts)
+            offs = torch.cumsum(counts, 0) - counts
+            ch = c0[rep] + (torch.arange(len(rep), device=J.device) - offs[rep])
+            vals = C[ci[rep], tz["hi"][ch]] - C[ci[rep], tz["lo"][ch]]
+            J.index_put_((r[rep], tz["tok"][ch]), wp[rep] * vals, accumulate=True)
+
+
+class _Segment:
+    """One plain text segment (between added tokens) and its exact covers."""
+
+    def __init__(self, scorer: SubsetExactScorer, text: str, teacher_ids: list[int], student_ids: list[int]):
+        self.sc = scorer
+        self.text = text
+        self.bytes = text.encode("utf-8")
+        T = scorer.T
+        pieces = T.pretokenize(text)
+        if "".join(pieces) != to_byte_level(self.bytes):
+            raise TokenizerError("the teacher's pre-tokenizer does not cover the text byte for byte")
+        self.piece_starts = [0]
+        for p in pieces:
+            self.piece_starts.append(self.piece_starts[-1] + len(p))
+        self.char_at_byte: dict[int, int] = {}
+        off = 0
+        for ci, ch in enumerate(text):
+            self.char_at_byte[off] = ci
+            off += len(ch.encode("utf-8"))
+        self.char_at_byte[off] = len(text)
+        self.teacher_ids = teacher_ids
+        self.t_at_byte: dict[int, int] = {}
+        off = 0
+        for k, t in enumerate(teacher_ids):
+            self.t_at_byte[off] = k
+            off += len(T.token_bytes[t])
+        self.t_at_byte[off] = len(teacher_ids)
+        self.student_ids = student_ids
+        self.s_end: list[int] = [0]  # byte offset after k student tokens
+        for s in student_ids:
+            self.s_end.append(self.s_end[-1] + len(scorer.S.token_bytes[s]))
+        self.s_at_byte = {b: k for k, b in enumerate(self.s_end)}
+
+    def _window_start(self, c: int) -> int:
+        """Start of the text whose teacher encoding can still change: a pre-token start
+        at or before the pre-token holding byte c-1, not preceded by whitespace (regex
+        look-ahead after whitespace can move earlier boundaries)."""
+        p = bisect.bisect_right(self.piece_starts, c - 1) - 1
+        b = self.piece_starts[p]
+        while p > 0 and self.text[self.char_at_byte[b] - 1].isspace():
+            p -= 1
+            b = self.piece_starts[p]
+        return b
+
+    def _probe_texts(self, c: int, b: int) -> list[str]:
+        text = self.text
+        cb = self.char_at_byte[b]
+        ce = self.char_at_byte.get(c)
+        probes = self.sc.probes
+        if ce is not None:
+            w = text[cb:ce]
+            if not w[-1].isspace():
+                return [w]
+            nxt = text[ce] if ce < len(text) else ""
+            return [w + z for z in dict.fromkeys((*probes, nxt))]
+        # c falls inside a multi-byte character: complete it every way that can change
+        # the pre-token split (one character per regex class), then probe as above.
+        ci = max(k for k in (self.char_at_byte.get(x) for x in range(c - 3, c)) if k is not None)
+        cs = next(x for x in range(c - 3, c) if self.char_at_byte.get(x) == ci)
+        partial = self.bytes[cs:c]
+        actual = text[ci]
+        nxt = text[ci + 1] if ci + 1 < len(text) else ""
+        out = []
+        for comp in dict.fromkeys((actual, *completion_representatives(partial))):
+            base = text[cb:ci] + comp
+            if comp.isspace():
+                zs = (*probes, nxt) if comp == actual else probes
+                out.extend(base + z for z in dict.fromkeys(zs))
+            else:
+                out.append(base)
+        return out
+
+    def exact_covers(self, k: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Valid exact covers of the first k student tokens of this segment, as
+        (teacher tokens of the canonical encoding kept, branch suffix)."""
+        c = self.s_end[k]
+        ce = self.char_at_byte.get(c)
+        if ce is not None and c in self.t_at_byte and not self.text[ce - 1].isspace():
+            return [(self.t_at_byte[c], ())]  # R3: the canonical prefix is the only one
+        b = self._window_start(c)
+        m_b = self.t_at_byte[b]
+        i_b = self.s_at_byte[b]
+        want = self.student_ids[i_b:k]
+        T = self.sc.T
+        seen: dict[tuple[int, ...], None] = {}
+        for probe in self._probe_texts(c, b):
+            ids = T.encode_plain(probe)
+            acc, target = 0, c - b
+            for n, t in enumerate(ids):
+                if acc == target:
+                    seen.setdefault(tuple(ids[:n]), None)
+                    break
+                acc += len(T.token_bytes[t])
+                if acc > target:
+                    break
+            else:
+                if acc == target:
+                    seen.setdefault(tuple(ids), None)
+        return [(m_b, suf) for suf in seen if self.sc._decompose(suf) == want]
+
+
+def _batches(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Group item indices so that each group's total size stays within budget (items
+    larger than the budget go alone)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    tot = 0
+    for i in order:
+        if cur and tot + sizes[i] > budget:
+            out.append(cur)
+            cur, tot = [], 0
+        cur.append(i)
+        tot += sizes[i]
+    if cur:
+        out.append(cur)
+    return out
+
+
+def teacher_tree_logprobs(
+    teacher: Any, trees: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> list[torch.Tensor]:
+    """Log-probs after every node of every tree ([num_nodes, V] each).
+
+    A tree is (tokens, parents) with node 0 the start of text. Uses the teacher's
+    ``tree_logprobs`` when it has one, else one ``next_token_logprobs`` call over the
+    explicit contexts of all nodes.
+    """
+    if hasattr(teacher, "tree_logprobs"):
+        return list(teacher.tree_logprobs(trees))
+    contexts: list[tuple[int, ...]] = []
+    sizes = []
+    for tokens, parents in trees:
+        ctx: list[tuple[int, ...]] = [()]
+        for v in range(1, len(tokens)):
+            ctx.append((*ctx[parents[v]], int(tokens[v])))
+        contexts.extend(ctx)
+        sizes.append(len(ctx))
+    lp = teacher.next_token_logprobs(contexts)
+    lp_t = torch.as_tensor(np.asarray(lp)) if not isinstance(lp, torch.Tensor) else lp
+    return list(torch.split(lp_t, sizes))
+
+
+def check_subset_pair(T: ByteLevelBPE, S: ByteLevelBPE) -> None:
+    """Raise `SubsetRegimeError` naming every way the pair is not a truncated-merge pair."""
+    problems = []
+    for key in ("normalizer", "pre_tokenizer"):
+        if T.component(key) != S.component(key):
+            problems.append(f"{key} differs: teacher {T.component(key)!r} vs student {S.component(key)!r}")
+    for opt in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"):
+        for tk in (T, S):
+            if tk.model_spec.get(opt):
+                problems.append(f"{tk.name} BPE has {opt}={tk.model_spec.get(opt)!r} (unsupported)")
+    n = len(S.merges)
+    if n > len(T.merges) or S.merges != T.merges[:n]:
+        k = next((i for i, (a, b) in enumerate(zip(S.merges, T.merges, strict=False)) if a != b), min(n, len(T.merges)))
+        detail = (
+            f"student merge {k} is {S.merges[k]!r}, teacher merge {k} is {T.merges[k]!r}"
+            if k < n and k < len(T.merges)
+            else f"student has {n} merges, teacher {len(T.merges)}"
+        )
+        problems.append(f"student merges are not a prefix of the teacher's: {detail}")
+    else:
+        products = {a + b for a, b in T.merges}
+        base = {s for s, i in T.vocab.items() if s not in products and i not in T.added_ids}
+        expected = base | {a + b for a, b in T.merges[:n]}
+        got = {s for s, i in S.vocab.items() if i not in S.added_ids}
+        if got != expected:
+            extra, missing = sorted(got - expected)[:5], sorted(expected - got)[:5]
+            problems.append(
+                "student vocab is not the teacher's base symbols + first "
+                f"{n} merge products (extra {extra}, missing {missing})"
+            )
+    if problems:
+        raise SubsetRegimeError(
+            "not a truncated-merge (subset) tokenizer pair:\n  - " + "\n  - ".join(problems)
+            + "\nUse the general scorer for unrelated tokenizers."
+        )
+
+
+def _decompositions(T: ByteLevelBPE, S: ByteLevelBPE) -> dict[int, tuple[int, ...]]:
+    """R2: d(t) for every teacher BPE token, as student ids."""
+    svocab = S.vocab
+    d: dict[str, tuple[int, ...]] = {}
+    for s in T.vocab:
+        if s in svocab and T.vocab[s] not in T.added_ids:
+            d[s] = (svocab[s],)
+    for a, b in T.merges:
+        prod = a + b
+        if prod not in d and a in d and b in d:
+            d[prod] = d[a] + d[b]
+    out: dict[int, tuple[int, ...]] = {}
+    for s, i in T.vocab.items():
+        if i in T.added_ids:
+            continue
+        if s in d:
+            out[i] = d[s]
+        else:  # a vocab entry no merge produces: its student encoding is the best we know
+            out[i] = tuple(S.bpe(s))
+    return out
