@@ -62,6 +62,10 @@ class ScoredDocument:
     target_logprobs: np.ndarray  # [L+1] log P of the actual next student token (row L: EOS)
     unmapped_mass: np.ndarray  # [L+1] share of teacher mass on specials the student lacks
     unaccounted_mass: np.ndarray  # [L+1] mass the scorer could not place (0 when exact)
+    # [L+1] share of the mass reaching row i that the teacher put on non-canonical teacher
+    # sequences (dropped: the scorer assumes canonical encodings). Row log-probs telescope
+    # to the teacher's log-likelihood of the canonical encoding up to sum(log(1 - this)).
+    noncanonical_mass: np.ndarray
     regime: np.ndarray  # [L+1] uint8 `Regime` codes
     prefix_logprob: np.ndarray  # [L+1] log P_T(student_ids[:i] is a prefix)
     stats: dict[str, Any] = field(default_factory=dict)

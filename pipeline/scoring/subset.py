@@ -400,9 +400,12 @@ class SubsetExactScorer:
         tokens = torch.as_tensor(doc.tokens, device=device)
         parents = torch.as_tensor(doc.parents, device=device)
         # path log-weights w_E = log P_T(E): parents precede children, so one pass.
+        # Renormalise every context in the accumulation dtype: a float32 log-softmax over
+        # 50k-150k ids sums to 1 only within ~1e-5, which would bias every row.
+        lse = logsumexp_rows(logp, adt)
         step = torch.zeros(n, dtype=adt, device=device)
         if n > 1:
-            step[1:] = logp[parents[1:], tokens[1:]].to(adt)
+            step[1:] = logp[parents[1:], tokens[1:]].to(adt) - lse[parents[1:]]
         step_np = step.cpu().numpy()
         logw_np = np.zeros(n, dtype=np.float64)
         par = doc.parents
@@ -464,7 +467,7 @@ class SubsetExactScorer:
             J = torch.zeros((r1 - r0, vs), dtype=adt, device=device)
             un = torch.zeros(r1 - r0, dtype=adt, device=device)
             if b > a:
-                self._accumulate(J, un, logp, rows_t[sel] - r0, cov_t[sel], tnode_t[sel], w[sel], tz)
+                self._accumulate(J, un, logp, lse, rows_t[sel] - r0, cov_t[sel], tnode_t[sel], w[sel], tz)
             J.clamp_min_(0.0)  # cumsum differences can be -1e-17 instead of 0
             mapped = J.sum(1)
             tot = mapped + un
@@ -482,6 +485,12 @@ class SubsetExactScorer:
                 res_lp[r0:r1] = vals
                 tail[r0:r1] = (1.0 - torch.exp(vals).sum(1)).clamp_min(0.0)
         prefix_lp = shift + torch.log(total)
+        # Mass that reached row i but sits on teacher sequences that are not a prefix of any
+        # canonical encoding (dropped invalid exact covers): 1 - carried / incoming.
+        noncanon = torch.zeros(L + 1, dtype=adt, device=device)
+        if L:
+            incoming = prefix_lp[:-1] + torch.log1p(-unmapped[:-1]) + target[:-1]
+            noncanon[1:] = (-torch.expm1(prefix_lp[1:] - incoming)).clamp_min(0.0)
         return ScoredDocument(
             text=doc.text,
             student_ids=np.asarray(S, dtype=np.int64),
@@ -493,6 +502,7 @@ class SubsetExactScorer:
             target_logprobs=target.cpu().numpy(),
             unmapped_mass=unmapped.cpu().numpy(),
             unaccounted_mass=np.zeros(L + 1),
+            noncanonical_mass=noncanon.cpu().numpy(),
             regime=np.full(L + 1, int(Regime.EXACT), dtype=np.uint8),
             prefix_logprob=prefix_lp.cpu().numpy(),
             stats={
@@ -508,6 +518,7 @@ class SubsetExactScorer:
         J: torch.Tensor,
         un: torch.Tensor,
         logp: torch.Tensor,
+        lse: torch.Tensor,
         rows: torch.Tensor,
         cov: torch.Tensor,
         tnode: torch.Tensor,
@@ -517,7 +528,7 @@ class SubsetExactScorer:
         """Add every (row, cover, trie node) triple's mass to the rows ``J`` in place."""
         adt = J.dtype
         ucov, inv = torch.unique(cov, return_inverse=True)
-        P = torch.exp(logp[ucov].to(adt))  # [nE, V_T]
+        P = torch.exp(logp[ucov].to(adt) - lse[ucov, None])  # [nE, V_T], rows sum to 1
         C = torch.zeros((len(ucov), len(tz["perm"]) + 1), dtype=adt, device=J.device)
         torch.cumsum(P[:, tz["perm"]], dim=1, out=C[:, 1:])
         at_root = tnode == 0
@@ -645,6 +656,12 @@ class _Segment:
                 if acc == target:
                     seen.setdefault(tuple(ids), None)
         return [(m_b, suf) for suf in seen if self.sc._decompose(suf) == want]
+
+
+def logsumexp_rows(x: torch.Tensor, dtype: torch.dtype, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """Row-wise logsumexp of a 2-D tensor computed in ``dtype``, a few rows at a time."""
+    step = max(1, chunk_elems // max(1, x.shape[1]))
+    return torch.cat([torch.logsumexp(x[i : i + step].to(dtype), dim=1) for i in range(0, x.shape[0], step)])
 
 
 def _batches(sizes: Sequence[int], budget: int) -> list[list[int]]:
