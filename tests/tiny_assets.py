@@ -120,3 +120,38 @@ def student_truth(student: Tokenizer, dist: dict[str, float]) -> PrefixTable:
     for s, p in dist.items():
         seqs[(*encode(student, s), eos)] += p
     return PrefixTable(seqs, student.get_vocab_size(with_added_tokens=True))
+
+
+def hf_tokenizer(tok: Tokenizer, eos: str = EOS):
+    """A transformers fast tokenizer around a `tokenizers.Tokenizer`."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+
+
+def tiny_causal_lm(vocab_size: int, arch: str = "qwen2", seed: int = 0, logits: int | None = None):
+    """A small seeded random causal LM (2 layers, hidden 64). ``logits`` > vocab_size adds
+    padding columns, as real checkpoints have."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    cfg = cfg_cls(
+        vocab_size=logits or vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    # Larger output weights than the default init make the distribution far from uniform.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 0.5)
+    return model.eval()
