@@ -105,6 +105,12 @@ class SequentialSubsetScorer:
         consumed = b""
         full = norm.encode("utf-8")
         for i in range(L + 1):
+            # the only exact cover a special (or EOS) may follow: the canonical encoding
+            # of the prefix as a complete text
+            try:
+                whole = tuple(self.T.tokenizer.encode(consumed.decode("utf-8"), add_special_tokens=False).ids)
+            except UnicodeDecodeError:
+                whole = None
             lws = [lw for _, lw in exact] + [lw for _, lw, _, _ in pending]
             shift = max(lws) if lws else 0.0
             J = np.zeros(self.vs)
@@ -112,8 +118,9 @@ class SequentialSubsetScorer:
                 p = np.exp(self._lp(teacher, ctx, cache))
                 w = np.exp(lw - shift)
                 J += w * np.bincount(self.D[self.is_bpe, 0], weights=p[self.is_bpe], minlength=self.vs)
-                for t, s in self.spec_t2s.items():
-                    J[s] += w * p[t]
+                if ctx == whole:
+                    for t, s in self.spec_t2s.items():
+                        J[s] += w * p[t]
             for ctx, lw, mask, k in pending:
                 p = np.exp(self._lp(teacher, ctx, cache))
                 sel = mask & (self.lens > k)
@@ -133,9 +140,8 @@ class SequentialSubsetScorer:
                 at = [k for k, x in enumerate(canonical) if x in self.T.added_ids][nth]
                 t = canonical[at]
                 ctx = tuple(canonical[: at + 1])
-                mass = [lw + self._lp(teacher, e, cache)[t] for e, lw in exact]
-                m = max(mass)
-                new_exact = [(tuple(ctx), m + np.log(np.exp(np.asarray(mass) - m).sum()))]
+                lw0 = next(lw for e, lw in exact if e == whole)
+                new_exact = [(ctx, lw0 + self._lp(teacher, whole, cache)[t])]
             else:
                 for ctx, lw, mask, k in pending:
                     p = self._lp(teacher, ctx, cache)

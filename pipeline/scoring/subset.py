@@ -17,8 +17,9 @@ Three phases per batch of documents:
    every exact cover ``E`` at position ``j <= i`` whose decomposition trie node
    ``s_{j+1..i}`` still has children, add ``w_E`` times the mass of each child, read as
    differences of a cumulative sum of ``p_T(. | E)`` over the teacher vocab sorted by
-   decomposition (every trie node is a contiguous range). Specials follow exact covers
-   only. No Python loop touches the vocabulary.
+   decomposition (every trie node is a contiguous range). Specials (EOS included)
+   follow only the exact cover that is the canonical encoding of the prefix as a
+   complete text. No Python loop touches the vocabulary.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class PreparedDocument:
     teacher_ids: list[int]
     student_ids: list[int]
     covers: list[list[int]]  # per student position 0..L: tree node indices of valid exact covers
+    # per position: the node of the canonical encoding of the prefix as a COMPLETE text
+    # (the only cover a special token or EOS may follow), or -1 inside a character
+    complete: list[int]
     tokens: list[int]  # tree node tokens; node 0 is the start of text (token -1)
     parents: list[int]  # tree node parents (-1 for node 0)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -169,7 +173,7 @@ class SubsetExactScorer:
         self.perm = np.asarray(ids, dtype=np.int64)
         seqs = [self.decomp[t] for t in ids]
         n = len(seqs)
-        lo, hi, tok, term, clo, chi = [0], [n], [-1], [-1], [0], [0]
+        lo, hi, clo, chi, dep = [0], [n], [0], [0], [0]
         child: dict[tuple[int, int], int] = {}
         prev = [0] * n
         for k in range(1, self.max_depth + 1):
@@ -186,8 +190,7 @@ class SubsetExactScorer:
                     parent = key[0]
                     lo.append(pos)
                     hi.append(pos + 1)
-                    tok.append(s[k - 1])
-                    term.append(-1)
+                    dep.append(k)
                     clo.append(0)
                     chi.append(0)
                     if chi[parent] == 0:
@@ -197,26 +200,21 @@ class SubsetExactScorer:
                     last = key
                 else:
                     hi[nid] = pos + 1
-                if len(s) == k:
-                    term[nid] = ids[pos]
                 cur[pos] = nid
             prev = cur
         self.trie_child = child
         self.trie = {
             "lo": np.asarray(lo, np.int64),
             "hi": np.asarray(hi, np.int64),
-            "tok": np.asarray(tok, np.int64),
             "clo": np.asarray(clo, np.int64),
             "chi": np.asarray(chi, np.int64),
+            "depth": np.asarray(dep, np.int64),
         }
-        # Depth-1 nodes indexed by student id: mass of all t with d(t)[0] = a.
-        root_lo = np.zeros(self.S.size, np.int64)
-        root_hi = np.zeros(self.S.size, np.int64)
-        for nd in range(clo[0], chi[0]):
-            root_lo[tok[nd]] = lo[nd]
-            root_hi[tok[nd]] = hi[nd]
-        self.trie["root_lo"] = root_lo
-        self.trie["root_hi"] = root_hi
+        # next_tok[pos, k]: the (k+1)-th student token of the pos-th sorted teacher token
+        nxt = np.full((n, self.max_depth + 1), -1, np.int64)
+        for pos, sq in enumerate(seqs):
+            nxt[pos, : len(sq)] = sq
+        self.trie["next_tok"] = nxt
 
     def _map_specials(self, eos_token: str | None) -> None:
         t_spec = sorted(self.T.added_ids)
@@ -321,6 +319,7 @@ class SubsetExactScorer:
 
         tree = _Tree(canonical)
         covers: list[list[int]] = [[0]]  # position 0: start of text
+        complete: list[int] = [0]
         m0 = 0  # teacher tokens before the current part
         i0 = 0  # student tokens before the current part
         n_alt = 0
@@ -329,6 +328,7 @@ class SubsetExactScorer:
                 m0 += 1
                 i0 += 1
                 covers.append([tree.node(m0, ())])
+                complete.append(covers[-1][0])
                 continue
             assert isinstance(part, str)
             n_s = len(self._decompose(tids))
@@ -337,7 +337,9 @@ class SubsetExactScorer:
                 cands = seg.exact_covers(k)
                 if len(cands) > 1:
                     n_alt += len(cands) - 1
-                covers.append([tree.node(m0 + m, suf) for m, suf in cands])
+                nodes = [tree.node(m0 + m, suf) for m, suf, _ in cands]
+                covers.append(nodes)
+                complete.append(next((v for v, c in zip(nodes, cands, strict=True) if c[2]), -1))
             m0 += len(tids)
             i0 += n_s
         assert i0 == len(student_ids) and m0 == len(canonical)
@@ -346,6 +348,7 @@ class SubsetExactScorer:
             teacher_ids=canonical,
             student_ids=list(student_ids),
             covers=covers,
+            complete=complete,
             tokens=tree.tokens,
             parents=tree.parents,
             stats={"alt_covers": n_alt},
@@ -414,7 +417,7 @@ class SubsetExactScorer:
 
         # (row, cover node, trie node) triples, walking each anchor forward until its
         # trie node has no children left.
-        rows, cov, tnode = [], [], []
+        rows, cov, tnode, spec = [], [], [], []
         child = self.trie_child
         chi, clo = self.trie["chi"], self.trie["clo"]
         for j in range(L + 1):
@@ -427,6 +430,7 @@ class SubsetExactScorer:
                     rows.append(i)
                     cov.append(e)
                     tnode.append(q)
+                    spec.append(q == 0 and e == doc.complete[j])
                 if i == L:
                     break
                 q = child.get((q, S[i]), -1)
@@ -436,6 +440,7 @@ class SubsetExactScorer:
         rows_t = torch.as_tensor(rows, device=device)
         cov_t = torch.as_tensor(cov, device=device)
         tnode_t = torch.as_tensor(tnode, device=device)
+        spec_t = torch.as_tensor(spec, dtype=torch.bool, device=device)
         logw = torch.as_tensor(logw_np, dtype=adt, device=device)
         lw = logw[cov_t]
         shift = torch.full((L + 1,), -math.inf, dtype=adt, device=device)
@@ -467,7 +472,9 @@ class SubsetExactScorer:
             J = torch.zeros((r1 - r0, vs), dtype=adt, device=device)
             un = torch.zeros(r1 - r0, dtype=adt, device=device)
             if b > a:
-                self._accumulate(J, un, logp, lse, rows_t[sel] - r0, cov_t[sel], tnode_t[sel], w[sel], tz)
+                self._accumulate(
+                    J, un, logp, lse, rows_t[sel] - r0, cov_t[sel], tnode_t[sel], spec_t[sel], w[sel], tz
+                )
             J.clamp_min_(0.0)  # cumsum differences can be -1e-17 instead of 0
             mapped = J.sum(1)
             tot = mapped + un
@@ -522,20 +529,35 @@ class SubsetExactScorer:
         rows: torch.Tensor,
         cov: torch.Tensor,
         tnode: torch.Tensor,
+        spec: torch.Tensor,
         w: torch.Tensor,
         tz: dict[str, torch.Tensor],
+        max_elems: int = 1 << 22,
     ) -> None:
-        """Add every (row, cover, trie node) triple's mass to the rows ``J`` in place."""
+        """Add every (row, cover, trie node) triple's mass to the rows ``J`` in place.
+
+        A triple adds ``w * p_T(t | cover)`` for every teacher token ``t`` in the trie
+        node's range to the column of ``t``'s next student token ``d(t)[depth]``. Sums
+        are sums of positive terms (index_add), never differences of cumulative sums,
+        so tiny probabilities keep their relative precision. Special tokens (EOS
+        included) take mass only from triples flagged ``spec``: the exact cover that is
+        the canonical encoding of the prefix as a complete text.
+        """
         adt = J.dtype
+        vs = J.shape[1]
         ucov, inv = torch.unique(cov, return_inverse=True)
         P = torch.exp(logp[ucov].to(adt) - lse[ucov, None])  # [nE, V_T], rows sum to 1
-        C = torch.zeros((len(ucov), len(tz["perm"]) + 1), dtype=adt, device=J.device)
-        torch.cumsum(P[:, tz["perm"]], dim=1, out=C[:, 1:])
+        Ps = P[:, tz["perm"]]  # teacher BPE tokens in decomposition order
+        nxt = tz["next_tok"]  # [V_b, K+1] student token after `depth` ones; -1 = none
         at_root = tnode == 0
         if bool(at_root.any()):
             r, ci, wr = rows[at_root], inv[at_root], w[at_root]
-            cix = ci[:, None]
-            J.index_add_(0, r, wr[:, None] * (C[cix, tz["root_hi"]] - C[cix, tz["root_lo"]]))
+            uroot, rinv = torch.unique(ci, return_inverse=True)
+            first = torch.zeros((len(uroot), vs), dtype=adt, device=J.device)
+            first.index_add_(1, nxt[:, 0], Ps[uroot])
+            J.index_add_(0, r, wr[:, None] * first[rinv])
+            sp = spec[at_root]
+            r, ci, wr = r[sp], ci[sp], wr[sp]
             Pr = P[ci]
             if len(tz["special_t"]):
                 J.index_put_(
@@ -545,16 +567,28 @@ class SubsetExactScorer:
                 )
             if len(tz["unmapped_t"]):
                 un.index_add_(0, r, wr * Pr[:, tz["unmapped_t"]].sum(1))
-        pend = ~at_root
-        if bool(pend.any()):
-            r, ci, wp, q = rows[pend], inv[pend], w[pend], tnode[pend]
-            c0, c1 = tz["clo"][q], tz["chi"][q]
-            counts = c1 - c0
-            rep = torch.repeat_interleave(torch.arange(len(q), device=J.device), counts)
-            offs = torch.cumsum(counts, 0) - counts
-            ch = c0[rep] + (torch.arange(len(rep), device=J.device) - offs[rep])
-            vals = C[ci[rep], tz["hi"][ch]] - C[ci[rep], tz["lo"][ch]]
-            J.index_put_((r[rep], tz["tok"][ch]), wp[rep] * vals, accumulate=True)
+        pend = torch.nonzero(~at_root).squeeze(1)
+        if len(pend) == 0:
+            return
+        q = tnode[pend]
+        lo, hi, depth = tz["lo"][q], tz["hi"][q], tz["depth"][q]
+        sizes = hi - lo
+        ends = torch.cumsum(sizes, 0)
+        # chunks of triples whose flattened ranges stay within max_elems
+        start = 0
+        while start < len(pend):
+            limit = (ends[start - 1] if start else 0) + max_elems
+            stop = max(start + 1, int(torch.searchsorted(ends, limit, right=True)))
+            sl = slice(start, stop)
+            cnt = sizes[sl]
+            rep = torch.repeat_interleave(torch.arange(stop - start, device=J.device), cnt)
+            offs = torch.cumsum(cnt, 0) - cnt
+            pos = lo[sl][rep] + (torch.arange(len(rep), device=J.device) - offs[rep])
+            col = nxt[pos, depth[sl][rep]]
+            keep = col >= 0  # the node's own token (if any) ends here: an exact cover, not a next token
+            vals = w[pend[sl]][rep] * Ps[inv[pend[sl]][rep], pos]
+            J.index_put_((rows[pend[sl]][rep][keep], col[keep]), vals[keep], accumulate=True)
+            start = stop
 
 
 class _Segment:
@@ -601,7 +635,9 @@ class _Segment:
             b = self.piece_starts[p]
         return b
 
-    def _probe_texts(self, c: int, b: int) -> list[str]:
+    def _probe_texts(self, c: int, b: int) -> list[tuple[str, bool]]:
+        """Continuations of the window text[b:c] to encode, each flagged True when it is
+        the prefix itself as a complete text."""
         text = self.text
         cb = self.char_at_byte[b]
         ce = self.char_at_byte.get(c)
@@ -609,9 +645,9 @@ class _Segment:
         if ce is not None:
             w = text[cb:ce]
             if not w[-1].isspace():
-                return [w]
+                return [(w, True)]
             nxt = text[ce] if ce < len(text) else ""
-            return [w + z for z in dict.fromkeys((*probes, nxt))]
+            return [(w + z, z == "") for z in dict.fromkeys(("", *probes, nxt))]
         # c falls inside a multi-byte character: complete it every way that can change
         # the pre-token split (one character per regex class), then probe as above.
         ci = max(k for k in (self.char_at_byte.get(x) for x in range(c - 3, c)) if k is not None)
@@ -624,38 +660,36 @@ class _Segment:
             base = text[cb:ci] + comp
             if comp.isspace():
                 zs = (*probes, nxt) if comp == actual else probes
-                out.extend(base + z for z in dict.fromkeys(zs))
+                out.extend((base + z, False) for z in dict.fromkeys(zs))
             else:
-                out.append(base)
+                out.append((base, False))
         return out
 
-    def exact_covers(self, k: int) -> list[tuple[int, tuple[int, ...]]]:
+    def exact_covers(self, k: int) -> list[tuple[int, tuple[int, ...], bool]]:
         """Valid exact covers of the first k student tokens of this segment, as
-        (teacher tokens of the canonical encoding kept, branch suffix)."""
+        (teacher tokens of the canonical encoding kept, branch suffix, is the
+        encoding of the prefix as a complete text)."""
         c = self.s_end[k]
         ce = self.char_at_byte.get(c)
         if ce is not None and c in self.t_at_byte and not self.text[ce - 1].isspace():
-            return [(self.t_at_byte[c], ())]  # R3: the canonical prefix is the only one
+            return [(self.t_at_byte[c], (), True)]  # R3: the canonical prefix is the only one
         b = self._window_start(c)
         m_b = self.t_at_byte[b]
         i_b = self.s_at_byte[b]
         want = self.student_ids[i_b:k]
         T = self.sc.T
-        seen: dict[tuple[int, ...], None] = {}
-        for probe in self._probe_texts(c, b):
+        seen: dict[tuple[int, ...], bool] = {}
+        for probe, whole in self._probe_texts(c, b):
             ids = T.encode_plain(probe)
             acc, target = 0, c - b
-            for n, t in enumerate(ids):
-                if acc == target:
-                    seen.setdefault(tuple(ids[:n]), None)
-                    break
-                acc += len(T.token_bytes[t])
-                if acc > target:
-                    break
-            else:
-                if acc == target:
-                    seen.setdefault(tuple(ids), None)
-        return [(m_b, suf) for suf in seen if self.sc._decompose(suf) == want]
+            n = 0
+            while n < len(ids) and acc < target:
+                acc += len(T.token_bytes[ids[n]])
+                n += 1
+            if acc == target:
+                suf = tuple(ids[:n])
+                seen[suf] = seen.get(suf, False) or whole
+        return [(m_b, suf, whole) for suf, whole in seen.items() if self.sc._decompose(suf) == want]
 
 
 def logsumexp_rows(x: torch.Tensor, dtype: torch.dtype, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -706,11 +740,20 @@ def teacher_tree_logprobs(
     return list(torch.split(lp_t, sizes))
 
 
+def _canon(component: Any) -> Any:
+    """A tokenizer.json component without keys that do not change ids (offset trimming)."""
+    if isinstance(component, dict):
+        return {k: _canon(v) for k, v in component.items() if k != "trim_offsets"}
+    if isinstance(component, list):
+        return [_canon(v) for v in component]
+    return component
+
+
 def check_subset_pair(T: ByteLevelBPE, S: ByteLevelBPE) -> None:
     """Raise `SubsetRegimeError` naming every way the pair is not a truncated-merge pair."""
     problems = []
     for key in ("normalizer", "pre_tokenizer"):
-        if T.component(key) != S.component(key):
+        if _canon(T.component(key)) != _canon(S.component(key)):
             problems.append(f"{key} differs: teacher {T.component(key)!r} vs student {S.component(key)!r}")
     for opt in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"):
         for tk in (T, S):
