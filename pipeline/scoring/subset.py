@@ -513,6 +513,11 @@ class SubsetExactScorer:
             regime=np.full(L + 1, int(Regime.EXACT), dtype=np.uint8),
             prefix_logprob=prefix_lp.cpu().numpy(),
             stats={
+                # log P_T(canonical encoding + EOS), from the same forward as the rows
+                "teacher_logprob": float(
+                    logw_np[len(doc.teacher_ids)]
+                    + float(logp[len(doc.teacher_ids), self.teacher_eos].to(adt) - lse[len(doc.teacher_ids)])
+                ),
                 "teacher_nodes": n,
                 "canonical_tokens": len(doc.teacher_ids),
                 "exact_covers": sum(len(c) for c in doc.covers),
