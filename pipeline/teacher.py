@@ -190,13 +190,16 @@ class HFTeacher:
                     f"a context tree of {n} tokens exceeds max_batch_tokens={self.max_batch_tokens}; "
                     "chunk the document or raise the limit"
                 )
-        # First-fit-decreasing packing of trees into rows of at most max_batch_tokens.
+        # First-fit-decreasing packing of trees into rows as wide as the largest tree:
+        # little padding, and attention (quadratic in the row width, since a tree mask
+        # rules out the causal fast path) costs no more than for the longest document.
         order = sorted(range(len(trees)), key=lambda i: -sizes[i])
+        capacity = max(sizes, default=0)
         rows: list[list[int]] = []
         fill: list[int] = []
         for i in order:
             for r, used in enumerate(fill):
-                if used + sizes[i] <= self.max_batch_tokens:
+                if used + sizes[i] <= capacity:
                     rows[r].append(i)
                     fill[r] += sizes[i]
                     break

@@ -215,6 +215,9 @@ class SubsetExactScorer:
         for pos, sq in enumerate(seqs):
             nxt[pos, : len(sq)] = sq
         self.trie["next_tok"] = nxt
+        first = np.full(self.T.size, self.S.size, np.int64)  # specials -> spare column
+        first[self.perm] = nxt[:, 0]
+        self.trie["first_by_id"] = first
 
     def _map_specials(self, eos_token: str | None) -> None:
         t_spec = sorted(self.T.added_ids)
@@ -405,7 +408,7 @@ class SubsetExactScorer:
         # path log-weights w_E = log P_T(E): parents precede children, so one pass.
         # Renormalise every context in the accumulation dtype: a float32 log-softmax over
         # 50k-150k ids sums to 1 only within ~1e-5, which would bias every row.
-        lse = logsumexp_rows(logp, adt)
+        expo, norm, lse = normalized_exp(logp, adt)
         step = torch.zeros(n, dtype=adt, device=device)
         if n > 1:
             step[1:] = logp[parents[1:], tokens[1:]].to(adt) - lse[parents[1:]]
@@ -473,7 +476,7 @@ class SubsetExactScorer:
             un = torch.zeros(r1 - r0, dtype=adt, device=device)
             if b > a:
                 self._accumulate(
-                    J, un, logp, lse, rows_t[sel] - r0, cov_t[sel], tnode_t[sel], spec_t[sel], w[sel], tz
+                    J, un, expo, norm, rows_t[sel] - r0, cov_t[sel], tnode_t[sel], spec_t[sel], w[sel], tz
                 )
             J.clamp_min_(0.0)  # cumsum differences can be -1e-17 instead of 0
             mapped = J.sum(1)
@@ -529,8 +532,8 @@ class SubsetExactScorer:
         self,
         J: torch.Tensor,
         un: torch.Tensor,
-        logp: torch.Tensor,
-        lse: torch.Tensor,
+        expo: torch.Tensor,
+        norm: torch.Tensor,
         rows: torch.Tensor,
         cov: torch.Tensor,
         tnode: torch.Tensor,
@@ -551,16 +554,16 @@ class SubsetExactScorer:
         adt = J.dtype
         vs = J.shape[1]
         ucov, inv = torch.unique(cov, return_inverse=True)
-        P = torch.exp(logp[ucov].to(adt) - lse[ucov, None])  # [nE, V_T], rows sum to 1
-        Ps = P[:, tz["perm"]]  # teacher BPE tokens in decomposition order
+        P = expo[ucov].to(adt) / norm[ucov, None]  # [nE, V_T], rows sum to 1
         nxt = tz["next_tok"]  # [V_b, K+1] student token after `depth` ones; -1 = none
         at_root = tnode == 0
         if bool(at_root.any()):
             r, ci, wr = rows[at_root], inv[at_root], w[at_root]
             uroot, rinv = torch.unique(ci, return_inverse=True)
-            first = torch.zeros((len(uroot), vs), dtype=adt, device=J.device)
-            first.index_add_(1, nxt[:, 0], Ps[uroot])
-            J.index_add_(0, r, wr[:, None] * first[rinv])
+            # column of every teacher id's first student token; specials go to a spare column
+            first = torch.zeros((len(uroot), vs + 1), dtype=adt, device=J.device)
+            first.index_add_(1, tz["first_by_id"], P[uroot])
+            J.index_add_(0, r, wr[:, None] * first[rinv, :vs])
             sp = spec[at_root]
             r, ci, wr = r[sp], ci[sp], wr[sp]
             Pr = P[ci]
@@ -591,7 +594,7 @@ class SubsetExactScorer:
             pos = lo[sl][rep] + (torch.arange(len(rep), device=J.device) - offs[rep])
             col = nxt[pos, depth[sl][rep]]
             keep = col >= 0  # the node's own token (if any) ends here: an exact cover, not a next token
-            vals = w[pend[sl]][rep] * Ps[inv[pend[sl]][rep], pos]
+            vals = w[pend[sl]][rep] * P[inv[pend[sl]][rep], tz["perm"][pos]]
             J.index_put_((rows[pend[sl]][rep][keep], col[keep]), vals[keep], accumulate=True)
             start = stop
 
@@ -697,10 +700,18 @@ class _Segment:
         return [(m_b, suf, whole) for suf, whole in seen.items() if self.sc._decompose(suf) == want]
 
 
-def logsumexp_rows(x: torch.Tensor, dtype: torch.dtype, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """Row-wise logsumexp of a 2-D tensor computed in ``dtype``, a few rows at a time."""
-    step = max(1, chunk_elems // max(1, x.shape[1]))
-    return torch.cat([torch.logsumexp(x[i : i + step].to(dtype), dim=1) for i in range(0, x.shape[0], step)])
+def normalized_exp(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For log-probability rows ``x``: ``(exp(x - max), their sum, logsumexp)``.
+
+    Exponentials stay in the input dtype; the sums are accumulated in ``dtype`` (a
+    float32 sum over 10^5 terms drifts by ~1e-5, which would bias every row), so
+    ``expo / norm`` is each row renormalised to sum to 1.
+    """
+    m = x.max(dim=1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    expo = torch.exp(x - m)
+    norm = expo.sum(dim=1, dtype=dtype)
+    return expo, norm, torch.log(norm) + m.squeeze(1).to(dtype)
 
 
 def _batches(sizes: Sequence[int], budget: int) -> list[list[int]]:

@@ -47,8 +47,9 @@ def test_rows_sum_to_one_and_telescope(teacher, tok, texts, n_merges):
         loglik = _loglik(teacher, seq)
         rows = float(r.target_logprobs.sum())
         corrected = rows + np.log1p(-r.noncanonical_mass).sum()
-        # exact given the teacher's outputs; an independent chain forward agrees to float32 noise
-        assert abs(corrected - r.stats["teacher_logprob"]) < 1e-6
+        # exact given the teacher's float32 outputs (up to their rounding); an independent
+        # chain forward agrees to float32 noise
+        assert abs(corrected - r.stats["teacher_logprob"]) < 2e-5
         assert abs(corrected - loglik) < 1e-3
         # a trained teacher puts little mass on non-canonical sequences
         assert 0 <= rows - loglik < 0.01 * len(r.student_ids)
