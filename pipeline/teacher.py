@@ -190,32 +190,31 @@ class HFTeacher:
                     f"a context tree of {n} tokens exceeds max_batch_tokens={self.max_batch_tokens}; "
                     "chunk the document or raise the limit"
                 )
-        # First-fit-decreasing packing of trees into rows as wide as the largest tree:
-        # little padding, and attention (quadratic in the row width, since a tree mask
-        # rules out the causal fast path) costs no more than for the longest document.
+        # Forward batches of rows: trees sorted by size; each batch's row width is its
+        # largest tree, and smaller trees are packed first-fit into its rows. Little
+        # padding, and attention (quadratic in the width: a tree mask rules out the
+        # causal fast path) never spans more than the longest document of the batch.
         order = sorted(range(len(trees)), key=lambda i: -sizes[i])
-        capacity = max(sizes, default=0)
-        rows: list[list[int]] = []
-        fill: list[int] = []
-        for i in order:
-            for r, used in enumerate(fill):
-                if used + sizes[i] <= capacity:
-                    rows[r].append(i)
-                    fill[r] += sizes[i]
-                    break
-            else:
-                rows.append([i])
-                fill.append(sizes[i])
         out: list[torch.Tensor | None] = [None] * len(trees)
-        # Forward batches: rows padded to the longest, at most max_batch_tokens in total.
-        r = 0
-        by_len = sorted(range(len(rows)), key=lambda k: -fill[k])
-        while r < len(by_len):
-            width = fill[by_len[r]]
-            nrows = max(1, self.max_batch_tokens // max(width, 1))
-            group = [rows[k] for k in by_len[r : r + nrows]]
-            r += nrows
-            self._forward_rows(trees, group, width, out)
+        i = 0
+        while i < len(order):
+            width = sizes[order[i]]
+            max_rows = max(1, self.max_batch_tokens // width)
+            rows: list[list[int]] = []
+            fill: list[int] = []
+            while i < len(order):
+                size = sizes[order[i]]
+                r = next((k for k, used in enumerate(fill) if used + size <= width), None)
+                if r is None:
+                    if len(rows) == max_rows:
+                        break
+                    rows.append([])
+                    fill.append(0)
+                    r = len(rows) - 1
+                rows[r].append(order[i])
+                fill[r] += size
+                i += 1
+            self._forward_rows(trees, rows, width, out)
         return [o for o in out if o is not None]
 
     def _forward_rows(

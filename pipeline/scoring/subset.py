@@ -50,6 +50,9 @@ from pipeline.tokenization import (
 # joins whitespace runs. Together they cover every class the regexes distinguish.
 DEFAULT_PROBES: tuple[str, ...] = ("", "1", "a", ".", "\n", "'")
 
+# Teacher ids summed together in the teacher's dtype before float64 accumulation.
+BUCKET = 64
+
 # Texts the pair check encodes with both tokenizers (R1) at construction.
 R1_PROBE_TEXTS: tuple[str, ...] = (
     "Hello world! It's 2024-11-22; the price is $1,234.56.",
@@ -215,9 +218,25 @@ class SubsetExactScorer:
         for pos, sq in enumerate(seqs):
             nxt[pos, : len(sq)] = sq
         self.trie["next_tok"] = nxt
-        first = np.full(self.T.size, self.S.size, np.int64)  # specials -> spare column
-        first[self.perm] = nxt[:, 0]
-        self.trie["first_by_id"] = first
+        # Buckets of at most BUCKET teacher ids sharing their first student token: the
+        # mass per first token is summed per bucket in the teacher's dtype (short sums
+        # stay exact to ~1e-7 in float32), then per column in float64.
+        bucket_by_id = np.zeros(self.T.size, np.int64)
+        bucket_col = []
+        pos = 0
+        while pos < n:
+            a = nxt[pos, 0]
+            end = pos
+            while end < n and nxt[end, 0] == a and end - pos < BUCKET:
+                end += 1
+            bucket_by_id[self.perm[pos:end]] = len(bucket_col)
+            bucket_col.append(a)
+            pos = end
+        spare = len(bucket_col)
+        bucket_by_id[sorted(self.T.added_ids)] = spare  # specials: handled separately
+        bucket_col.append(self.S.size)
+        self.trie["bucket_by_id"] = bucket_by_id
+        self.trie["bucket_col"] = np.asarray(bucket_col, np.int64)
 
     def _map_specials(self, eos_token: str | None) -> None:
         t_spec = sorted(self.T.added_ids)
@@ -554,27 +573,33 @@ class SubsetExactScorer:
         adt = J.dtype
         vs = J.shape[1]
         ucov, inv = torch.unique(cov, return_inverse=True)
-        P = expo[ucov].to(adt) / norm[ucov, None]  # [nE, V_T], rows sum to 1
+        # p_T(t | cover) = expo[cover, t] / norm[cover]; never materialised in full
         nxt = tz["next_tok"]  # [V_b, K+1] student token after `depth` ones; -1 = none
         at_root = tnode == 0
         if bool(at_root.any()):
             r, ci, wr = rows[at_root], inv[at_root], w[at_root]
             uroot, rinv = torch.unique(ci, return_inverse=True)
-            # column of every teacher id's first student token; specials go to a spare column
+            # mass per first student token: bucket sums in the teacher's dtype, then
+            # columns in adt (specials land in a spare column and are dropped)
+            nodes = ucov[uroot]
+            buckets = torch.zeros((len(uroot), len(tz["bucket_col"])), dtype=expo.dtype, device=J.device)
+            buckets.index_add_(1, tz["bucket_by_id"], expo[nodes])
             first = torch.zeros((len(uroot), vs + 1), dtype=adt, device=J.device)
-            first.index_add_(1, tz["first_by_id"], P[uroot])
-            J.index_add_(0, r, wr[:, None] * first[rinv, :vs])
+            first.index_add_(1, tz["bucket_col"], buckets.to(adt))
+            first = first[:, :vs] / norm[nodes, None]
+            J.index_add_(0, r, wr[:, None] * first[rinv])
             sp = spec[at_root]
             r, ci, wr = r[sp], ci[sp], wr[sp]
-            Pr = P[ci]
             if len(tz["special_t"]):
                 J.index_put_(
                     (r[:, None].expand(-1, len(tz["special_s"])), tz["special_s"].expand(len(r), -1)),
-                    wr[:, None] * Pr[:, tz["special_t"]],
+                    wr[:, None] * expo[ucov[ci][:, None], tz["special_t"]].to(adt) / norm[ucov[ci], None],
                     accumulate=True,
                 )
             if len(tz["unmapped_t"]):
-                un.index_add_(0, r, wr * Pr[:, tz["unmapped_t"]].sum(1))
+                un.index_add_(
+                    0, r, wr * expo[ucov[ci][:, None], tz["unmapped_t"]].to(adt).sum(1) / norm[ucov[ci]]
+                )
         pend = torch.nonzero(~at_root).squeeze(1)
         if len(pend) == 0:
             return
@@ -594,7 +619,8 @@ class SubsetExactScorer:
             pos = lo[sl][rep] + (torch.arange(len(rep), device=J.device) - offs[rep])
             col = nxt[pos, depth[sl][rep]]
             keep = col >= 0  # the node's own token (if any) ends here: an exact cover, not a next token
-            vals = w[pend[sl]][rep] * P[inv[pend[sl]][rep], tz["perm"][pos]]
+            node = cov[pend[sl]][rep]
+            vals = w[pend[sl]][rep] * expo[node, tz["perm"][pos]].to(adt) / norm[node]
             J.index_put_((rows[pend[sl]][rep][keep], col[keep]), vals[keep], accumulate=True)
             start = stop
 
@@ -701,16 +727,20 @@ class _Segment:
 
 
 def normalized_exp(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For log-probability rows ``x``: ``(exp(x - max), their sum, logsumexp)``.
+    """For rows of log-probabilities ``x``: ``(exp(x - m), row sums, logsumexp)``.
 
-    Exponentials stay in the input dtype; the sums are accumulated in ``dtype`` (a
-    float32 sum over 10^5 terms drifts by ~1e-5, which would bias every row), so
-    ``expo / norm`` is each row renormalised to sum to 1.
+    ``expo / norm`` is each row renormalised to sum to 1 (a float32 log-softmax over
+    10^5 ids may drift by ~1e-5, which would bias every row). ``m`` is 0 for proper
+    log-probabilities and the row max otherwise (e.g. raw logits).
     """
+    expo = torch.exp(x)
+    norm = expo.sum(dim=1).to(dtype)  # cascade summation: ~1e-7 relative in float32
+    if bool(torch.all(torch.isfinite(norm) & (norm > 0))):
+        return expo, norm, torch.log(norm)
     m = x.max(dim=1, keepdim=True).values
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     expo = torch.exp(x - m)
-    norm = expo.sum(dim=1, dtype=dtype)
+    norm = expo.sum(dim=1).to(dtype)
     return expo, norm, torch.log(norm) + m.squeeze(1).to(dtype)
 
 

@@ -108,7 +108,7 @@ def test_telescoping_with_a_random_qwen2_model(shared_data, qwen2, gsm8k_texts, 
         corrected = rows + np.log1p(-r.noncanonical_mass).sum() + np.log1p(-r.unmapped_mass).sum()
         # exact given the teacher's float32 outputs (up to their rounding); an independent
         # chain forward agrees to float32 noise
-        assert abs(corrected - r.stats["teacher_logprob"]) < 2e-5, (corrected, r.stats)
+        assert abs(corrected - r.stats["teacher_logprob"]) < 1e-4, (corrected, r.stats)
         assert abs(corrected - loglik) < 1e-3, (corrected, loglik)
         print("raw telescoping gap", which, rows - loglik, "max non-canonical", r.noncanonical_mass.max())
         assert -1e-4 < rows - loglik < 0.05 * len(r.student_ids)

@@ -49,7 +49,7 @@ def test_rows_sum_to_one_and_telescope(teacher, tok, texts, n_merges):
         corrected = rows + np.log1p(-r.noncanonical_mass).sum()
         # exact given the teacher's float32 outputs (up to their rounding); an independent
         # chain forward agrees to float32 noise
-        assert abs(corrected - r.stats["teacher_logprob"]) < 2e-5
+        assert abs(corrected - r.stats["teacher_logprob"]) < 1e-4
         assert abs(corrected - loglik) < 1e-3
         # a trained teacher puts little mass on non-canonical sequences
         assert 0 <= rows - loglik < 0.01 * len(r.student_ids)
