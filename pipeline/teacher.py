@@ -17,6 +17,7 @@ kernels do not take arbitrary masks.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -133,6 +134,8 @@ class HFTeacher:
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        # Row width at which attention costs about as much as the rest of a layer.
+        self.attention_scale = 8 * int(getattr(self.model.config, "hidden_size", 512))
         self.start_ids = self._start_ids(start_token)
         self.forwarded_tokens = 0  # incl. padding, for benchmarks
 
@@ -190,32 +193,57 @@ class HFTeacher:
                     f"a context tree of {n} tokens exceeds max_batch_tokens={self.max_batch_tokens}; "
                     "chunk the document or raise the limit"
                 )
-        # Forward batches of rows: trees sorted by size; each batch's row width is its
-        # largest tree, and smaller trees are packed first-fit into its rows. Little
-        # padding, and attention (quadratic in the width: a tree mask rules out the
-        # causal fast path) never spans more than the longest document of the batch.
-        order = sorted(range(len(trees)), key=lambda i: -sizes[i])
         out: list[torch.Tensor | None] = [None] * len(trees)
-        i = 0
-        while i < len(order):
-            width = sizes[order[i]]
+        for rows, width in self._plan(sizes):
+            self._forward_rows(trees, rows, width, out)
+        return [o for o in out if o is not None]
+
+    def _plan(self, sizes: Sequence[int]) -> list[tuple[list[list[int]], int]]:
+        """Split trees into forward batches of rows: [(rows of tree indices, row width)].
+
+        Trees are sorted by size; each batch takes a run of consecutive trees, its row
+        width is the run's largest tree, and smaller trees are packed first-fit into its
+        rows (at most ``max_batch_tokens`` per batch). Dynamic programming over run
+        boundaries minimises sum(rows * width * (1 + width / attention_scale)) plus a
+        per-forward overhead: padding is redundant work, but attention is quadratic in
+        the row width (a tree mask rules out the causal fast path).
+        """
+        order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+        n = len(order)
+        # A forward costs a fixed amount besides its tokens; on a GPU a small batch is
+        # about as slow as a full one, so batches are kept full there.
+        overhead = (0.25 if self.device.type == "cuda" else 0.02) * self.max_batch_tokens
+        best = [0.0] + [math.inf] * n
+        choice: list[tuple[int, list[list[int]], int]] = [(0, [], 0)] * (n + 1)
+        for k in range(n):
+            if best[k] == math.inf:
+                continue
+            width = sizes[order[k]]
             max_rows = max(1, self.max_batch_tokens // width)
             rows: list[list[int]] = []
             fill: list[int] = []
-            while i < len(order):
-                size = sizes[order[i]]
-                r = next((k for k, used in enumerate(fill) if used + size <= width), None)
+            for j in range(k, n):
+                size = sizes[order[j]]
+                r = next((q for q, f in enumerate(fill) if f + size <= width), None)
                 if r is None:
                     if len(rows) == max_rows:
                         break
                     rows.append([])
                     fill.append(0)
                     r = len(rows) - 1
-                rows[r].append(order[i])
+                rows[r].append(order[j])
                 fill[r] += size
-                i += 1
-            self._forward_rows(trees, rows, width, out)
-        return [o for o in out if o is not None]
+                cost = best[k] + overhead + len(rows) * width * (1 + width / self.attention_scale)
+                if cost < best[j + 1]:
+                    best[j + 1] = cost
+                    choice[j + 1] = (k, [list(x) for x in rows], width)
+        plan = []
+        j = n
+        while j > 0:
+            k, rows, width = choice[j]
+            plan.append((rows, width))
+            j = k
+        return plan[::-1]
 
     def _forward_rows(
         self,

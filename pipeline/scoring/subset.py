@@ -388,7 +388,8 @@ class SubsetExactScorer:
 
         ``top_k=None`` returns dense rows over the whole student vocab (specials
         included). Documents are grouped so that one teacher call sees at most
-        ``max_batch_nodes`` tree nodes (default: the teacher's ``max_batch_tokens``).
+        ``max_batch_nodes`` tree nodes (default: 4x the teacher's ``max_batch_tokens``;
+        the teacher returns log-probs for all of them at once, so this bounds memory).
         """
         if top_k is not None and top_k < 1:
             raise ValueError("top_k must be >= 1 or None")
@@ -402,7 +403,8 @@ class SubsetExactScorer:
         top_k: int | None = 64,
         max_batch_nodes: int | None = None,
     ) -> list[ScoredDocument]:
-        budget = max_batch_nodes or int(getattr(teacher, "max_batch_tokens", 4096))
+        # Several forward batches per teacher call let the teacher pack trees tightly.
+        budget = max_batch_nodes or 4 * int(getattr(teacher, "max_batch_tokens", 1024))
         out: list[ScoredDocument | None] = [None] * len(prepared)
         for batch in _batches([p.num_nodes for p in prepared], budget):
             logps = teacher_tree_logprobs(teacher, [(prepared[b].tokens, prepared[b].parents) for b in batch])
