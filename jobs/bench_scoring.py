@@ -30,10 +30,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_scoring", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.bench_scoring",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--docs", type=int, default=32, help="documents for (a)-(c)")
-    p.add_argument("--ref-docs", type=int, default=2, help="documents for the sequential reference in (d)")
+    p.add_argument(
+        "--ref-docs", type=int, default=2, help="documents for the sequential reference in (d)"
+    )
     p.add_argument("--merges", type=int, default=8000, help="student merges for (b)-(d)")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     args = p.parse_args(argv)
@@ -50,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher = HFTeacher(d, device="cpu", max_batch_tokens=args.max_batch_tokens)
     tok = load_tokenizer(d)
     texts = demo_texts(args.docs, teacher.tokenizer)
-    print(f"teacher SmolLM2-135M-Instruct (cpu, {torch.get_num_threads()} threads), {len(texts)} GSM8K chats")
+    print(
+        f"teacher SmolLM2-135M-Instruct (cpu, {torch.get_num_threads()} threads), {len(texts)} GSM8K chats"
+    )
 
     print("\n(a) teacher tokens forwarded / canonical teacher tokens, by student merge count")
     for n in (0, 1000, 8000, 24000, 48900):
@@ -61,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         nodes = sum(x.num_nodes for x in prep)
         canon = sum(len(x.teacher_ids) + 1 for x in prep)
         stud = sum(len(x.student_ids) for x in prep)
-        print(f"  merges {n:>6}: {nodes / canon:.3f}  (student/teacher tokens {stud / (canon - len(prep)):.2f}, "
-              f"tokenizer phase {1e6 * tp / stud:.0f} us/student token)")
+        print(
+            f"  merges {n:>6}: {nodes / canon:.3f}  (student/teacher tokens {stud / (canon - len(prep)):.2f}, "
+            f"tokenizer phase {1e6 * tp / stud:.0f} us/student token)"
+        )
 
     sc = SubsetExactScorer(tok, truncate_merges(tok, args.merges))
     prep = [sc.prepare(x) for x in texts]
@@ -90,11 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     tf_forwarded = teacher.forwarded_tokens
     canon = sum(len(x.teacher_ids) + 1 for x in prep)
     stud = sum(len(r.student_ids) for r in results)
-    print(f"\nstudent = {args.merges} merges, {len(prep)} documents, {stud} student tokens, {canon} canonical teacher tokens")
-    print(f"(b) forwarded incl. padding / distinct contexts: {forwarded / distinct:.3f}  "
-          f"(teacher forcing baseline: {tf_forwarded / canon:.3f})")
-    print(f"(c) scorer / teacher forcing wall time: {t_scorer / t_tf:.3f}  (1.2 x (a) = {1.2 * ratio_a:.3f}); "
-          f"scorer {t_scorer:.2f}s (tokenizer phase {t_prep:.2f}s), teacher forcing {t_tf:.2f}s")
+    print(
+        f"\nstudent = {args.merges} merges, {len(prep)} documents, {stud} student tokens, {canon} canonical teacher tokens"
+    )
+    print(
+        f"(b) forwarded incl. padding / distinct contexts: {forwarded / distinct:.3f}  "
+        f"(teacher forcing baseline: {tf_forwarded / canon:.3f})"
+    )
+    print(
+        f"(c) scorer / teacher forcing wall time: {t_scorer / t_tf:.3f}  (1.2 x (a) = {1.2 * ratio_a:.3f}); "
+        f"scorer {t_scorer:.2f}s (tokenizer phase {t_prep:.2f}s), teacher forcing {t_tf:.2f}s"
+    )
 
     short = sorted(texts, key=len)[: args.ref_docs]
     ref = SequentialSubsetScorer(tok, truncate_merges(tok, args.merges))
@@ -108,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     per_ref = t_ref / ref_tokens
     per_fast_short = t_fast / ref_tokens
     per_fast_batch = t_scorer / sum(len(r.student_ids) + 1 for r in results)
-    print(f"(d) sequential reference: {1e3 * per_ref:.1f} ms/row on {len(short)} short documents ({ref_tokens} rows, "
-          f"{ref.teacher_calls} teacher calls); scorer on the same documents {1e3 * per_fast_short:.2f} ms/row "
-          f"-> {per_ref / per_fast_short:.0f}x; scorer batched over {len(prep)} documents {1e3 * per_fast_batch:.2f} ms/row "
-          f"-> {per_ref / per_fast_batch:.0f}x")
+    print(
+        f"(d) sequential reference: {1e3 * per_ref:.1f} ms/row on {len(short)} short documents ({ref_tokens} rows, "
+        f"{ref.teacher_calls} teacher calls); scorer on the same documents {1e3 * per_fast_short:.2f} ms/row "
+        f"-> {per_ref / per_fast_short:.0f}x; scorer batched over {len(prep)} documents {1e3 * per_fast_batch:.2f} ms/row "
+        f"-> {per_ref / per_fast_batch:.0f}x"
+    )
     return 0
 
 

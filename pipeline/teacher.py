@@ -128,7 +128,9 @@ class HFTeacher:
         self.vocab_size = len(tokenizer)
         n_logits = int(self.model.config.vocab_size)
         if n_logits < self.vocab_size:
-            raise ValueError(f"model has {n_logits} logits but the tokenizer has {self.vocab_size} ids")
+            raise ValueError(
+                f"model has {n_logits} logits but the tokenizer has {self.vocab_size} ids"
+            )
         self.max_batch_tokens = int(max_batch_tokens)
         self.temperature = float(temperature)
         if self.temperature <= 0:
@@ -182,7 +184,9 @@ class HFTeacher:
         return lp[torch.as_tensor(rows, device=lp.device)]
 
     @torch.inference_mode()
-    def tree_logprobs(self, trees: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
+    def tree_logprobs(
+        self, trees: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[torch.Tensor]:
         """For each tree (tokens, parents; node 0 = start of text, token ignored), the
         float32 log-probs [num_nodes, vocab_size] after every node, on ``self.device``."""
         s = len(self.start_ids)
@@ -288,7 +292,9 @@ class HFTeacher:
                 tout_all[b, off:] = tin_all[b, off:] + 1
         tin_t = torch.as_tensor(tin_all)
         tout_t = torch.as_tensor(tout_all)
-        allowed = (tin_t[:, None, :] <= tin_t[:, :, None]) & (tin_t[:, :, None] < tout_t[:, None, :])
+        allowed = (tin_t[:, None, :] <= tin_t[:, :, None]) & (
+            tin_t[:, :, None] < tout_t[:, None, :]
+        )
         mask = torch.zeros((B, 1, width, width), dtype=self.dtype)
         mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
         pin = self.device.type == "cuda"
@@ -315,7 +321,9 @@ class HFTeacher:
         return lg - lse
 
     @torch.inference_mode()
-    def teacher_forcing_logprobs(self, sequences: Sequence[Sequence[int]], top_k: int = 0) -> list[torch.Tensor]:
+    def teacher_forcing_logprobs(
+        self, sequences: Sequence[Sequence[int]], top_k: int = 0
+    ) -> list[torch.Tensor]:
         """Plain causal forward over each sequence (after the start token): returns, per
         sequence, log P(token_i | tokens_<i) for every token ([len(seq)] float32).
 
@@ -337,7 +345,9 @@ class HFTeacher:
                 row = [*self.start_ids, *sequences[k]]
                 ids[b, : len(row)] = torch.as_tensor(row)
                 att[b, : len(row)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device)).logits
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=att.to(self.device)
+            ).logits
             self.forwarded_tokens += len(grp) * width
             lp = torch.stack([self._log_softmax(row) for row in logits])
             if top_k:

@@ -34,9 +34,7 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 # Pre-tokenizer regexes of common byte-level BPE families.
-GPT2_PATTERN = (
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-)
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -117,7 +115,9 @@ class ByteLevelBPE:
         if model.get("type") != "BPE":
             raise TokenizerError(f"{name}: model type is {model.get('type')!r}, not BPE")
         if not _has_byte_level(spec.get("pre_tokenizer")):
-            raise TokenizerError(f"{name}: pre-tokenizer has no ByteLevel step (not a byte-level BPE)")
+            raise TokenizerError(
+                f"{name}: pre-tokenizer has no ByteLevel step (not a byte-level BPE)"
+            )
         self.model_spec = model
         self.vocab: dict[str, int] = dict(model["vocab"])
         merges = model["merges"]
@@ -126,7 +126,8 @@ class ByteLevelBPE:
             for m in merges
         ]
         self.added: list[AddedToken] = [
-            AddedToken(a["id"], a["content"], bool(a["special"])) for a in spec.get("added_tokens", [])
+            AddedToken(a["id"], a["content"], bool(a["special"]))
+            for a in spec.get("added_tokens", [])
         ]
         self.added_by_content = {a.content: a.id for a in self.added}
         self.added_ids = {a.id for a in self.added}
@@ -148,7 +149,9 @@ class ByteLevelBPE:
             self.token_bytes[a.id] = a.content.encode("utf-8")
         self.bpe_ids = sorted(i for i in self.id_to_str if i not in self.added_ids)
         self._added_re = (
-            re.compile("|".join(re.escape(c) for c in sorted(self.added_by_content, key=len, reverse=True)))
+            re.compile(
+                "|".join(re.escape(c) for c in sorted(self.added_by_content, key=len, reverse=True))
+            )
             if self.added
             else None
         )
@@ -252,7 +255,9 @@ def load_tokenizer(source: Any, **kwargs: Any) -> Tokenizer:
         tok = AutoTokenizer.from_pretrained(str(source), **kwargs)
         backend = getattr(tok, "backend_tokenizer", None)
         if not isinstance(backend, Tokenizer):
-            raise TokenizerError(f"{source}: transformers returned a slow tokenizer; a fast one is needed")
+            raise TokenizerError(
+                f"{source}: transformers returned a slow tokenizer; a fast one is needed"
+            )
         return backend
     raise TokenizerError(f"cannot load a tokenizer from {type(source).__name__}")
 
@@ -272,8 +277,14 @@ def byte_level_bpe_from_files(
     """
     vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
     lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
-    return build_byte_level_bpe(vocab, merges, pattern=pattern, normalizer=normalizer, added_tokens=added_tokens)  # type: ignore[arg-type]
+    merges: list[tuple[str, str]] = []
+    for line in lines:
+        if line and not line.startswith("#version"):
+            a, b = line.split(" ", 1)
+            merges.append((a, b))
+    return build_byte_level_bpe(
+        vocab, merges, pattern=pattern, normalizer=normalizer, added_tokens=added_tokens
+    )
 
 
 def build_byte_level_bpe(

@@ -37,7 +37,9 @@ MERGES: tuple[tuple[str, str], ...] = (
 PATTERNS = {"gpt2": None, "gpt2-split": GPT2_PATTERN, "qwen2": QWEN2_PATTERN}
 
 
-def tiny_teacher_tokenizer(pattern: str = "qwen2", merges: Sequence[tuple[str, str]] = MERGES) -> Tokenizer:
+def tiny_teacher_tokenizer(
+    pattern: str = "qwen2", merges: Sequence[tuple[str, str]] = MERGES
+) -> Tokenizer:
     vocab = {s: i for i, s in enumerate(BASE)}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
@@ -135,7 +137,9 @@ def tiny_causal_lm(vocab_size: int, arch: str = "qwen2", seed: int = 0, logits: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    cfg_cls, model_cls = (
+        (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    )
     cfg = cfg_cls(
         vocab_size=logits or vocab_size,
         hidden_size=64,

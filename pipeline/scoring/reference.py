@@ -85,12 +85,16 @@ class SequentialSubsetScorer:
     def _lp(self, teacher: Any, ctx: tuple[int, ...], cache: dict) -> np.ndarray:
         if ctx not in cache:
             self.teacher_calls += 1
-            row = np.asarray(_to_numpy(teacher.next_token_logprobs([ctx]))[0, : self.vt], dtype=np.float64)
+            row = np.asarray(
+                _to_numpy(teacher.next_token_logprobs([ctx]))[0, : self.vt], dtype=np.float64
+            )
             m = row.max()
             cache[ctx] = row - (m + np.log(np.exp(row - m).sum()))
         return cache[ctx]
 
-    def score(self, teacher: Any, texts: Sequence[str], top_k: int | None = None) -> list[ScoredDocument]:
+    def score(
+        self, teacher: Any, texts: Sequence[str], top_k: int | None = None
+    ) -> list[ScoredDocument]:
         return [self._score_one(teacher, t, top_k) for t in texts]
 
     def _score_one(self, teacher: Any, text: str, top_k: int | None) -> ScoredDocument:
@@ -108,7 +112,9 @@ class SequentialSubsetScorer:
             # the only exact cover a special (or EOS) may follow: the canonical encoding
             # of the prefix as a complete text
             try:
-                whole = tuple(self.T.tokenizer.encode(consumed.decode("utf-8"), add_special_tokens=False).ids)
+                whole = tuple(
+                    self.T.tokenizer.encode(consumed.decode("utf-8"), add_special_tokens=False).ids
+                )
             except UnicodeDecodeError:
                 whole = None
             lws = [lw for _, lw in exact] + [lw for _, lw, _, _ in pending]
@@ -117,14 +123,18 @@ class SequentialSubsetScorer:
             for ctx, lw in exact:
                 p = np.exp(self._lp(teacher, ctx, cache))
                 w = np.exp(lw - shift)
-                J += w * np.bincount(self.D[self.is_bpe, 0], weights=p[self.is_bpe], minlength=self.vs)
+                J += w * np.bincount(
+                    self.D[self.is_bpe, 0], weights=p[self.is_bpe], minlength=self.vs
+                )
                 if ctx == whole:
                     for t, s in self.spec_t2s.items():
                         J[s] += w * p[t]
             for ctx, lw, mask, k in pending:
                 p = np.exp(self._lp(teacher, ctx, cache))
                 sel = mask & (self.lens > k)
-                J += np.exp(lw - shift) * np.bincount(self.D[sel, k], weights=p[sel], minlength=self.vs)
+                J += np.exp(lw - shift) * np.bincount(
+                    self.D[sel, k], weights=p[sel], minlength=self.vs
+                )
             tot = J.sum()
             with np.errstate(divide="ignore"):
                 rows[i] = np.log(J) - np.log(tot)
@@ -132,7 +142,7 @@ class SequentialSubsetScorer:
                 break
             a = S[i]
             consumed += self.S.token_bytes[a]
-            rest = full[len(consumed):].decode("utf-8", errors="ignore")
+            rest = full[len(consumed) :].decode("utf-8", errors="ignore")
             new_exact: list[tuple[tuple[int, ...], float]] = []
             new_pending = []
             if a in self.S.added_ids:  # a special: follows exact covers only, collapses them
@@ -140,21 +150,22 @@ class SequentialSubsetScorer:
                 at = [k for k, x in enumerate(canonical) if x in self.T.added_ids][nth]
                 t = canonical[at]
                 ctx = tuple(canonical[: at + 1])
+                assert whole is not None, "a special token follows a complete text"
                 lw0 = next(lw for e, lw in exact if e == whole)
                 new_exact = [(ctx, lw0 + self._lp(teacher, whole, cache)[t])]
             else:
                 for ctx, lw, mask, k in pending:
                     p = self._lp(teacher, ctx, cache)
                     m2 = mask & (self.D[:, k] == a)
-                    for t in np.nonzero(m2 & (self.lens == k + 1))[0]:
-                        new_exact.append(((*ctx, int(t)), lw + p[t]))
+                    for tid in np.nonzero(m2 & (self.lens == k + 1))[0]:
+                        new_exact.append(((*ctx, int(tid)), lw + p[tid]))
                     if (m2 & (self.lens > k + 1)).any():
                         new_pending.append((ctx, lw, m2, k + 1))
                 for ctx, lw in exact:
                     p = self._lp(teacher, ctx, cache)
                     m1 = self.is_bpe & (self.D[:, 0] == a)
-                    for t in np.nonzero(m1 & (self.lens == 1))[0]:
-                        new_exact.append(((*ctx, int(t)), lw + p[t]))
+                    for tid in np.nonzero(m1 & (self.lens == 1))[0]:
+                        new_exact.append(((*ctx, int(tid)), lw + p[tid]))
                     if (m1 & (self.lens > 1)).any():
                         new_pending.append((ctx, lw, m1, 1))
                 new_exact = [(c, lw) for c, lw in new_exact if self._valid(c, consumed, rest)]
@@ -168,7 +179,9 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _result(text: str, S: list[int], canonical: list[int], rows: np.ndarray, top_k: int | None, eos: int) -> ScoredDocument:
+def _result(
+    text: str, S: list[int], canonical: list[int], rows: np.ndarray, top_k: int | None, eos: int
+) -> ScoredDocument:
     L = len(S)
     nxt = np.asarray([*S, eos])
     target = rows[np.arange(L + 1), nxt]

@@ -222,7 +222,7 @@ class SubsetExactScorer:
         # mass per first token is summed per bucket in the teacher's dtype (short sums
         # stay exact to ~1e-7 in float32), then per column in float64.
         bucket_by_id = np.zeros(self.T.size, np.int64)
-        bucket_col = []
+        bucket_col: list[int] = []
         pos = 0
         while pos < n:
             a = nxt[pos, 0]
@@ -230,7 +230,7 @@ class SubsetExactScorer:
             while end < n and nxt[end, 0] == a and end - pos < BUCKET:
                 end += 1
             bucket_by_id[self.perm[pos:end]] = len(bucket_col)
-            bucket_col.append(a)
+            bucket_col.append(int(a))
             pos = end
         spare = len(bucket_col)
         bucket_by_id[sorted(self.T.added_ids)] = spare  # specials: handled separately
@@ -259,7 +259,9 @@ class SubsetExactScorer:
         if eos_token not in self.T.added_by_content:
             raise TokenizerError(f"eos_token {eos_token!r} is not an added token of the teacher")
         if eos_token not in s_by_content:
-            raise TokenizerError(f"the student has no token {eos_token!r} to carry end-of-text mass")
+            raise TokenizerError(
+                f"the student has no token {eos_token!r} to carry end-of-text mass"
+            )
         self.eos_token = eos_token
         self.teacher_eos = self.T.added_by_content[eos_token]
         self.student_eos = s_by_content[eos_token]
@@ -299,7 +301,9 @@ class SubsetExactScorer:
         d = self._decompose(t)
         if d == s:
             return None
-        k = next((i for i, (a, b) in enumerate(zip(d, s, strict=False)) if a != b), min(len(d), len(s)))
+        k = next(
+            (i for i, (a, b) in enumerate(zip(d, s, strict=False)) if a != b), min(len(d), len(s))
+        )
         return (
             f"at student position {k}: unmerged teacher gives "
             f"{[self.S.token_repr(x) for x in d[k : k + 3]]}, student gives "
@@ -322,8 +326,14 @@ class SubsetExactScorer:
                 ids = self.T.encode_plain(part)
                 got = self.T.decode_bytes(ids)
                 if got != part.encode("utf-8"):
-                    lost = sorted({ch for ch in part if self.T.encode_plain(ch) == [] or
-                                   self.T.decode_bytes(self.T.encode_plain(ch)) != ch.encode()})
+                    lost = sorted(
+                        {
+                            ch
+                            for ch in part
+                            if self.T.encode_plain(ch) == []
+                            or self.T.decode_bytes(self.T.encode_plain(ch)) != ch.encode()
+                        }
+                    )
                     raise UnscorableTextError(
                         f"text does not survive the teacher's encode/decode; characters "
                         f"without a symbol in its vocab: {lost[:10]!r}"
@@ -407,7 +417,9 @@ class SubsetExactScorer:
         budget = max_batch_nodes or 4 * int(getattr(teacher, "max_batch_tokens", 1024))
         out: list[ScoredDocument | None] = [None] * len(prepared)
         for batch in _batches([p.num_nodes for p in prepared], budget):
-            logps = teacher_tree_logprobs(teacher, [(prepared[b].tokens, prepared[b].parents) for b in batch])
+            logps = teacher_tree_logprobs(
+                teacher, [(prepared[b].tokens, prepared[b].parents) for b in batch]
+            )
             for b, lp in zip(batch, logps, strict=True):
                 out[b] = self._rows(prepared[b], lp, top_k)
         return [o for o in out if o is not None]
@@ -497,7 +509,16 @@ class SubsetExactScorer:
             un = torch.zeros(r1 - r0, dtype=adt, device=device)
             if b > a:
                 self._accumulate(
-                    J, un, expo, norm, rows_t[sel] - r0, cov_t[sel], tnode_t[sel], spec_t[sel], w[sel], tz
+                    J,
+                    un,
+                    expo,
+                    norm,
+                    rows_t[sel] - r0,
+                    cov_t[sel],
+                    tnode_t[sel],
+                    spec_t[sel],
+                    w[sel],
+                    tz,
                 )
             J.clamp_min_(0.0)  # cumsum differences can be -1e-17 instead of 0
             mapped = J.sum(1)
@@ -540,7 +561,10 @@ class SubsetExactScorer:
                 # log P_T(canonical encoding + EOS), from the same forward as the rows
                 "teacher_logprob": float(
                     logw_np[len(doc.teacher_ids)]
-                    + float(logp[len(doc.teacher_ids), self.teacher_eos].to(adt) - lse[len(doc.teacher_ids)])
+                    + float(
+                        logp[len(doc.teacher_ids), self.teacher_eos].to(adt)
+                        - lse[len(doc.teacher_ids)]
+                    )
                 ),
                 "teacher_nodes": n,
                 "canonical_tokens": len(doc.teacher_ids),
@@ -584,7 +608,9 @@ class SubsetExactScorer:
             # mass per first student token: bucket sums in the teacher's dtype, then
             # columns in adt (specials land in a spare column and are dropped)
             nodes = ucov[uroot]
-            buckets = torch.zeros((len(uroot), len(tz["bucket_col"])), dtype=expo.dtype, device=J.device)
+            buckets = torch.zeros(
+                (len(uroot), len(tz["bucket_col"])), dtype=expo.dtype, device=J.device
+            )
             buckets.index_add_(1, tz["bucket_by_id"], expo[nodes])
             first = torch.zeros((len(uroot), vs + 1), dtype=adt, device=J.device)
             first.index_add_(1, tz["bucket_col"], buckets.to(adt))
@@ -594,13 +620,20 @@ class SubsetExactScorer:
             r, ci, wr = r[sp], ci[sp], wr[sp]
             if len(tz["special_t"]):
                 J.index_put_(
-                    (r[:, None].expand(-1, len(tz["special_s"])), tz["special_s"].expand(len(r), -1)),
-                    wr[:, None] * expo[ucov[ci][:, None], tz["special_t"]].to(adt) / norm[ucov[ci], None],
+                    (
+                        r[:, None].expand(-1, len(tz["special_s"])),
+                        tz["special_s"].expand(len(r), -1),
+                    ),
+                    wr[:, None]
+                    * expo[ucov[ci][:, None], tz["special_t"]].to(adt)
+                    / norm[ucov[ci], None],
                     accumulate=True,
                 )
             if len(tz["unmapped_t"]):
                 un.index_add_(
-                    0, r, wr * expo[ucov[ci][:, None], tz["unmapped_t"]].to(adt).sum(1) / norm[ucov[ci]]
+                    0,
+                    r,
+                    wr * expo[ucov[ci][:, None], tz["unmapped_t"]].to(adt).sum(1) / norm[ucov[ci]],
                 )
         pend = torch.nonzero(~at_root).squeeze(1)
         if len(pend) == 0:
@@ -620,7 +653,9 @@ class SubsetExactScorer:
             offs = torch.cumsum(cnt, 0) - cnt
             pos = lo[sl][rep] + (torch.arange(len(rep), device=J.device) - offs[rep])
             col = nxt[pos, depth[sl][rep]]
-            keep = col >= 0  # the node's own token (if any) ends here: an exact cover, not a next token
+            keep = (
+                col >= 0
+            )  # the node's own token (if any) ends here: an exact cover, not a next token
             node = cov[pend[sl]][rep]
             vals = w[pend[sl]][rep] * expo[node, tz["perm"][pos]].to(adt) / norm[node]
             J.index_put_((rows[pend[sl]][rep][keep], col[keep]), vals[keep], accumulate=True)
@@ -630,14 +665,18 @@ class SubsetExactScorer:
 class _Segment:
     """One plain text segment (between added tokens) and its exact covers."""
 
-    def __init__(self, scorer: SubsetExactScorer, text: str, teacher_ids: list[int], student_ids: list[int]):
+    def __init__(
+        self, scorer: SubsetExactScorer, text: str, teacher_ids: list[int], student_ids: list[int]
+    ):
         self.sc = scorer
         self.text = text
         self.bytes = text.encode("utf-8")
         T = scorer.T
         pieces = T.pretokenize(text)
         if "".join(pieces) != to_byte_level(self.bytes):
-            raise TokenizerError("the teacher's pre-tokenizer does not cover the text byte for byte")
+            raise TokenizerError(
+                "the teacher's pre-tokenizer does not cover the text byte for byte"
+            )
         self.piece_starts = [0]
         for p in pieces:
             self.piece_starts.append(self.piece_starts[-1] + len(p))
@@ -691,7 +730,7 @@ class _Segment:
         partial = self.bytes[cs:c]
         actual = text[ci]
         nxt = text[ci + 1] if ci + 1 < len(text) else ""
-        out = []
+        out: list[tuple[str, bool]] = []
         for comp in dict.fromkeys((actual, *completion_representatives(partial))):
             base = text[cb:ci] + comp
             if comp.isspace():
@@ -728,7 +767,9 @@ class _Segment:
         return [(m_b, suf, whole) for suf, whole in seen.items() if self.sc._decompose(suf) == want]
 
 
-def normalized_exp(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def normalized_exp(
+    x: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For rows of log-probabilities ``x``: ``(exp(x - m), row sums, logsumexp)``.
 
     ``expo / norm`` is each row renormalised to sum to 1 (a float32 log-softmax over
@@ -802,14 +843,25 @@ def check_subset_pair(T: ByteLevelBPE, S: ByteLevelBPE) -> None:
     problems = []
     for key in ("normalizer", "pre_tokenizer"):
         if _canon(T.component(key)) != _canon(S.component(key)):
-            problems.append(f"{key} differs: teacher {T.component(key)!r} vs student {S.component(key)!r}")
-    for opt in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"):
+            problems.append(
+                f"{key} differs: teacher {T.component(key)!r} vs student {S.component(key)!r}"
+            )
+    for opt in (
+        "dropout",
+        "byte_fallback",
+        "continuing_subword_prefix",
+        "end_of_word_suffix",
+        "ignore_merges",
+    ):
         for tk in (T, S):
             if tk.model_spec.get(opt):
                 problems.append(f"{tk.name} BPE has {opt}={tk.model_spec.get(opt)!r} (unsupported)")
     n = len(S.merges)
     if n > len(T.merges) or S.merges != T.merges[:n]:
-        k = next((i for i, (a, b) in enumerate(zip(S.merges, T.merges, strict=False)) if a != b), min(n, len(T.merges)))
+        k = next(
+            (i for i, (a, b) in enumerate(zip(S.merges, T.merges, strict=False)) if a != b),
+            min(n, len(T.merges)),
+        )
         detail = (
             f"student merge {k} is {S.merges[k]!r}, teacher merge {k} is {T.merges[k]!r}"
             if k < n and k < len(T.merges)
@@ -829,7 +881,8 @@ def check_subset_pair(T: ByteLevelBPE, S: ByteLevelBPE) -> None:
             )
     if problems:
         raise SubsetRegimeError(
-            "not a truncated-merge (subset) tokenizer pair:\n  - " + "\n  - ".join(problems)
+            "not a truncated-merge (subset) tokenizer pair:\n  - "
+            + "\n  - ".join(problems)
             + "\nUse the general scorer for unrelated tokenizers."
         )
 

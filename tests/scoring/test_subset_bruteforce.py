@@ -90,7 +90,7 @@ def test_sequential_reference_equals_truth_and_fast_scorer(world, n):
 
 
 def test_student_equal_teacher_reproduces_teacher_softmax(world):
-    pattern, dist, teacher = world
+    pattern, _dist, teacher = world
     T, S = tiny_pair(len(MERGES), pattern)
     scorer = SubsetExactScorer(T, S)
     for r in scorer.score(teacher, ["ab  1", "  ", "1a b1"], top_k=None):
@@ -101,7 +101,7 @@ def test_student_equal_teacher_reproduces_teacher_softmax(world):
 
 
 def test_topk_rows_match_dense_rows(world):
-    pattern, dist, teacher = world
+    pattern, _dist, teacher = world
     T, S = tiny_pair(4, pattern)
     scorer = SubsetExactScorer(T, S)
     docs = ["ab 1 ", "11  b", ""]  # inside the support (length <= 5)
@@ -140,7 +140,9 @@ def test_special_tokens_inside_text_are_atomic_and_exact():
     for doc, r in zip(docs, results, strict=True):
         assert list(r.student_ids) == list(encode(S, doc))
         for i in range(len(r.student_ids) + 1):
-            np.testing.assert_allclose(np.exp(r.logprobs[i]), truth.dist(list(r.student_ids[:i])), atol=TOL)
+            np.testing.assert_allclose(
+                np.exp(r.logprobs[i]), truth.dist(list(r.student_ids[:i])), atol=TOL
+            )
 
 
 def test_whitespace_only_and_empty_texts():
@@ -152,4 +154,6 @@ def test_whitespace_only_and_empty_texts():
         (r,) = SubsetExactScorer(T, S).score(teacher, [text], top_k=None)
         assert r.logprobs.shape[0] == len(r.student_ids) + 1
         for i in range(len(r.student_ids) + 1):
-            np.testing.assert_allclose(np.exp(r.logprobs[i]), truth.dist(list(r.student_ids[:i])), atol=TOL)
+            np.testing.assert_allclose(
+                np.exp(r.logprobs[i]), truth.dist(list(r.student_ids[:i])), atol=TOL
+            )

@@ -6,8 +6,19 @@ import numpy as np
 import pytest
 
 from pipeline.scoring import SubsetExactScorer, SubsetRegimeError
-from pipeline.tokenization import TokenizerError, UnscorableTextError, build_byte_level_bpe, truncate_merges
-from tests.tiny_assets import EOS, PerfectTeacher, string_distribution, tiny_pair, tiny_teacher_tokenizer
+from pipeline.tokenization import (
+    TokenizerError,
+    UnscorableTextError,
+    build_byte_level_bpe,
+    truncate_merges,
+)
+from tests.tiny_assets import (
+    EOS,
+    PerfectTeacher,
+    string_distribution,
+    tiny_pair,
+    tiny_teacher_tokenizer,
+)
 
 
 def _bpe(merges, pattern="qwen2", normalizer=None, base=("a", "b", "c", "Ġ", "1")):
@@ -17,8 +28,11 @@ def _bpe(merges, pattern="qwen2", normalizer=None, base=("a", "b", "c", "Ġ", "1
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     return build_byte_level_bpe(
-        vocab, merges, pattern=QWEN2_PATTERN if pattern == "qwen2" else None,
-        normalizer=normalizer, added_tokens=[EOS],
+        vocab,
+        merges,
+        pattern=QWEN2_PATTERN if pattern == "qwen2" else None,
+        normalizer=normalizer,
+        added_tokens=[EOS],
     )
 
 
@@ -68,7 +82,9 @@ def test_text_that_does_not_survive_encode_decode_is_refused():
 
 def test_missing_eos_is_a_clear_error():
     T = _bpe([("a", "b")])
-    no_specials = build_byte_level_bpe({"a": 0, "b": 1, "c": 2, "Ġ": 3, "1": 4, "ab": 5}, [("a", "b")])
+    no_specials = build_byte_level_bpe(
+        {"a": 0, "b": 1, "c": 2, "Ġ": 3, "1": 4, "ab": 5}, [("a", "b")]
+    )
     with pytest.raises(TokenizerError, match="student has no token"):
         SubsetExactScorer(T, no_specials)
     with pytest.raises(TokenizerError, match="teacher has no end-of-text token"):

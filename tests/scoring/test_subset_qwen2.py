@@ -24,9 +24,13 @@ def qwen2(shared_data) -> Tokenizer:
     tokens of the shared students (which were made from it)."""
     spec = json.loads((shared_data / "qwen2-subsets" / "8000" / "tokenizer.json").read_text())
     vocab = json.loads((shared_data / "qwen2-tokenizer" / "vocab.json").read_text(encoding="utf-8"))
-    lines = (shared_data / "qwen2-tokenizer" / "merges.txt").read_text(encoding="utf-8").splitlines()
+    lines = (
+        (shared_data / "qwen2-tokenizer" / "merges.txt").read_text(encoding="utf-8").splitlines()
+    )
     spec["model"]["vocab"] = vocab
-    spec["model"]["merges"] = [ln.split(" ", 1) for ln in lines if ln and not ln.startswith("#version")]
+    spec["model"]["merges"] = [
+        ln.split(" ", 1) for ln in lines if ln and not ln.startswith("#version")
+    ]
     for k, a in enumerate(spec["added_tokens"]):
         a["id"] = len(vocab) + k
     return Tokenizer.from_str(json.dumps(spec))
@@ -72,7 +76,9 @@ def test_r1_r2_hold_on_gsm8k(shared_data, qwen2, gsm8k_texts, which):
 @pytest.fixture(scope="module")
 def random_qwen2_teacher(qwen2):
     tok = hf_tokenizer(qwen2)
-    model = tiny_causal_lm(len(tok), arch="qwen2", seed=0, logits=len(tok) + 271)  # padded logits, as in Qwen2.5
+    model = tiny_causal_lm(
+        len(tok), arch="qwen2", seed=0, logits=len(tok) + 271
+    )  # padded logits, as in Qwen2.5
     return HFTeacher(model, tok, device="cpu", max_batch_tokens=4096)
 
 
@@ -89,7 +95,9 @@ def test_student_equal_teacher_reproduces_teacher_softmax(qwen2, gsm8k_texts, ra
 
 
 @pytest.mark.parametrize("which", ["8000", 0])
-def test_telescoping_with_a_random_qwen2_model(shared_data, qwen2, gsm8k_texts, random_qwen2_teacher, which):
+def test_telescoping_with_a_random_qwen2_model(
+    shared_data, qwen2, gsm8k_texts, random_qwen2_teacher, which
+):
     teacher = random_qwen2_teacher
     scorer = SubsetExactScorer(qwen2, _student(shared_data, qwen2, which))
     texts = [gsm8k_texts[i] for i in range(3)] + ["a  1 x\u00a0\u00a0y 中文 \n\n  "]
@@ -110,5 +118,11 @@ def test_telescoping_with_a_random_qwen2_model(shared_data, qwen2, gsm8k_texts, 
         # chain forward agrees to float32 noise
         assert abs(corrected - r.stats["teacher_logprob"]) < 1e-4, (corrected, r.stats)
         assert abs(corrected - loglik) < 1e-3, (corrected, loglik)
-        print("raw telescoping gap", which, rows - loglik, "max non-canonical", r.noncanonical_mass.max())
+        print(
+            "raw telescoping gap",
+            which,
+            rows - loglik,
+            "max non-canonical",
+            r.noncanonical_mass.max(),
+        )
         assert -1e-4 < rows - loglik < 0.05 * len(r.student_ids)
