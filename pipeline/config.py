@@ -1,0 +1,143 @@
+"""Typed job configuration: YAML + ``key=value`` overrides, validated before any model
+is loaded, saved resolved next to the outputs.
+
+Unknown keys are errors (a typo must not silently fall back to a default). The config
+hash that guards resume covers everything that changes the targets (teacher, student,
+scoring, input selection), not execution details (number of actors, batch sizes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """The job configuration is invalid; the message says which key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Strict):
+    paths: list[str] = Field(default_factory=list, description="URLs or globs (local, s3://, gs://, memory://)")
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
+    text_field: str = "text"
+    messages_field: str | None = Field(None, description="chat field: a list of {role, content}; uses the teacher's chat template")
+    id_field: str | None = "id"
+    loss_on: Literal["all", "assistant"] = Field("all", description="rows that are training targets (loss_mask)")
+    limit: int | None = Field(None, ge=1, description="records per input shard (for smoke runs)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherConfig(_Strict):
+    model: str | None = Field(None, description="HF model id or local dir; None = embedded SmolLM2-135M-Instruct")
+    revision: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_tokens: int = Field(2048, ge=16)
+    temperature: float = Field(1.0, gt=0)
+    max_context: int | None = Field(None, ge=16, description="teacher tokens per sequence (default: min(model limit, max_batch_tokens / 2))")
+
+
+class StudentConfig(_Strict):
+    tokenizer: str | None = Field(None, description="tokenizer.json, HF dir or id; None = the teacher's BPE cut to `merges`")
+    merges: int | None = Field(8000, ge=0)
+
+
+class ScoringConfig(_Strict):
+    scorer: Literal["auto", "subset"] = "auto"
+    top_k: int = Field(64, ge=1, le=4096)
+    chunk_overlap: int = Field(64, ge=0, description="student tokens of context repeated at the start of a chunk")
+
+
+class OutputConfig(_Strict):
+    path: str = "./out"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    zstd_level: int = Field(3, ge=1, le=22)
+    row_group_rows: int = Field(512, ge=1)
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: join a cluster if RAY_ADDRESS is set, else start a local one")
+    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU (at most one per shard)")
+    num_gpus_per_actor: float = Field(1.0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, ge=0)
+    accelerator_type: str | None = None
+    max_retries: int = Field(3, ge=0, description="attempts per shard after infrastructure failures")
+
+
+class JobConfig(_Strict):
+    input: InputConfig = Field(default_factory=InputConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("input")
+    @classmethod
+    def _text_or_messages(cls, v: InputConfig) -> InputConfig:
+        if v.loss_on == "assistant" and not v.messages_field:
+            raise ValueError("loss_on=assistant needs input.messages_field (chat records)")
+        return v
+
+    def target_hash(self) -> str:
+        """Hash of everything that changes the targets (guards resume)."""
+        keep = {
+            "input": self.input.model_dump(exclude={"storage_options"}),
+            "teacher": self.teacher.model_dump(include={"model", "revision", "temperature", "max_context"}),
+            "student": self.student.model_dump(),
+            "scoring": self.scoring.model_dump(),
+        }
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Build a validated `JobConfig` from a YAML file and ``key=value`` overrides
+    (values parsed as YAML: ``scoring.top_k=32``, ``input.paths=[a.jsonl,b.jsonl]``)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file {path} does not exist") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        data = loaded or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            lines.append(f"  {loc}: {e['msg']}")
+        raise ConfigError("invalid job config:\n" + "\n".join(lines)) from None

@@ -1,0 +1,74 @@
+"""Versioned Arrow schema of target shards (one row per scored sequence).
+
+Schemas are code: the writer passes `targets_schema(version)` explicitly, readers check
+the version stored in the file metadata, and every released version stays readable.
+
+Version 1 (row convention: ``row i`` of a sequence predicts ``input_ids[i]`` given
+``input_ids[:i]`` -- see below):
+
+- ``doc_id`` (string): id of the input record (its ``id`` field, else
+  ``<input shard name>:<record index>``).
+- ``chunk`` (int32): index of the chunk of the document (documents longer than the
+  teacher context are cut into overlapping chunks; see the job docs).
+- ``input_ids`` (list<uint32>): the student tokens of the sequence, length ``L``.
+- ``loss_mask`` (list<bool>): per target row (``L + 1``): whether the row is a training
+  target (e.g. only assistant turns of chats).
+- ``topk_ids`` (list<uint32>): ``(L + 1) * k`` student ids, row-major, most probable
+  first within a row.
+- ``topk_logprobs`` (list<float32>): ``(L + 1) * k`` natural-log probabilities of the
+  normalised student distribution (never logits; temperature in the metadata).
+- ``tail_mass`` (list<float32>): ``L + 1`` probabilities outside the stored top-k.
+- ``target_logprob`` (list<float32>): ``L + 1`` log P of the actual next student token
+  (``input_ids[i]``; the student EOS for row ``L``) -- all ALM-style losses need.
+- ``regime`` (list<uint8>): ``L + 1`` codes: 0 exact, 1 lossless, 2 approximate.
+- ``unaccounted_mass`` / ``noncanonical_mass`` / ``unmapped_mass`` (list<float32>):
+  ``L + 1`` each, see `pipeline.scoring.ScoredDocument`.
+
+Row ``i`` is the target for the student's logits at the position whose input is
+``input_ids[i - 1]`` (row 0: after the start of text). A trainer that feeds
+``input_ids`` and reads logits ``[0, L)`` uses rows ``1..L``; row 0 needs a BOS input.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+CURRENT_VERSION = 1
+METADATA_KEY = b"xtok"  # JSON provenance in the Parquet key-value metadata
+
+_LIST_FLOAT = pa.list_(pa.float32())
+
+
+def targets_schema(version: int = CURRENT_VERSION) -> pa.Schema:
+    if version != 1:
+        raise ValueError(f"unknown targets schema version {version} (this code knows 1)")
+    return pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("chunk", pa.int32(), nullable=False),
+            pa.field("input_ids", pa.list_(pa.uint32()), nullable=False),
+            pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
+            pa.field("topk_ids", pa.list_(pa.uint32()), nullable=False),
+            pa.field("topk_logprobs", _LIST_FLOAT, nullable=False),
+            pa.field("tail_mass", _LIST_FLOAT, nullable=False),
+            pa.field("target_logprob", _LIST_FLOAT, nullable=False),
+            pa.field("regime", pa.list_(pa.uint8()), nullable=False),
+            pa.field("unaccounted_mass", _LIST_FLOAT, nullable=False),
+            pa.field("noncanonical_mass", _LIST_FLOAT, nullable=False),
+            pa.field("unmapped_mass", _LIST_FLOAT, nullable=False),
+        ]
+    )
+
+
+# Float list columns written with BYTE_STREAM_SPLIT (leaf paths, as Parquet names them).
+FLOAT_LEAVES = [
+    f"{name}.list.element"
+    for name in (
+        "topk_logprobs",
+        "tail_mass",
+        "target_logprob",
+        "unaccounted_mass",
+        "noncanonical_mass",
+        "unmapped_mass",
+    )
+]
