@@ -85,6 +85,7 @@ def plan(cfg: JobConfig, overwrite: bool = False) -> Plan:
         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode(),
         so,
     )
+    preflight(cfg)
     result = Plan(shards, names)
     if not overwrite:
         for s in shards:
@@ -94,6 +95,28 @@ def plan(cfg: JobConfig, overwrite: bool = False) -> Plan:
                 if m.get("config_hash") == current["config_hash"]:
                     result.done[s] = m
     return result
+
+
+def preflight(cfg: JobConfig) -> None:
+    """Check the tokenizer pair on the driver (tokenizers only, no model weights), so
+    a pair outside the subset regime is refused before any actor starts."""
+    from pipeline.assets import smollm2_dir
+    from pipeline.scoring.subset import check_subset_pair
+    from pipeline.tokenization import ByteLevelBPE, TokenizerError, load_tokenizer, truncate_merges
+
+    try:
+        t_tok = load_tokenizer(cfg.teacher.model or smollm2_dir())
+        if cfg.student.tokenizer:
+            s_tok = load_tokenizer(cfg.student.tokenizer)
+        elif cfg.student.merges is not None:
+            s_tok = truncate_merges(t_tok, cfg.student.merges)
+        else:
+            raise ConfigError("set student.tokenizer or student.merges")
+        check_subset_pair(ByteLevelBPE(t_tok, "teacher"), ByteLevelBPE(s_tok, "student"))
+    except (TokenizerError, OSError) as err:
+        raise ConfigError(f"tokenizers: {err}") from err
+    except ValueError as err:  # SubsetRegimeError
+        raise ConfigError(str(err)) from err
 
 
 class Progress:

@@ -149,13 +149,12 @@ class GenerateStep:
 
     def _loss_mask(self, doc: Document, chunk: Chunk, student_ids: np.ndarray) -> np.ndarray:
         S = self.scorer.S
-        starts = np.zeros(len(student_ids) + 1, dtype=np.int64)  # char offset each row predicts
-        nbytes = np.cumsum([0, *(len(S.token_bytes[int(t)]) for t in student_ids)])
         raw = chunk.text.encode("utf-8")
-        char_of_byte = np.cumsum([0, *((b & 0xC0) != 0x80 for b in raw)]) - 1
-        starts[:] = chunk.start + np.minimum(
-            char_of_byte[np.minimum(nbytes, len(raw))] + (nbytes >= len(raw)), len(chunk.text)
-        )
+        nbytes = np.cumsum([0, *(len(S.token_bytes[int(t)]) for t in student_ids)])
+        # char index of the character holding each byte (a token may start mid-character)
+        incl = np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1
+        char_of = np.append(incl, len(chunk.text))
+        starts = chunk.start + char_of[np.minimum(nbytes, len(raw))]  # char each row predicts
         mask = starts >= chunk.masked_until
         if not chunk.final:
             mask[-1] = False

@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray listeners on 127.0.0.1 only
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pathlib import Path
 
@@ -47,3 +49,22 @@ def smollm2_dir() -> Path:
         return get()
     except FileNotFoundError as err:
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster (2 CPUs) for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A tiny random Llama teacher with a trained byte-level BPE, as an HF directory."""
+    from tests.tiny_assets import save_tiny_hf_teacher
+
+    return save_tiny_hf_teacher(tmp_path_factory.mktemp("tiny-teacher"))

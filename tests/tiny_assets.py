@@ -159,3 +159,40 @@ def tiny_causal_lm(vocab_size: int, arch: str = "qwen2", seed: int = 0, logits: 
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, 0.5)
     return model.eval()
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}"
+)
+
+
+def trained_byte_bpe(vocab_size: int = 400, seed_text: str | None = None) -> Tokenizer:
+    """A byte-level BPE (GPT-2 regex, all 256 bytes) trained on Python's bundled docs."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from pipeline.assets import generated_texts
+
+    text = seed_text or "\n\n".join(generated_texts(300))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    return tok
+
+
+def save_tiny_hf_teacher(path, vocab_size: int = 400, seed: int = 0):
+    """A tiny random Llama teacher + trained byte-level tokenizer saved as an HF dir."""
+    tok = trained_byte_bpe(vocab_size)
+    hf = hf_tokenizer(tok)
+    hf.chat_template = CHAT_TEMPLATE
+    model = tiny_causal_lm(len(hf), arch="llama", seed=seed)
+    model.save_pretrained(path)
+    hf.save_pretrained(path)
+    return path

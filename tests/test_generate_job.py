@@ -1,0 +1,250 @@
+"""The generate job end to end on a real local Ray: shards, manifests, index, resume,
+bad input and clear errors. Teacher: a tiny random Llama with a trained byte-level BPE."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from jobs.generate import main
+from pipeline.config import ConfigError, load_config
+from pipeline.scoring import SubsetExactScorer
+from pipeline.shards import read_table
+from pipeline.teacher import HFTeacher
+from pipeline.tokenization import load_tokenizer, truncate_merges
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers 12 and 345, then  two spaces and a tab\there.",
+    "Python's bundled documentation is a fine source of English text.",
+    "Short one.",
+    "A longer document " * 30,
+]
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_text(
+        "".join(json.dumps({"id": f"a{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS[:2]))
+    )
+    raw = "".join(json.dumps({"id": f"b{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS[2:4]))
+    (d / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw.encode()))
+    pq.write_table(pa.table({"id": ["c0"], "text": [TEXTS[4]]}), d / "c.parquet")
+    return d
+
+
+def _args(tiny_teacher_dir, inp, out, *extra):
+    return [
+        f"teacher.model={tiny_teacher_dir}",
+        "teacher.device=cpu",
+        "teacher.max_batch_tokens=512",
+        "student.merges=60",
+        "scoring.top_k=16",
+        f"input.paths=[{inp}/*]",
+        f"output.path={out}",
+        "ray.num_actors=2",
+        "input.messages_field=null",
+        "input.loss_on=all",
+        *extra,
+    ]
+
+
+def test_end_to_end_equals_in_process_scorer_and_resumes(
+    ray_local, tiny_teacher_dir, corpus, tmp_path
+):
+    out = tmp_path / "out"
+    assert (
+        main(["--show", "0", *_args(tiny_teacher_dir, corpus, out, "teacher.max_context=512")]) == 0
+    )
+    index = json.loads((out / "index.json").read_text())
+    assert [s["name"] for s in index["shards"]] == ["a", "b", "c"]
+    assert index["totals"]["documents"] == len(TEXTS)
+    for f in ("stats.json", "config.yaml", "run_config.json"):
+        assert (out / f).is_file()
+    # shards read back equal the scorer's in-process output for the same documents
+    teacher = HFTeacher(str(tiny_teacher_dir), device="cpu", max_batch_tokens=512)
+    t_tok = load_tokenizer(tiny_teacher_dir)
+    scorer = SubsetExactScorer(t_tok, truncate_merges(t_tok, 60))
+    rows = []
+    for s in index["shards"]:
+        m = json.loads((out / s["manifest"]).read_text())
+        assert m["records_in"] == m["documents"] and not m["skipped"]
+        rows += read_table(str(out / s["file"]), manifest=m).to_pylist()
+    assert [r["doc_id"] for r in rows] == ["a0", "a1", "b0", "b1", "c0"]
+    want = scorer.score(teacher, TEXTS, top_k=16)
+    for r, w in zip(rows, want, strict=True):
+        np.testing.assert_array_equal(r["input_ids"], w.student_ids)
+        np.testing.assert_array_equal(np.reshape(r["topk_ids"], (-1, 16)), w.topk_ids)
+        np.testing.assert_allclose(
+            np.reshape(r["topk_logprobs"], (-1, 16)), w.topk_logprobs, atol=1e-5
+        )
+        np.testing.assert_allclose(r["target_logprob"], w.target_logprobs, atol=1e-5)
+        assert all(r["loss_mask"])
+    # a rerun of the same config is a no-op
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert (
+        main(["--show", "0", *_args(tiny_teacher_dir, corpus, out, "teacher.max_context=512")]) == 0
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
+    assert json.loads((out / "stats.json").read_text())["shards_this_run"] == 0
+    # a different config is refused without --overwrite, and accepted with it
+    assert main(["--show", "0", *_args(tiny_teacher_dir, corpus, out, "scoring.top_k=8")]) == 2
+    assert (
+        main(
+            ["--show", "0", "--overwrite", *_args(tiny_teacher_dir, corpus, out, "scoring.top_k=8")]
+        )
+        == 0
+    )
+    assert len(read_table(str(out / "c.parquet"))) == 2  # max_context now 256: c0 is chunked
+    assert len(read_table(str(out / "a.parquet")).to_pylist()[0]["topk_ids"]) % 8 == 0
+
+
+def test_a_resumed_run_redoes_only_uncommitted_shards(
+    ray_local, tiny_teacher_dir, corpus, tmp_path
+):
+    out = tmp_path / "out"
+    assert main(["--show", "0", *_args(tiny_teacher_dir, corpus, out)]) == 0
+    (out / "b.manifest.json").unlink()  # as if the run died before committing shard b
+    (out / "index.json").unlink()
+    a_before = (out / "a.parquet").stat().st_mtime_ns
+    assert main(["--show", "0", *_args(tiny_teacher_dir, corpus, out)]) == 0
+    assert (out / "a.parquet").stat().st_mtime_ns == a_before
+    assert json.loads((out / "stats.json").read_text())["shards_this_run"] == 1
+    assert json.loads((out / "index.json").read_text())["totals"]["documents"] == len(TEXTS)
+
+
+def test_bad_records_are_skipped_counted_and_named(ray_local, tiny_teacher_dir, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    lines = [
+        json.dumps({"id": "ok1", "text": "Fine text."}).encode(),
+        b'{"id": "broken", "text": "no end',
+        b'{"id": "bad-utf8", "text": "caf\xe9"}',
+        json.dumps({"id": "empty", "text": "   "}).encode(),
+        json.dumps({"id": "notext", "body": "x"}).encode(),
+        json.dumps({"id": "number", "text": 42}).encode(),
+        json.dumps({"id": "ok2", "text": "More fine text."}).encode(),
+    ]
+    (inp / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    assert main(["--show", "0", *_args(tiny_teacher_dir, inp, out)]) == 0
+    m = json.loads((out / "mixed.manifest.json").read_text())
+    assert m["records_in"] == 7 and m["documents"] == 2
+    reasons = {s["index"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == {1, 2, 3, 4, 5}
+    assert "malformed JSON" in reasons[1]
+    assert "invalid UTF-8" in reasons[2]
+    assert reasons[3] == "empty document"
+    assert "missing text field" in reasons[4]
+    assert "not a string" in reasons[5]
+    assert [r["doc_id"] for r in read_table(str(out / "mixed.parquet")).to_pylist()] == [
+        "ok1",
+        "ok2",
+    ]
+
+
+def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="unknown_key"):
+        load_config(None, ["scoring.unknown_key=1"])
+    # missing input, unwritable output, not a subset pair: exit code 2 and a clear message
+    assert main(["--show", "0", *_args(tiny_teacher_dir, tmp_path / "nope", out)]) == 2
+    assert "matches no file" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.jsonl").write_text('{"text": "a"}\n')
+    assert main(["--show", "0", *_args(tiny_teacher_dir, tmp_path / "in", blocker / "out")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    from tests.tiny_assets import trained_byte_bpe
+
+    other = tmp_path / "other.json"
+    trained_byte_bpe(300, seed_text="completely different text " * 50).save(str(other))
+    assert (
+        main(
+            [
+                "--show",
+                "0",
+                *_args(tiny_teacher_dir, tmp_path / "in", out, f"student.tokenizer={other}"),
+            ]
+        )
+        == 2
+    )
+    assert "not a truncated-merge" in capsys.readouterr().err
+
+
+def test_chat_records_get_assistant_only_loss_mask(ray_local, tiny_teacher_dir, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    chat = {
+        "id": "c",
+        "messages": [
+            {"role": "user", "content": "Say hi."},
+            {"role": "assistant", "content": "Hi there."},
+        ],
+    }
+    (inp / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    out = tmp_path / "out"
+    args = _args(
+        tiny_teacher_dir, inp, out, "input.messages_field=messages", "input.loss_on=assistant"
+    )
+    assert main(["--show", "0", *args]) == 0
+    (row,) = read_table(str(out / "chat.parquet")).to_pylist()
+    S = load_tokenizer(tiny_teacher_dir)
+    stu = truncate_merges(S, 60)
+    mask = np.asarray(row["loss_mask"])
+    ids = row["input_ids"]
+    # the targets are exactly the rows that predict the assistant's text and its end marker
+    predicted = "".join(stu.decode([t]) if m else "|" for t, m in zip([*ids, 0], mask, strict=True))
+    assert "Hi there.<|im_end|>" in predicted.replace("|", "") or "Hi there." in predicted
+    assert "Say hi" not in predicted.replace("|", "")
+    assert mask.sum() < len(mask)
+    assert io is not None
+
+
+def test_long_documents_are_chunked_and_every_position_is_a_target_once(tiny_teacher_dir):
+    from pipeline.config import load_config
+    from pipeline.generate import GenerateStep
+
+    cfg = load_config(
+        None,
+        [
+            f"teacher.model={tiny_teacher_dir}",
+            "teacher.device=cpu",
+            "teacher.max_batch_tokens=512",
+            "teacher.max_context=64",
+            "student.merges=60",
+            "scoring.chunk_overlap=16",
+            "input.messages_field=null",
+            "input.loss_on=all",
+        ],
+    )
+    step = GenerateStep(cfg)
+    step.setup()
+    text = " ".join(f"Sentence {i} of a long document, with words." for i in range(40))
+    chunks = step.chunks(text)
+    assert len(chunks) > 3 and chunks[-1].final and not any(c.final for c in chunks[:-1])
+    covered = []
+    for c in chunks:
+        assert text[c.start : c.start + len(c.text)] == c.text
+        (r,) = step.scorer.score(step.teacher, [c.text], top_k=4)
+        assert len(r.teacher_ids) + 1 <= 64
+        mask = step._loss_mask(type("D", (), {"target_spans": None})(), c, r.student_ids)
+        # char offset each target row predicts, in document coordinates
+        offs = np.cumsum([0, *(len(step.scorer.S.token_bytes[int(t)]) for t in r.student_ids)])
+        covered += [c.start + int(o) for o, m in zip(offs, mask, strict=True) if m]
+    # ASCII text: byte offsets are char offsets. Each token start (and the end) once.
+    assert covered == sorted(set(covered))
+    full = step.scorer.prepare(text)
+    starts = np.cumsum([0, *(len(step.scorer.S.token_bytes[int(t)]) for t in full.student_ids)])
+    assert set(covered) == set(int(x) for x in starts)
