@@ -54,7 +54,7 @@ class ShardWorker:
             url, progress=lambda t, n: log.info("shard %s: %d tokens, %d chunks", url, t, n)
         )
         log.info("shard %s: committed %d sequences", url, m["sequences"])
-        return m
+        return {**m, "ray_node_id": ray.get_runtime_context().get_node_id()}
 
 
 def ensure_ray(cfg: JobConfig) -> None:
