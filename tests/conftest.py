@@ -87,7 +87,7 @@ def s3_server(tmp_path_factory):
     key, secret = "xtok-test-key", "xtok-test-secret"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
     d = tmp_path_factory.mktemp("seaweed")
-    log = open(d / "weed.log", "wb")
+    log = open(d / "weed.log", "wb")  # noqa: SIM115 (closed at teardown, outlives this frame)
     proc = subprocess.Popen(
         [
             weed,
