@@ -1,0 +1,115 @@
+"""`ray job submit` against a head started by the test (`ray start --head`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def head(tmp_path):
+    bindir = os.path.dirname(sys.executable)
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths are length-limited
+    proc = subprocess.Popen(
+        [
+            f"{bindir}/ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        stdout=open(tmp_path / "head.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        r = subprocess.run(
+            [f"{bindir}/ray", "job", "list", "--address", address], env=env, capture_output=True
+        )
+        if r.returncode == 0:
+            break
+        assert proc.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+        time.sleep(1)
+    else:
+        pytest.fail("Ray head did not come up: " + (tmp_path / "head.log").read_text()[-3000:])
+    yield address, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_a_tiny_job(head, tiny_teacher_dir, tmp_path):
+    address, env = head
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "q.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "text": f"Question {i}?"}) + "\n" for i in range(4))
+    )
+    out = tmp_path / "out"
+    cmd = [
+        f"{os.path.dirname(sys.executable)}/ray",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "-m",
+        "jobs.generate",
+        "--show",
+        "0",
+        f"teacher.model={tiny_teacher_dir}",
+        "teacher.device=cpu",
+        "teacher.max_batch_tokens=512",
+        "student.merges=60",
+        "scoring.top_k=8",
+        "input.messages_field=null",
+        "input.loss_on=all",
+        f"input.paths=[{inp}/*.jsonl]",
+        f"output.path={out}",
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    index = json.loads((out / "index.json").read_text())
+    assert index["totals"]["documents"] == 4
