@@ -37,6 +37,7 @@ def head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths are length-limited
+    log = open(tmp_path / "head.log", "wb")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(
         [
             f"{bindir}/ray",
@@ -52,7 +53,7 @@ def head(tmp_path):
             "--include-dashboard=true",
         ],
         env=env,
-        stdout=open(tmp_path / "head.log", "wb"),
+        stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -74,6 +75,7 @@ def head(tmp_path):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
 
 
 def test_ray_job_submit_runs_a_tiny_job(head, tiny_teacher_dir, tmp_path):
