@@ -16,7 +16,13 @@ import pyarrow.parquet as pq
 
 from pipeline import io as xio
 from pipeline.scoring.common import ScoredDocument
-from schemas.targets import CURRENT_VERSION, FLOAT_LEAVES, METADATA_KEY, targets_schema
+from schemas.targets import (
+    CURRENT_VERSION,
+    FLOAT_LEAVES,
+    METADATA_KEY,
+    quantize_logprobs,
+    targets_schema,
+)
 
 MANIFEST_SUFFIX = ".manifest.json"
 DATA_SUFFIX = ".parquet"
@@ -79,10 +85,10 @@ def build_table(seqs: Sequence[Sequence_], top_k: int, version: int = CURRENT_VE
         "topk_ids": _list(
             cat(lambda s: topk(s, "topk_ids"), np.uint32), [n * top_k for n in L1], pa.uint32()
         ),
-        "topk_logprobs": _list(
-            cat(lambda s: topk(s, "topk_logprobs"), np.float32),
+        "topk_logprob_q": _list(
+            cat(lambda s: quantize_logprobs(topk(s, "topk_logprobs")), np.uint16),
             [n * top_k for n in L1],
-            pa.float32(),
+            pa.uint16(),
         ),
     }
     for name in (
@@ -114,6 +120,7 @@ def encode_parquet(
         compression_level=zstd_level,
         row_group_size=row_group_rows,
         use_dictionary=["doc_id"],
+        write_statistics=["doc_id", "chunk"],
         use_byte_stream_split=FLOAT_LEAVES,
     )
     return buf.getvalue()

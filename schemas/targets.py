@@ -15,8 +15,12 @@ Version 1 (row convention: ``row i`` of a sequence predicts ``input_ids[i]`` giv
   target (e.g. only assistant turns of chats).
 - ``topk_ids`` (list<uint32>): ``(L + 1) * k`` student ids, row-major, most probable
   first within a row.
-- ``topk_logprobs`` (list<float32>): ``(L + 1) * k`` natural-log probabilities of the
-  normalised student distribution (never logits; temperature in the metadata).
+- ``topk_logprob_q`` (list<uint16>): ``(L + 1) * k`` natural-log probabilities of the
+  normalised student distribution (never logits; temperature in the metadata),
+  quantised: ``logprob = -q * LOGPROB_STEP`` (error <= LOGPROB_STEP / 2 = 1e-3 nats;
+  ``q = LOGPROB_NONE`` marks a missing entry, log-prob -inf, when the student vocab is
+  smaller than k). Ascending within a row (most probable first). Use
+  `dequantize_logprobs`.
 - ``tail_mass`` (list<float32>): ``L + 1`` probabilities outside the stored top-k.
 - ``target_logprob`` (list<float32>): ``L + 1`` log P of the actual next student token
   (``input_ids[i]``; the student EOS for row ``L``) -- all ALM-style losses need.
@@ -31,6 +35,7 @@ Row ``i`` is the target for the student's logits at the position whose input is
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 CURRENT_VERSION = 1
@@ -49,7 +54,7 @@ def targets_schema(version: int = CURRENT_VERSION) -> pa.Schema:
             pa.field("input_ids", pa.list_(pa.uint32()), nullable=False),
             pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
             pa.field("topk_ids", pa.list_(pa.uint32()), nullable=False),
-            pa.field("topk_logprobs", _LIST_FLOAT, nullable=False),
+            pa.field("topk_logprob_q", pa.list_(pa.uint16()), nullable=False),
             pa.field("tail_mass", _LIST_FLOAT, nullable=False),
             pa.field("target_logprob", _LIST_FLOAT, nullable=False),
             pa.field("regime", pa.list_(pa.uint8()), nullable=False),
@@ -60,11 +65,34 @@ def targets_schema(version: int = CURRENT_VERSION) -> pa.Schema:
     )
 
 
-# Float list columns written with BYTE_STREAM_SPLIT (leaf paths, as Parquet names them).
+LOGPROB_STEP = 0.002  # nats per quantisation step of topk_logprob_q
+LOGPROB_NONE = 65535  # q of a missing entry (log-prob -inf)
+
+
+def quantize_logprobs(lp: np.ndarray) -> np.ndarray:
+    """log-probs (<= 0, -inf allowed) -> uint16 steps; saturates at -131 nats."""
+    q = np.where(
+        np.isfinite(lp),
+        np.minimum(np.rint(-np.minimum(lp, 0.0) / LOGPROB_STEP), LOGPROB_NONE - 1),
+        LOGPROB_NONE,
+    )
+    return q.astype(np.uint16)
+
+
+def dequantize_logprobs(q: np.ndarray) -> np.ndarray:
+    q = np.asarray(q)
+    return np.where(
+        q == LOGPROB_NONE, -np.inf, -q.astype(np.float32) * np.float32(LOGPROB_STEP)
+    ).astype(np.float32)
+
+
+# List columns written with BYTE_STREAM_SPLIT (leaf paths, as Parquet names them):
+# the bytes of each value are grouped, so zero high bytes and similar exponents compress.
 FLOAT_LEAVES = [
     f"{name}.list.element"
     for name in (
-        "topk_logprobs",
+        "topk_ids",
+        "topk_logprob_q",
         "tail_mass",
         "target_logprob",
         "unaccounted_mass",

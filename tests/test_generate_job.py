@@ -18,6 +18,7 @@ from pipeline.scoring import SubsetExactScorer
 from pipeline.shards import read_table
 from pipeline.teacher import HFTeacher
 from pipeline.tokenization import load_tokenizer, truncate_merges
+from schemas.targets import dequantize_logprobs
 
 pytestmark = pytest.mark.integration
 
@@ -85,9 +86,8 @@ def test_end_to_end_equals_in_process_scorer_and_resumes(
     for r, w in zip(rows, want, strict=True):
         np.testing.assert_array_equal(r["input_ids"], w.student_ids)
         np.testing.assert_array_equal(np.reshape(r["topk_ids"], (-1, 16)), w.topk_ids)
-        np.testing.assert_allclose(
-            np.reshape(r["topk_logprobs"], (-1, 16)), w.topk_logprobs, atol=1e-5
-        )
+        got = dequantize_logprobs(np.reshape(r["topk_logprob_q"], (-1, 16)))
+        np.testing.assert_allclose(got, w.topk_logprobs, atol=1e-3 + 1e-6)  # quantised to 1e-3 nats
         np.testing.assert_allclose(r["target_logprob"], w.target_logprobs, atol=1e-5)
         assert all(r["loss_mask"])
     # a rerun of the same config is a no-op
