@@ -1,0 +1,100 @@
+"""Benchmark of the generate pipeline around the scorer (one run, ratios printed).
+
+Same documents (GSM8K chats, the demo config: SmolLM2-135M-Instruct teacher, 8,000-merge
+student, k=64, CPU), measured in one run:
+- the bare scorer in-process (prepare + teacher + rows, no IO), student tokens/s;
+- the full job on a local Ray (reading input shards, chunking, scoring, Parquet
+  encoding, atomic commits, manifests, index), student tokens/s, with one actor so
+  both use the same cores;
+- bytes per student token of the shards and the log-prob quantisation error.
+
+    python -m jobs.bench_pipeline [--docs 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench_pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=64)
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from jobs.generate import DEMO_CONFIG, demo_inputs
+    from jobs.generate import main as generate
+    from pipeline.config import load_config
+    from pipeline.generate import GenerateStep
+    from pipeline.records import Document, read_shard
+    from pipeline.shards import read_table
+    from schemas.targets import dequantize_logprobs
+
+    shards = demo_inputs(max(args.docs, 8), 4)
+    cfg = load_config(DEMO_CONFIG, [f"input.paths={json.dumps(shards)}", "teacher.device=cpu"])
+    step = GenerateStep(cfg)
+    step.setup()
+    docs = []
+    for s in shards:
+        docs += [r for r in read_shard(s, cfg.input, step.chat_template).records if isinstance(r, Document)]
+    texts = [c.text for d in docs for c in step.chunks(d.text)]
+    step.scorer.score(step.teacher, texts[:2], top_k=64)  # warm-up
+    t = time.perf_counter()
+    scored = step.scorer.score(step.teacher, texts, top_k=64)
+    t_bare = time.perf_counter() - t
+    tokens = sum(len(r.student_ids) for r in scored)
+    bare = tokens / t_bare
+
+    out = tempfile.mkdtemp(prefix="xtok-bench-")
+    try:
+        t = time.perf_counter()
+        rc = generate(["--show", "0", f"input.paths={json.dumps(shards)}", f"output.path={out}",
+                       "ray.num_actors=1", f"ray.num_cpus_per_actor={torch.get_num_threads()}", "teacher.device=cpu"])
+        t_job = time.perf_counter() - t
+        assert rc == 0
+        stats = json.load(open(os.path.join(out, "stats.json")))
+        index = json.load(open(os.path.join(out, "index.json")))
+        # quantisation error against the in-process scores
+        by_id = {}
+        for s in index["shards"]:
+            for r in read_table(os.path.join(out, s["file"])).to_pylist():
+                by_id[(r["doc_id"], r["chunk"])] = r
+        k = cfg.scoring.top_k
+        err = 0.0
+        i = 0
+        for d in docs:
+            for c, _ in enumerate(step.chunks(d.text)):
+                r = by_id[(d.doc_id, c)]
+                got = dequantize_logprobs(np.reshape(r["topk_logprob_q"], (-1, k)))
+                want = scored[i].topk_logprobs
+                fin = np.isfinite(want)
+                err = max(err, float(np.abs(got[fin] - want[fin]).max()))
+                i += 1
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    job_tokens = stats["student_tokens"]
+    print(f"documents {len(docs)}, sequences {len(texts)}, student tokens {tokens}")
+    print(f"bare scorer          {bare:8.1f} student tokens/s ({t_bare:.1f}s)")
+    print(f"full job (Ray, 1 actor) {job_tokens / t_job:8.1f} student tokens/s end to end incl. startup ({t_job:.1f}s); "
+          f"{stats['student_tokens_per_second']} tokens/s after actor start")
+    print(f"pipeline cost        {1 - stats['student_tokens_per_second'] / bare:+.1%} of the bare scorer's rate (target <= 10%)")
+    print(f"bytes/student token  {stats['bytes_per_student_token']} at k={k} (target <= 100)")
+    print(f"max |log-prob error| {err:.2e} nats (target <= 1e-3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
