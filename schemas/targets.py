@@ -17,7 +17,7 @@ Version 1 (row convention: ``row i`` of a sequence predicts ``input_ids[i]`` giv
   first within a row.
 - ``topk_logprob_q`` (list<uint16>): ``(L + 1) * k`` natural-log probabilities of the
   normalised student distribution (never logits; temperature in the metadata),
-  quantised: ``logprob = -q * LOGPROB_STEP`` (error <= LOGPROB_STEP / 2 = 1e-3 nats;
+  quantised: ``logprob = -q * LOGPROB_STEP`` (error <= LOGPROB_STEP / 2 = 0.0009 nats;
   ``q = LOGPROB_NONE`` marks a missing entry, log-prob -inf, when the student vocab is
   smaller than k). Ascending within a row (most probable first). Use
   `dequantize_logprobs`.
@@ -65,12 +65,12 @@ def targets_schema(version: int = CURRENT_VERSION) -> pa.Schema:
     )
 
 
-LOGPROB_STEP = 0.002  # nats per quantisation step of topk_logprob_q
+LOGPROB_STEP = 0.0018  # nats per quantisation step of topk_logprob_q (max error 0.0009)
 LOGPROB_NONE = 65535  # q of a missing entry (log-prob -inf)
 
 
 def quantize_logprobs(lp: np.ndarray) -> np.ndarray:
-    """log-probs (<= 0, -inf allowed) -> uint16 steps; saturates at -131 nats."""
+    """log-probs (<= 0, -inf allowed) -> uint16 steps; saturates at -118 nats."""
     q = np.where(
         np.isfinite(lp),
         np.minimum(np.rint(-np.minimum(lp, 0.0) / LOGPROB_STEP), LOGPROB_NONE - 1),
