@@ -100,18 +100,12 @@ def plan(cfg: JobConfig, overwrite: bool = False) -> Plan:
 def preflight(cfg: JobConfig) -> None:
     """Check the tokenizer pair on the driver (tokenizers only, no model weights), so
     a pair outside the subset regime is refused before any actor starts."""
-    from pipeline.assets import smollm2_dir
+    from pipeline.generate import tokenizer_pair
     from pipeline.scoring.subset import check_subset_pair
-    from pipeline.tokenization import ByteLevelBPE, TokenizerError, load_tokenizer, truncate_merges
+    from pipeline.tokenization import ByteLevelBPE, TokenizerError
 
     try:
-        t_tok = load_tokenizer(cfg.teacher.model or smollm2_dir())
-        if cfg.student.tokenizer:
-            s_tok = load_tokenizer(cfg.student.tokenizer)
-        elif cfg.student.merges is not None:
-            s_tok = truncate_merges(t_tok, cfg.student.merges)
-        else:
-            raise ConfigError("set student.tokenizer or student.merges")
+        t_tok, s_tok = tokenizer_pair(cfg)
         check_subset_pair(ByteLevelBPE(t_tok, "teacher"), ByteLevelBPE(s_tok, "student"))
     except (TokenizerError, OSError) as err:
         raise ConfigError(f"tokenizers: {err}") from err

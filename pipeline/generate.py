@@ -53,7 +53,6 @@ class GenerateStep:
         from pipeline.assets import smollm2_dir
         from pipeline.scoring import SubsetExactScorer
         from pipeline.teacher import HFTeacher
-        from pipeline.tokenization import load_tokenizer, truncate_merges
 
         cfg = self.cfg
         model = cfg.teacher.model or str(smollm2_dir())
@@ -65,14 +64,7 @@ class GenerateStep:
             temperature=cfg.teacher.temperature,
             revision=cfg.teacher.revision,
         )
-        t_tok = load_tokenizer(model)
-        if cfg.student.tokenizer:
-            s_tok = load_tokenizer(cfg.student.tokenizer)
-        elif cfg.student.merges is not None:
-            s_tok = truncate_merges(t_tok, cfg.student.merges)
-        else:
-            raise ValueError("student.tokenizer or student.merges is required")
-        self.scorer = SubsetExactScorer(t_tok, s_tok)
+        self.scorer = SubsetExactScorer(*tokenizer_pair(cfg))
         limit = min(self.teacher.max_positions, self.teacher.max_batch_tokens // 2)
         self.max_context = cfg.teacher.max_context or limit
         if self.max_context > self.teacher.max_batch_tokens:
@@ -246,6 +238,20 @@ class GenerateStep:
         if n_docs + len({s["index"] for s in skipped}) != len(shard.records):
             raise AssertionError("row accounting: documents + skipped != records in")
         return commit_shard(cfg.output.path, name, data, manifest, cfg.output.storage_options)
+
+
+def tokenizer_pair(cfg: JobConfig) -> tuple[Any, Any]:
+    """(teacher, student) `tokenizers.Tokenizer` of a job config (tokenizers only, no weights)."""
+    from pipeline.assets import smollm2_dir
+    from pipeline.config import ConfigError
+    from pipeline.tokenization import load_tokenizer, truncate_merges
+
+    t_tok = load_tokenizer(cfg.teacher.model or smollm2_dir())
+    if cfg.student.tokenizer:
+        return t_tok, load_tokenizer(cfg.student.tokenizer)
+    if cfg.student.merges is not None:
+        return t_tok, truncate_merges(t_tok, cfg.student.merges)
+    raise ConfigError("set student.tokenizer or student.merges")
 
 
 def _b(piece: str) -> bytes:

@@ -87,23 +87,29 @@ def _run(cfg):
     return new
 
 
-def test_gpu_actors_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teacher_dir, tmp_path):
-    c, workers = cluster
-    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path), tmp_path / "out")
+def _start_and_wait_for_a_commit(cfg, out):
+    """Run the job in a thread; return once its first shard has committed."""
     result: dict = {}
 
     def go():
         try:
             result["new"] = _run(cfg)
-        except Exception as err:  # surfaced below
+        except Exception as err:  # surfaced by the test
             result["err"] = err
 
     t = threading.Thread(target=go)
     t.start()
-    out = tmp_path / "out"
     deadline = time.time() + 300
     while not list(out.glob("*.manifest.json")) and time.time() < deadline:
         time.sleep(0.2)
+    return t, result
+
+
+def test_gpu_actors_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teacher_dir, tmp_path):
+    c, workers = cluster
+    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path), tmp_path / "out")
+    out = tmp_path / "out"
+    t, result = _start_and_wait_for_a_commit(cfg, out)
     c.remove_node(workers[0])  # a worker node dies mid-run ...
     c.add_node(num_cpus=1, num_gpus=1)  # ... and a replacement joins (spot instance)
     t.join(timeout=600)
@@ -118,26 +124,13 @@ def test_gpu_actors_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teac
 
 def test_killed_actor_shard_is_redone(cluster, tiny_teacher_dir, tmp_path):
     cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path), tmp_path / "out")
-    result: dict = {}
-
-    def go():
-        try:
-            result["new"] = _run(cfg)
-        except Exception as err:
-            result["err"] = err
-
-    t = threading.Thread(target=go)
-    t.start()
     out = tmp_path / "out"
-    deadline = time.time() + 300
-    while not list(out.glob("*.manifest.json")) and time.time() < deadline:
-        time.sleep(0.2)
+    t, result = _start_and_wait_for_a_commit(cfg, out)
     # SIGKILL one live actor process (an OOM kill or a crashed worker looks like this)
     live = list_actors(filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")])
     assert live
     os.kill(live[0].pid, signal.SIGKILL)
-    killed = 1
     t.join(timeout=600)
-    assert killed == 1
+    assert not t.is_alive()
     assert "err" not in result, result.get("err")
     _check_exactly_once(out)
