@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"student tokens       {stats['student_tokens']}")
     print(f"tokens/s             {stats['student_tokens_per_second']}")
     print(f"bytes/student token  {stats['bytes_per_student_token']}")
+    print(f"mean top-k mass      {stats['mean_topk_mass']} (target rows)")
     if args.show:
         show_targets(cfg, p, manifests, args.show)
     return 0

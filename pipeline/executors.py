@@ -204,6 +204,11 @@ def finalize(
         if elapsed > 0 and new
         else None,
         "bytes_per_student_token": round(totals["bytes"] / max(1, totals["student_tokens"]), 2),
+        "mean_topk_mass": round(
+            sum(m["mean_topk_mass"] * m["target_rows"] for m in manifests.values())
+            / max(1, sum(m["target_rows"] for m in manifests.values())),
+            4,
+        ),
         "skipped_by_reason": _reasons(manifests.values()),
     }
     xio.write_json_atomic(xio.join(cfg.output.path, "stats.json"), stats, so)
@@ -211,6 +216,7 @@ def finalize(
 
 
 _PER_SHARD = {
+    "mean_topk_mass",
     "input",
     "records_in",
     "documents",

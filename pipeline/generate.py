@@ -231,6 +231,11 @@ class GenerateStep:
             "sequences": len(seqs),
             "student_tokens": int(sum(len(s.scored.student_ids) for s in seqs)),
             "target_rows": int(sum(int(s.loss_mask.sum()) for s in seqs)),
+            # mean probability mass inside the stored top-k, over target rows
+            "mean_topk_mass": float(
+                sum(float((1.0 - s.scored.tail_mass)[s.loss_mask].sum()) for s in seqs)
+                / max(1, sum(int(s.loss_mask.sum()) for s in seqs))
+            ),
             "skipped": sorted(skipped, key=lambda s: s["index"]),
             "seconds": round(time.perf_counter() - t0, 3),
             "host": platform.node(),

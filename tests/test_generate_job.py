@@ -72,6 +72,8 @@ def test_end_to_end_equals_in_process_scorer_and_resumes(
     assert index["totals"]["documents"] == len(TEXTS)
     for f in ("stats.json", "config.yaml", "run_config.json"):
         assert (out / f).is_file()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents"] == len(TEXTS) and 0.0 < stats["mean_topk_mass"] <= 1.0
     # shards read back equal the scorer's in-process output for the same documents
     teacher = HFTeacher(str(tiny_teacher_dir), device="cpu", max_batch_tokens=512)
     t_tok = load_tokenizer(tiny_teacher_dir)
