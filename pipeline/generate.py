@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import io as xio
 from pipeline.config import JobConfig
 from pipeline.records import Document, Skip, read_shard
 from pipeline.shards import Sequence_, build_table, commit_shard, encode_parquet, output_name
-from pipeline.tokenization import UnscorableTextError
+from pipeline.tokenization import UnscorableTextError, from_byte_level
 from schemas.targets import CURRENT_VERSION
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ class GenerateStep:
                 total += 1
                 continue
             for piece in T.pretokenize(part):
-                nchars = len(bytes(_b(piece)).decode("utf-8", errors="strict"))
+                nchars = len(from_byte_level(piece).decode("utf-8"))
                 if pos > 0 and pos not in cuts[-1:] and not norm[pos - 1].isspace():
                     cuts.append(pos)
                     counts.append(total)
@@ -257,15 +256,3 @@ def tokenizer_pair(cfg: JobConfig) -> tuple[Any, Any]:
     if cfg.student.merges is not None:
         return t_tok, truncate_merges(t_tok, cfg.student.merges)
     raise ConfigError("set student.tokenizer or student.merges")
-
-
-def _b(piece: str) -> bytes:
-    from pipeline.tokenization import from_byte_level
-
-    return from_byte_level(piece)
-
-
-def manifest_url(out: str, name: str) -> str:
-    from pipeline.shards import MANIFEST_SUFFIX
-
-    return xio.join(out, name + MANIFEST_SUFFIX)

@@ -3,7 +3,6 @@ bad input and clear errors. Teacher: a tiny random Llama with a trained byte-lev
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -211,7 +210,6 @@ def test_chat_records_get_assistant_only_loss_mask(ray_local, tiny_teacher_dir, 
     assert "Hi there.<|im_end|>" in predicted.replace("|", "") or "Hi there." in predicted
     assert "Say hi" not in predicted.replace("|", "")
     assert mask.sum() < len(mask)
-    assert io is not None
 
 
 def test_long_documents_are_chunked_and_every_position_is_a_target_once(tiny_teacher_dir):
