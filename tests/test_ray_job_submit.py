@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.tiny_assets import stop_process_group, tiny_job_args
 
 pytestmark = pytest.mark.integration
 
@@ -70,11 +71,7 @@ def head(tmp_path):
     else:
         pytest.fail("Ray head did not come up: " + (tmp_path / "head.log").read_text()[-3000:])
     yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_process_group(proc, timeout=30)
     log.close()
 
 
@@ -98,17 +95,7 @@ def test_ray_job_submit_runs_a_tiny_job(head, tiny_teacher_dir, tmp_path):
         "python",
         "-m",
         "jobs.generate",
-        "--show",
-        "0",
-        f"teacher.model={tiny_teacher_dir}",
-        "teacher.device=cpu",
-        "teacher.max_batch_tokens=512",
-        "student.merges=60",
-        "scoring.top_k=8",
-        "input.messages_field=null",
-        "input.loss_on=all",
-        f"input.paths=[{inp}/*.jsonl]",
-        f"output.path={out}",
+        *tiny_job_args(tiny_teacher_dir, f"{inp}/*.jsonl", str(out)),
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -16,6 +16,7 @@ from pipeline import io as xio
 from pipeline.config import ConfigError, load_config
 from pipeline.executors import plan
 from pipeline.shards import read_table
+from tests.tiny_assets import tiny_job_args
 
 pytestmark = pytest.mark.integration
 
@@ -36,18 +37,8 @@ def test_job_reads_and_writes_s3(s3_server, ray_local, tiny_teacher_dir):
             ).encode(),
         )
     args = [
-        "--show",
-        "0",
-        f"teacher.model={tiny_teacher_dir}",
-        "teacher.device=cpu",
-        "teacher.max_batch_tokens=512",
-        "student.merges=60",
-        "scoring.top_k=8",
-        "input.messages_field=null",
-        "input.loss_on=all",
-        f"input.paths=[s3://{bucket}/in/*.jsonl]",
+        *tiny_job_args(tiny_teacher_dir, f"s3://{bucket}/in/*.jsonl", f"s3://{bucket}/out"),
         f"input.storage_options={_opts_yaml(opts)}",
-        f"output.path=s3://{bucket}/out",
         f"output.storage_options={_opts_yaml(opts)}",
     ]
     assert main(args) == 0

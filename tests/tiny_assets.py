@@ -196,3 +196,34 @@ def save_tiny_hf_teacher(path, vocab_size: int = 400, seed: int = 0):
     model.save_pretrained(path)
     hf.save_pretrained(path)
     return path
+
+
+def tiny_job_args(teacher_dir, input_glob: str, output: str, *extra: str) -> list[str]:
+    """`jobs.generate` arguments for a small plain-text job with the tiny teacher."""
+    return [
+        "--show",
+        "0",
+        f"teacher.model={teacher_dir}",
+        "teacher.device=cpu",
+        "teacher.max_batch_tokens=512",
+        "student.merges=60",
+        "scoring.top_k=8",
+        "input.messages_field=null",
+        "input.loss_on=all",
+        f"input.paths=[{input_glob}]",
+        f"output.path={output}",
+        *extra,
+    ]
+
+
+def stop_process_group(proc, timeout: float) -> None:
+    """SIGTERM a subprocess started with start_new_session, SIGKILL if it lingers."""
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
