@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
     from pipeline.generate import GenerateStep
     from pipeline.records import Document, read_shard
-    from pipeline.shards import read_table
-    from schemas.targets import dequantize_logprobs
+    from pipeline.shards import column_bytes, read_table
+    from schemas.targets import decode_topk_logprobs
 
     shards = demo_inputs(max(args.docs, 8), 4)
     cfg = load_config(DEMO_CONFIG, [f"input.paths={json.dumps(shards)}", "teacher.device=cpu"])
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in read_shard(s, cfg.input, step.chat_template).records
             if isinstance(r, Document)
         ]
-    texts = [c.text for d in docs for c in step.chunks(d.text)]
+    texts = [c.text for d in docs for c, _ in step.prepared_chunks(d.text)]
     step.scorer.score(step.teacher, texts[:2], top_k=64)  # warm-up
     t = time.perf_counter()
     scored = step.scorer.score(step.teacher, texts, top_k=64)
@@ -87,18 +87,30 @@ def main(argv: list[str] | None = None) -> int:
         shard_seconds = sum(
             json.loads(Path(out, s["manifest"]).read_text())["seconds"] for s in index["shards"]
         )
-        # quantisation error against the in-process scores
+        # quantisation error against the in-process scores; bytes by column
         by_id = {}
+        columns: dict[str, int] = {}
+        ids_by_rank: list[np.ndarray] = []
         for s in index["shards"]:
-            for r in read_table(os.path.join(out, s["file"])).to_pylist():
+            table = read_table(os.path.join(out, s["file"]))
+            for r in table.to_pylist():
                 by_id[(r["doc_id"], r["chunk"])] = r
+            ids_by_rank.append(
+                table["topk_ids"]
+                .combine_chunks()
+                .flatten()
+                .to_numpy()
+                .reshape(-1, cfg.scoring.top_k)
+            )
+            for name, (packed, _) in column_bytes(os.path.join(out, s["file"])).items():
+                columns[name] = columns.get(name, 0) + packed
         k = cfg.scoring.top_k
         err = 0.0
         i = 0
         for d in docs:
-            for c, _ in enumerate(step.chunks(d.text)):
+            for c, _ in enumerate(step.prepared_chunks(d.text)):
                 r = by_id[(d.doc_id, c)]
-                got = dequantize_logprobs(np.reshape(r["topk_logprob_q"], (-1, k)))
+                got = decode_topk_logprobs(np.reshape(r["topk_logprob_dq"], (-1, k)))
                 want = scored[i].topk_logprobs
                 assert want is not None
                 fin = np.isfinite(want)
@@ -122,6 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{1 - job_tokens / t_job / bare:+.1%} including Ray and model start-up"
     )
     print(f"bytes/student token  {stats['bytes_per_student_token']} at k={k} (target <= 100)")
+    rows = sum(len(a) for a in ids_by_rank)
+    print("  by column (bytes per target row, i.e. per student token + 1 per sequence):")
+    for name, packed in sorted(columns.items(), key=lambda x: -x[1]):
+        print(f"    {name:18s} {packed / rows:7.2f}")
+    ids = np.concatenate(ids_by_rank)
+    floor = 0.0
+    for rank in range(ids.shape[1]):  # empirical entropy of the id at each rank
+        _, counts = np.unique(ids[:, rank], return_counts=True)
+        p = counts / counts.sum()
+        floor -= float((p * np.log2(p)).sum()) / 8
+    print(
+        f"  top-k ids: {columns['topk_ids'] / rows:.1f} B/row stored vs {floor:.1f} B/row "
+        "empirical entropy of the id at each rank (an optimistic floor for ranked ids)"
+    )
     print(f"max |log-prob error| {err:.2e} nats (target <= 1e-3)")
     return 0
 

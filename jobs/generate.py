@@ -163,7 +163,7 @@ def show_targets(cfg, p, manifests, n: int) -> None:  # type: ignore[no-untyped-
     from pipeline.assets import smollm2_dir
     from pipeline.shards import read_table
     from pipeline.tokenization import ByteLevelBPE, load_tokenizer, truncate_merges
-    from schemas.targets import dequantize_logprobs
+    from schemas.targets import decode_topk_logprobs
 
     first = p.shards[0]
     m = manifests[first]
@@ -180,7 +180,7 @@ def show_targets(cfg, p, manifests, n: int) -> None:  # type: ignore[no-untyped-
     ids = row["input_ids"]
     k = cfg.scoring.top_k
     tk = np.asarray(row["topk_ids"]).reshape(-1, k)
-    tl = dequantize_logprobs(np.asarray(row["topk_logprob_q"]).reshape(-1, k))
+    tl = decode_topk_logprobs(np.asarray(row["topk_logprob_dq"]).reshape(-1, k))
     mask = np.asarray(row["loss_mask"])
     rows = [i for i in range(len(ids) + 1) if mask[i]][:n]
     print(

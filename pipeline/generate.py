@@ -27,9 +27,10 @@ import numpy as np
 
 from pipeline.config import JobConfig
 from pipeline.records import Document, Skip, read_shard
+from pipeline.scoring.subset import PreparedDocument
 from pipeline.shards import Sequence_, build_table, commit_shard, encode_parquet, output_name
 from pipeline.tokenization import UnscorableTextError, from_byte_level
-from schemas.targets import CURRENT_VERSION
+from schemas.targets import CURRENT_VERSION, LOGPROB_STEP
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class GenerateStep:
             "top_k": cfg.scoring.top_k,
             "temperature": cfg.teacher.temperature,
             "logprobs": "natural log, normalised over the student vocab",
+            "logprob_step": LOGPROB_STEP,
             "row_convention": "row i = P(input_ids[i] | input_ids[:i]); L+1 rows; row L predicts the student EOS",
             "student_eos_id": self.scorer.student_eos,
             "config_hash": cfg.target_hash(),
@@ -91,11 +93,37 @@ class GenerateStep:
         self.ready = True
 
     # ------------------------------------------------------------------ chunking
-    def chunks(self, text: str) -> list[Chunk]:
+    def prepared_chunks(self, text: str) -> list[tuple[Chunk, PreparedDocument]]:
+        """Chunks of a document with their tokenizer phase done, each context tree small
+        enough for one forward row: a chunk's tree holds its canonical teacher tokens
+        plus the probe and alternative-cover branches (up to ~3x more for a byte-level
+        student), so when a tree is too big the document is re-chunked with a budget
+        shrunk by the measured ratio (deterministic: same text, same chunks)."""
+        limit = self.teacher.max_batch_tokens
+        n_start = len(getattr(self.teacher, "start_ids", [0]))
+        budget = self.max_context
+        for _ in range(6):
+            chunks = self.chunks(text, budget)
+            preps = [self.scorer.prepare(c.text) for c in chunks]
+            worst = max(p.num_nodes - 1 + n_start for p in preps)
+            if worst <= limit:
+                return list(zip(chunks, preps, strict=True))
+            budget = min(budget - 1, int(budget * limit / worst * 0.95))
+            if budget < 8:
+                break
+        raise UnscorableTextError(
+            f"cannot chunk the document into context trees of <= {limit} teacher tokens "
+            "(raise teacher.max_batch_tokens)"
+        )
+
+    def chunks(self, text: str, budget: int | None = None) -> list[Chunk]:
+        """Cut a document into chunks of at most ``budget`` canonical teacher tokens
+        (default ``max_context``) incl. the start token."""
         T = self.scorer.T
         norm = T.normalize(text)
+        max_context = budget or self.max_context
         n_teacher = len(T.tokenizer.encode(norm, add_special_tokens=False).ids)
-        if n_teacher + 1 <= self.max_context:
+        if n_teacher + 1 <= max_context:
             return [Chunk(norm, 0, 0, True)]
         # stable cut points (char offset) with the teacher token count before them
         cuts: list[int] = [0]
@@ -123,8 +151,8 @@ class GenerateStep:
         out: list[Chunk] = []
         start_i = 0
         masked_until = 0
-        budget = self.max_context - 1
-        overlap = self.cfg.scoring.chunk_overlap
+        budget = max_context - 1
+        overlap = min(self.cfg.scoring.chunk_overlap, budget // 2)
         while True:
             end_i = bisect.bisect_right(counts, counts[start_i] + budget) - 1
             if end_i <= start_i:
@@ -167,56 +195,41 @@ class GenerateStep:
         t0 = time.perf_counter()
         shard = read_shard(url, cfg.input, self.chat_template)
         skipped: list[dict[str, Any]] = []
-        todo: list[tuple[Document, int, Chunk]] = []
-        for rec in shard.records:
-            if isinstance(rec, Skip):
-                skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": rec.reason})
-                continue
-            try:
-                for c, chunk in enumerate(self.chunks(rec.text)):
-                    todo.append((rec, c, chunk))
-            except (UnscorableTextError, ValueError) as err:
-                skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": str(err)})
         scored: list[tuple[int, Sequence_]] = []  # (record index, sequence)
-        failed: set[int] = set()
+        batch: list[tuple[Document, int, Chunk, PreparedDocument]] = []
         batch_nodes = 4 * cfg.teacher.max_batch_tokens
-        i = 0
         tokens_done = 0
-        while i < len(todo):
-            batch: list[tuple[Document, int, Chunk, Any]] = []
-            nodes = 0
-            while i < len(todo) and (not batch or nodes < batch_nodes):
-                rec, c, chunk = todo[i]
-                i += 1
-                if rec.index in failed:
-                    continue
-                try:
-                    prep = self.scorer.prepare(chunk.text)
-                except (UnscorableTextError, ValueError) as err:
-                    failed.add(rec.index)
-                    skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": str(err)})
-                    continue
-                batch.append((rec, c, chunk, prep))
-                nodes += prep.num_nodes
+
+        def flush(records_seen: int) -> None:
+            nonlocal tokens_done
             results = self.scorer.score_prepared(
                 self.teacher, [b[3] for b in batch], cfg.scoring.top_k
             )
             for (rec, c, chunk, _), r in zip(batch, results, strict=True):
-                scored.append(
-                    (
-                        rec.index,
-                        Sequence_(rec.doc_id, c, r, self._loss_mask(rec, chunk, r.student_ids)),
-                    )
-                )
+                seq = Sequence_(rec.doc_id, c, r, self._loss_mask(rec, chunk, r.student_ids))
+                scored.append((rec.index, seq))
                 tokens_done += len(r.student_ids)
+            batch.clear()
             if progress is not None:
-                progress(tokens_done, i)
-        # a document that failed in a later chunk is dropped whole (never half a document)
-        scored = sorted(
-            ((k, s) for k, s in scored if k not in failed), key=lambda x: (x[0], x[1].chunk)
-        )
+                progress(tokens_done, records_seen)
+
+        for n_seen, rec in enumerate(shard.records, 1):
+            if isinstance(rec, Skip):
+                skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": rec.reason})
+                continue
+            try:
+                pieces = self.prepared_chunks(rec.text)
+            except (UnscorableTextError, ValueError) as err:
+                skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": str(err)})
+                continue
+            batch.extend((rec, c, chunk, prep) for c, (chunk, prep) in enumerate(pieces))
+            if sum(b[3].num_nodes for b in batch) >= batch_nodes:
+                flush(n_seen)
+        if batch:
+            flush(len(shard.records))
+        scored.sort(key=lambda x: (x[0], x[1].chunk))
         seqs = [s for _, s in scored]
-        table = build_table(seqs, cfg.scoring.top_k)
+        table = build_table(seqs, cfg.scoring.top_k, self.scorer.S.size)
         data = encode_parquet(
             table, self.provenance, cfg.output.zstd_level, cfg.output.row_group_rows
         )

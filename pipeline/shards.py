@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 from pipeline import io as xio
 from pipeline.scoring.common import ScoredDocument
 from schemas.targets import (
+    BSS_LEAVES,
     CURRENT_VERSION,
-    FLOAT_LEAVES,
     METADATA_KEY,
-    quantize_logprobs,
+    encode_topk_logprobs,
     targets_schema,
 )
 
@@ -54,10 +54,16 @@ def _list(values: np.ndarray, lengths: Sequence[int], typ: pa.DataType) -> pa.Ar
     )
 
 
-def build_table(seqs: Sequence[Sequence_], top_k: int, version: int = CURRENT_VERSION) -> pa.Table:
+def build_table(
+    seqs: Sequence[Sequence_],
+    top_k: int,
+    student_vocab_size: int,
+    version: int = CURRENT_VERSION,
+) -> pa.Table:
     """One row per sequence, columns as in `schemas.targets` (top-k rows padded to k
     with id 0 and log-prob -inf when the student vocab is smaller than k)."""
-    schema = targets_schema(version)
+    schema = targets_schema(version, student_vocab_size)
+    id_np = np.uint16 if schema.field("topk_ids").type.value_type == pa.uint16() else np.uint32
     L1 = [len(s.scored.student_ids) + 1 for s in seqs]
 
     def cat(get: Any, dtype: Any) -> np.ndarray:
@@ -79,14 +85,18 @@ def build_table(seqs: Sequence[Sequence_], top_k: int, version: int = CURRENT_VE
         "doc_id": pa.array([s.doc_id for s in seqs], pa.string()),
         "chunk": pa.array([s.chunk for s in seqs], pa.int32()),
         "input_ids": _list(
-            cat(lambda s: s.scored.student_ids, np.uint32), [n - 1 for n in L1], pa.uint32()
+            cat(lambda s: s.scored.student_ids, id_np),
+            [n - 1 for n in L1],
+            schema.field("input_ids").type.value_type,
         ),
         "loss_mask": _list(cat(lambda s: s.loss_mask, np.bool_), L1, pa.bool_()),
         "topk_ids": _list(
-            cat(lambda s: topk(s, "topk_ids"), np.uint32), [n * top_k for n in L1], pa.uint32()
+            cat(lambda s: topk(s, "topk_ids"), id_np),
+            [n * top_k for n in L1],
+            schema.field("topk_ids").type.value_type,
         ),
-        "topk_logprob_q": _list(
-            cat(lambda s: quantize_logprobs(topk(s, "topk_logprobs")), np.uint16),
+        "topk_logprob_dq": _list(
+            cat(lambda s: encode_topk_logprobs(topk(s, "topk_logprobs")), np.uint16),
             [n * top_k for n in L1],
             pa.uint16(),
         ),
@@ -121,7 +131,8 @@ def encode_parquet(
         row_group_size=row_group_rows,
         use_dictionary=["doc_id"],
         write_statistics=["doc_id", "chunk"],
-        use_byte_stream_split=FLOAT_LEAVES,
+        use_byte_stream_split=BSS_LEAVES,
+        write_page_checksum=True,  # readers of a few row groups verify what they read
     )
     return buf.getvalue()
 
@@ -157,3 +168,21 @@ def read_table(
     if version is None or int(version) > CURRENT_VERSION:
         raise ValueError(f"shard {url}: unknown schema version {version!r}")
     return table
+
+
+def column_bytes(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[int]]:
+    """Per column of a shard: [compressed, uncompressed] bytes summed over row groups
+    (from the Parquet footer only)."""
+    fs, path = xio.filesystem(url, storage_options)
+    with fs.open(path, "rb") as f:
+        md = pq.ParquetFile(f).metadata
+    out: dict[str, list[int]] = {}
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            name = col.path_in_schema.split(".", 1)[0]
+            acc = out.setdefault(name, [0, 0])
+            acc[0] += col.total_compressed_size
+            acc[1] += col.total_uncompressed_size
+    return out

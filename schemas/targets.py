@@ -13,14 +13,18 @@ Version 1 (row convention: ``row i`` of a sequence predicts ``input_ids[i]`` giv
 - ``input_ids`` (list<uint32>): the student tokens of the sequence, length ``L``.
 - ``loss_mask`` (list<bool>): per target row (``L + 1``): whether the row is a training
   target (e.g. only assistant turns of chats).
-- ``topk_ids`` (list<uint32>): ``(L + 1) * k`` student ids, row-major, most probable
-  first within a row.
-- ``topk_logprob_q`` (list<uint16>): ``(L + 1) * k`` natural-log probabilities of the
+- ``topk_ids`` (list<uint16> when the student vocab has at most 65,536 ids, else
+  list<uint32>): ``(L + 1) * k`` student ids, row-major, most probable first within a
+  row.
+- ``topk_logprob_dq`` (list<uint16>): ``(L + 1) * k`` natural-log probabilities of the
   normalised student distribution (never logits; temperature in the metadata),
-  quantised: ``logprob = -q * LOGPROB_STEP`` (error <= LOGPROB_STEP / 2 = 0.0009 nats;
-  ``q = LOGPROB_NONE`` marks a missing entry, log-prob -inf, when the student vocab is
-  smaller than k). Ascending within a row (most probable first). Use
-  `dequantize_logprobs`.
+  quantised to ``q = round(-logprob / LOGPROB_STEP)`` (error <= LOGPROB_STEP / 2 =
+  0.0009 nats) and stored as the gaps between consecutive ``q`` of a row (the first
+  entry's ``q`` itself), so ``logprob = -LOGPROB_STEP * cumsum(dq)`` along the row. Rows
+  are sorted, so gaps are small and compress ~25% better than ``q``. ``dq =
+  LOGPROB_NONE`` marks a missing entry (log-prob -inf; only at the end of a row, when
+  the student vocab is smaller than k or the rest has probability 0). Use
+  `decode_topk_logprobs` / `encode_topk_logprobs`.
 - ``tail_mass`` (list<float32>): ``L + 1`` probabilities outside the stored top-k.
 - ``target_logprob`` (list<float32>): ``L + 1`` log P of the actual next student token
   (``input_ids[i]``; the student EOS for row ``L``) -- all ALM-style losses need.
@@ -44,17 +48,23 @@ METADATA_KEY = b"xtok"  # JSON provenance in the Parquet key-value metadata
 _LIST_FLOAT = pa.list_(pa.float32())
 
 
-def targets_schema(version: int = CURRENT_VERSION) -> pa.Schema:
+def id_type(student_vocab_size: int) -> pa.DataType:
+    """Arrow type of student ids: uint16 when every id fits, else uint32."""
+    return pa.uint16() if student_vocab_size <= 1 << 16 else pa.uint32()
+
+
+def targets_schema(version: int = CURRENT_VERSION, student_vocab_size: int = 1 << 32) -> pa.Schema:
     if version != 1:
         raise ValueError(f"unknown targets schema version {version} (this code knows 1)")
+    ids = id_type(student_vocab_size)
     return pa.schema(
         [
             pa.field("doc_id", pa.string(), nullable=False),
             pa.field("chunk", pa.int32(), nullable=False),
-            pa.field("input_ids", pa.list_(pa.uint32()), nullable=False),
+            pa.field("input_ids", pa.list_(ids), nullable=False),
             pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
-            pa.field("topk_ids", pa.list_(pa.uint32()), nullable=False),
-            pa.field("topk_logprob_q", pa.list_(pa.uint16()), nullable=False),
+            pa.field("topk_ids", pa.list_(ids), nullable=False),
+            pa.field("topk_logprob_dq", pa.list_(pa.uint16()), nullable=False),
             pa.field("tail_mass", _LIST_FLOAT, nullable=False),
             pa.field("target_logprob", _LIST_FLOAT, nullable=False),
             pa.field("regime", pa.list_(pa.uint8()), nullable=False),
@@ -65,34 +75,40 @@ def targets_schema(version: int = CURRENT_VERSION) -> pa.Schema:
     )
 
 
-LOGPROB_STEP = 0.0018  # nats per quantisation step of topk_logprob_q (max error 0.0009)
-LOGPROB_NONE = 65535  # q of a missing entry (log-prob -inf)
+LOGPROB_STEP = 0.0018  # nats per quantisation step (max error 0.0009)
+LOGPROB_NONE = 65535  # dq of a missing entry (log-prob -inf)
 
 
-def quantize_logprobs(lp: np.ndarray) -> np.ndarray:
-    """log-probs (<= 0, -inf allowed) -> uint16 steps; saturates at -118 nats."""
-    q = np.where(
-        np.isfinite(lp),
-        np.minimum(np.rint(-np.minimum(lp, 0.0) / LOGPROB_STEP), LOGPROB_NONE - 1),
-        LOGPROB_NONE,
+def encode_topk_logprobs(lp: np.ndarray) -> np.ndarray:
+    """Rows of log-probs [..., k] (each sorted descending; -inf only at the end) ->
+    uint16 gaps of the quantised values (``topk_logprob_dq``). Saturates at -117.9 nats."""
+    lp = np.asarray(lp, dtype=np.float64)
+    missing = ~np.isfinite(lp)
+    q = np.minimum(np.rint(-np.minimum(np.where(missing, 0.0, lp), 0.0) / LOGPROB_STEP), 65534)
+    dq = np.diff(q.astype(np.int64), axis=-1, prepend=0)
+    if ((dq < 0) & ~missing).any() or (missing[..., :-1] & ~missing[..., 1:]).any():
+        raise ValueError("log-prob rows must be sorted descending (-inf entries last)")
+    return np.where(missing, LOGPROB_NONE, dq).astype(np.uint16)
+
+
+def decode_topk_logprobs(dq: np.ndarray) -> np.ndarray:
+    """``topk_logprob_dq`` [..., k] -> float32 log-probs (-inf where missing)."""
+    dq = np.asarray(dq)
+    missing = dq == LOGPROB_NONE
+    q = np.cumsum(np.where(missing, 0, dq).astype(np.int32), axis=-1)
+    return np.where(missing, -np.inf, q.astype(np.float32) * np.float32(-LOGPROB_STEP)).astype(
+        np.float32
     )
-    return q.astype(np.uint16)
-
-
-def dequantize_logprobs(q: np.ndarray) -> np.ndarray:
-    q = np.asarray(q)
-    return np.where(
-        q == LOGPROB_NONE, -np.inf, -q.astype(np.float32) * np.float32(LOGPROB_STEP)
-    ).astype(np.float32)
 
 
 # List columns written with BYTE_STREAM_SPLIT (leaf paths, as Parquet names them):
-# the bytes of each value are grouped, so zero high bytes and similar exponents compress.
-FLOAT_LEAVES = [
+# the bytes of each value are grouped, so zero high bytes and similar exponents compress
+# (measured on the demo shards: ids 103 -> 85 B/row, dq 77 -> 54 B/row at k=64).
+BSS_LEAVES = [
     f"{name}.list.element"
     for name in (
         "topk_ids",
-        "topk_logprob_q",
+        "topk_logprob_dq",
         "tail_mass",
         "target_logprob",
         "unaccounted_mass",

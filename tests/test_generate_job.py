@@ -17,7 +17,7 @@ from pipeline.scoring import SubsetExactScorer
 from pipeline.shards import read_table
 from pipeline.teacher import HFTeacher
 from pipeline.tokenization import load_tokenizer, truncate_merges
-from schemas.targets import dequantize_logprobs
+from schemas.targets import decode_topk_logprobs
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def test_end_to_end_equals_in_process_scorer_and_resumes(
     for r, w in zip(rows, want, strict=True):
         np.testing.assert_array_equal(r["input_ids"], w.student_ids)
         np.testing.assert_array_equal(np.reshape(r["topk_ids"], (-1, 16)), w.topk_ids)
-        got = dequantize_logprobs(np.reshape(r["topk_logprob_q"], (-1, 16)))
+        got = decode_topk_logprobs(np.reshape(r["topk_logprob_dq"], (-1, 16)))
         np.testing.assert_allclose(got, w.topk_logprobs, atol=1e-3 + 1e-6)  # quantised to 1e-3 nats
         np.testing.assert_allclose(r["target_logprob"], w.target_logprobs, atol=1e-5)
         assert all(r["loss_mask"])
@@ -248,3 +248,40 @@ def test_long_documents_are_chunked_and_every_position_is_a_target_once(tiny_tea
     full = step.scorer.prepare(text)
     starts = np.cumsum([0, *(len(step.scorer.S.token_bytes[int(t)]) for t in full.student_ids)])
     assert set(covered) == set(int(x) for x in starts)
+
+
+def test_chunks_are_sized_by_context_tree_not_canonical_tokens(tiny_teacher_dir, tmp_path):
+    """A byte-level student (0 merges) makes each context tree ~3x its canonical teacher
+    tokens; chunking by canonical tokens alone would overflow one forward row."""
+    from pipeline.config import load_config
+    from pipeline.generate import GenerateStep
+
+    cfg = load_config(
+        None,
+        [
+            f"teacher.model={tiny_teacher_dir}",
+            "teacher.device=cpu",
+            "teacher.max_batch_tokens=128",
+            "teacher.max_context=128",
+            "student.merges=0",
+            "scoring.top_k=4",
+            "scoring.chunk_overlap=8",
+            "input.messages_field=null",
+            "input.loss_on=all",
+            f"output.path={tmp_path}/out",
+        ],
+    )
+    step = GenerateStep(cfg)
+    step.setup()
+    text = " ".join(f"Sentence {i} of a long document, with words." for i in range(12))
+    naive = step.chunks(text)  # by canonical teacher tokens
+    assert max(step.scorer.prepare(c.text).num_nodes for c in naive) > 128
+    pieces = step.prepared_chunks(text)
+    assert len(pieces) > len(naive)
+    assert all(p.num_nodes - 1 + len(step.teacher.start_ids) <= 128 for _, p in pieces)
+    assert step.prepared_chunks(text) == pieces  # deterministic
+    # and the shard scores end to end, every student position a target exactly once
+    (tmp_path / "long.jsonl").write_text(json.dumps({"id": "d", "text": text}) + "\n")
+    m = step.process_shard(str(tmp_path / "long.jsonl"))
+    assert m["documents"] == 1 and not m["skipped"]
+    assert m["target_rows"] == len(step.scorer.prepare(text).student_ids) + 1

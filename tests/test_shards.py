@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,21 +16,30 @@ from schemas.targets import (
     CURRENT_VERSION,
     LOGPROB_STEP,
     METADATA_KEY,
-    dequantize_logprobs,
-    quantize_logprobs,
+    decode_topk_logprobs,
+    encode_topk_logprobs,
     targets_schema,
 )
 from tests.tiny_assets import PerfectTeacher, string_distribution, tiny_pair
 
 
 def test_quantisation_error_is_within_half_a_step():
-    lp = np.concatenate(
-        [-np.random.default_rng(0).exponential(5.0, 10_000), [0.0, -np.inf, -500.0]]
-    )
-    back = dequantize_logprobs(quantize_logprobs(lp))
+    rng = np.random.default_rng(0)
+    lp = -np.sort(rng.exponential(5.0, (500, 64)), axis=1)  # rows sorted descending
+    lp[0, 0] = 0.0
+    lp[1, 60:] = -np.inf  # missing entries at a row's end
+    lp[2, 63] = -500.0  # saturates
+    dq = encode_topk_logprobs(lp)
+    assert dq.dtype == np.uint16
+    back = decode_topk_logprobs(dq)
     fin = np.isfinite(lp) & (lp > -100)
     assert np.abs(back[fin] - lp[fin]).max() <= LOGPROB_STEP / 2 + 1e-6
-    assert back[-2] == -np.inf and back[-1] < -100
+    assert np.all(np.isneginf(back[1, 60:])) and back[2, 63] < -100
+    assert np.all(np.diff(back[np.isfinite(back).all(1)], axis=1) <= 0)
+    with pytest.raises(ValueError, match="sorted"):
+        encode_topk_logprobs(lp[:, ::-1])
+    with pytest.raises(ValueError, match="sorted"):
+        encode_topk_logprobs(np.array([[-1.0, -np.inf, -2.0]]))
 
 
 def test_round_trip_and_integrity_checks(tmp_path):
@@ -41,8 +51,10 @@ def test_round_trip_and_integrity_checks(tmp_path):
         Sequence_(f"d{i}", 0, r, np.ones(len(r.student_ids) + 1, bool))
         for i, r in enumerate(scored)
     ]
-    table = build_table(seqs, top_k=8)
-    assert table.schema == targets_schema(CURRENT_VERSION)
+    table = build_table(seqs, top_k=8, student_vocab_size=S.get_vocab_size())
+    assert table.schema == targets_schema(CURRENT_VERSION, S.get_vocab_size())
+    assert table.schema.field("topk_ids").type == pa.list_(pa.uint16())
+    assert targets_schema(CURRENT_VERSION, 151_665).field("topk_ids").type == pa.list_(pa.uint32())
     m = commit_shard(
         str(tmp_path), "x", encode_parquet(table, {"schema_version": CURRENT_VERSION}), {"rows": 3}
     )
@@ -52,7 +64,7 @@ def test_round_trip_and_integrity_checks(tmp_path):
     for r, row in zip(scored, back.to_pylist(), strict=True):
         np.testing.assert_array_equal(row["input_ids"], r.student_ids)
         k = r.topk_ids.shape[1]
-        got = dequantize_logprobs(np.reshape(row["topk_logprob_q"], (-1, 8)))
+        got = decode_topk_logprobs(np.reshape(row["topk_logprob_dq"], (-1, 8)))
         fin = np.isfinite(r.topk_logprobs)
         assert np.abs(got[:, :k][fin] - r.topk_logprobs[fin]).max() <= LOGPROB_STEP / 2 + 1e-6
         assert np.all(np.isneginf(got[:, k:]))

@@ -1,0 +1,1 @@
+"""Versioned Arrow schemas of the files this project writes."""
