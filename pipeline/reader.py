@@ -1,0 +1,612 @@
+"""Stream target shards into a trainer: a `torch.utils.data.IterableDataset` over a run.
+
+    from pipeline.reader import TargetDataset, TargetLoader
+
+    ds = TargetDataset("s3://bucket/run", batch_size=8, seed=0, bos_id=None)
+    loader = TargetLoader(ds, num_workers=2)          # a DataLoader that can resume
+    for batch in loader:
+        logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = sparse_kd_loss(logits, batch)         # pipeline.loss
+    state = loader.state_dict()                       # tiny; restore with load_state_dict
+
+**Alignment** (the off-by-one other tools get wrong). A stored sequence of ``L`` student
+tokens ``s_0..s_{L-1}`` has ``L + 1`` target rows; row ``i`` is the teacher's
+distribution of the token after ``s_0..s_{i-1}`` (row ``L``: after the whole text, where
+the student EOS carries the end-of-text mass). The reader aligns rows to positions, so
+``batch["topk_ids"][b, t]`` is the target for the logits the student computes at
+position ``t`` (after reading ``input_ids[b, :t + 1]``):
+
+- ``bos_id=None`` (default): ``input_ids = s_0..s_{L-1}``, position ``t`` gets row
+  ``t + 1``; row 0 (the first token, which has no input position) is not used.
+- ``bos_id=X``: ``input_ids = X, s_0..s_{L-1}`` (``L + 1`` positions), position ``t``
+  gets row ``t``.
+
+``labels[b, t]`` is the actual next student token (``s_{t+1}``, or the student EOS
+after the last token), ``-100`` where ``loss_mask`` is False (padding, prompts, chunk
+overlaps), so ``F.cross_entropy(logits.flatten(0, 1), labels.flatten())`` mixes in
+directly.
+
+**Batches** (dict of CPU tensors; ``k`` = the run's top-k, ``T`` = padded length):
+``input_ids`` [B, T] int64, ``attention_mask`` [B, T] bool, ``loss_mask`` [B, T] bool,
+``labels`` [B, T] int64, ``topk_ids`` [B, T, k] int32 (``.long()`` them on the device
+before ``gather``), ``topk_logprobs`` [B, T, k] float32 natural-log probabilities of
+the normalised student-vocab distribution (``-inf`` for missing entries),
+``tail_mass`` [B, T] float32 (probability outside the top-k), ``target_logprob`` [B, T]
+float32 (teacher log P of ``labels``). With ``pack_length=N`` sequences are packed
+into rows of exactly ``N`` positions (a sequence that does not fit is split and its
+remainder starts the next row as a new segment); packed batches add
+``position_ids`` [B, N] (restarting at 0 for every segment) and ``segment_ids``
+[B, N] int32 (1, 2, ... per segment in a row, 0 for padding) so attention can be kept
+within segments; ``attention_mask`` is then False only on padding.
+
+**Sharding.** Work units are (shard, row group). Each epoch the unit list is shuffled
+with ``(seed, epoch)`` and dealt round-robin to the ``world_size x num_workers`` global
+workers (rank and world size from ``torch.distributed`` unless given), so ranks and
+workers read disjoint row groups that together cover the run exactly once. Within a
+worker a seeded shuffle buffer mixes sequences across its units. Everything is a pure
+function of ``(seed, epoch, rank, world_size, num_workers)``, which is what makes exact
+resumption possible.
+
+**Integrity.** Every shard in the index must exist with its manifest; the file size
+and the schema version are checked before any row group is read, Parquet page
+checksums (CRC32, written by the pipeline) are verified on every page read, and row
+counts must match the manifest. A failure raises `ShardError` naming the shard and
+what failed; nothing is ever skipped quietly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import io as xio
+from schemas.targets import CURRENT_VERSION, METADATA_KEY, decode_topk_logprobs
+
+IGNORE_INDEX = -100
+_COLUMNS = ["input_ids", "loss_mask", "topk_ids", "topk_logprob_dq", "tail_mass", "target_logprob"]
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, truncated, altered, or of an unknown schema version."""
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class ShardInfo:
+    name: str
+    url: str
+    manifest: dict[str, Any]
+    row_groups: list[int] = field(default_factory=list)  # sequences per row group
+
+
+@dataclass
+class Run:
+    """A committed run: its index, provenance and shards (footers read lazily)."""
+
+    url: str
+    provenance: dict[str, Any]
+    shards: list[ShardInfo]
+    storage_options: dict[str, Any] | None = None
+
+    @property
+    def top_k(self) -> int:
+        return int(self.provenance["top_k"])
+
+    @property
+    def student_eos_id(self) -> int:
+        return int(self.provenance["student_eos_id"])
+
+    def load_footers(self) -> None:
+        for s in self.shards:
+            if not s.row_groups:
+                s.row_groups = _open_shard(s, self.storage_options)[1]
+
+
+def open_run(run: str, storage_options: dict[str, Any] | None = None) -> Run:
+    """Open a run by its directory or ``index.json`` URL (local, s3://, ...). Every shard
+    the index lists must have its manifest, matching the index's checksum."""
+    index_url = run if run.endswith(".json") else xio.join(run, "index.json")
+    base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
+    try:
+        index = xio.read_json(index_url, storage_options)
+    except xio.StorageError as err:
+        raise ShardError(
+            f"no run index at {index_url} ({err}); the run has not finished, or the path is wrong"
+        ) from err
+    version = index.get("schema_version")
+    if version is None or int(version) > CURRENT_VERSION:
+        raise ShardError(f"{index_url}: unknown schema version {version!r}")
+    shards = []
+    for entry in index["shards"]:
+        murl = xio.join(base, entry["manifest"])
+        try:
+            manifest = xio.read_json(murl, storage_options)
+        except xio.StorageError as err:
+            raise ShardError(f"shard {entry['name']}: manifest missing ({err})") from err
+        if manifest.get("sha256") != entry.get("sha256"):
+            raise ShardError(
+                f"shard {entry['name']}: manifest checksum differs from the run index "
+                "(the shard was rewritten after the index; rerun the job to refresh it)"
+            )
+        shards.append(ShardInfo(entry["name"], xio.join(base, manifest["file"]), manifest))
+    return Run(index_url, dict(index.get("provenance", {})), shards, storage_options)
+
+
+def _open_shard(
+    shard: ShardInfo, storage_options: dict[str, Any] | None
+) -> tuple[pq.ParquetFile, list[int]]:
+    """Open a shard's Parquet file after checking size, schema version and row counts."""
+    fs, path = xio.filesystem(shard.url, storage_options)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError as err:
+        raise ShardError(f"shard {shard.name}: data file {shard.url} is missing") from err
+    except Exception as err:
+        raise ShardError(f"shard {shard.name}: cannot stat {shard.url}: {err}") from err
+    if size != shard.manifest.get("bytes"):
+        raise ShardError(
+            f"shard {shard.name}: {shard.url} has {size} bytes, its manifest says "
+            f"{shard.manifest.get('bytes')} (truncated or rewritten)"
+        )
+    try:
+        pf = pq.ParquetFile(fs.open(path, "rb"), page_checksum_verification=True)
+    except Exception as err:
+        raise ShardError(f"shard {shard.name}: unreadable Parquet footer: {err}") from err
+    meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
+    version = meta.get("schema_version")
+    if version is None or int(version) > CURRENT_VERSION:
+        raise ShardError(f"shard {shard.name}: unknown schema version {version!r}")
+    groups = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+    if sum(groups) != shard.manifest.get("sequences"):
+        raise ShardError(
+            f"shard {shard.name}: {sum(groups)} sequences in the file, "
+            f"{shard.manifest.get('sequences')} in its manifest"
+        )
+    return pf, groups
+
+
+# ---------------------------------------------------------------------------- decoding
+@dataclass
+class _Unit:
+    """One decoded row group: flat arrays plus per-sequence offsets."""
+
+    ids: np.ndarray  # [sum L] int64
+    id_off: np.ndarray  # [n + 1]
+    row_off: np.ndarray  # [n + 1] target rows (L + 1 per sequence)
+    loss_mask: np.ndarray  # [sum L+1] bool
+    topk_ids: np.ndarray  # [sum L+1, k] int32
+    topk_lp: np.ndarray  # [sum L+1, k] float32
+    tail: np.ndarray  # [sum L+1] float32
+    target_lp: np.ndarray  # [sum L+1] float32
+
+    def length(self, r: int) -> int:
+        return int(self.id_off[r + 1] - self.id_off[r])
+
+
+def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    arr = col.combine_chunks()
+    assert isinstance(arr, pa.ListArray | pa.LargeListArray)
+    off = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return values[off[0] : off[-1]], off - off[0]
+
+
+def _decode(table: pa.Table, k: int) -> _Unit:
+    ids, id_off = _flat(table["input_ids"])
+    mask, row_off = _flat(table["loss_mask"])
+    topk_ids, _ = _flat(table["topk_ids"])
+    dq, _ = _flat(table["topk_logprob_dq"])
+    tail, _ = _flat(table["tail_mass"])
+    tlp, _ = _flat(table["target_logprob"])
+    return _Unit(
+        ids=ids.astype(np.int64),
+        id_off=id_off,
+        row_off=row_off,
+        loss_mask=mask.astype(bool),
+        topk_ids=topk_ids.astype(np.int32).reshape(-1, k),
+        topk_lp=decode_topk_logprobs(dq.reshape(-1, k)),
+        tail=tail,
+        target_lp=tlp,
+    )
+
+
+# ---------------------------------------------------------------------------- planning
+Ref = tuple[int, int]  # (unit index, sequence within the unit)
+Piece = tuple[Ref, int, int]  # a sequence's positions [start, end)
+
+
+def _shuffle_stream(refs: list[Ref], buffer: int, rng: np.random.Generator) -> list[Ref]:
+    """The order a shuffle buffer of ``buffer`` sequences emits ``refs`` in (indices
+    only, so a resumed reader can replay it without reading data)."""
+    if buffer <= 1:
+        return list(refs)
+    out: list[Ref] = []
+    buf: list[Ref] = []
+    draws = rng.integers(0, buffer, size=max(0, len(refs) - buffer))
+    for n, ref in enumerate(refs):
+        if len(buf) < buffer:
+            buf.append(ref)
+            continue
+        j = int(draws[n - buffer])
+        out.append(buf[j])
+        buf[j] = ref
+    out.extend(buf[i] for i in rng.permutation(len(buf)))
+    return out
+
+
+# ---------------------------------------------------------------------------- dataset
+class TargetDataset(IterableDataset):
+    """Batches of aligned targets from a run (see the module docstring).
+
+    Args:
+        run: run directory or ``index.json`` URL, or an opened `Run`.
+        batch_size: sequences per batch (rows per batch when packing).
+        pack_length: pack sequences into rows of exactly this many positions.
+        bos_id: prepend this id to every sequence and use row 0 (see Alignment).
+        pad_id: input id at padded positions (masked everywhere).
+        shuffle: shuffle units per epoch and sequences within a buffer.
+        shuffle_buffer: sequences in the within-worker shuffle buffer.
+        seed, epoch: the shuffle is a pure function of both (`set_epoch` per epoch).
+        rank, world_size: this process's share (default: torch.distributed, else 0/1).
+        drop_last: drop a worker's last incomplete batch.
+        prefetch: row groups read ahead in a background thread per worker.
+        storage_options: fsspec options (credentials, ``endpoint_url``).
+    """
+
+    def __init__(
+        self,
+        run: str | Run,
+        batch_size: int = 8,
+        *,
+        pack_length: int | None = None,
+        bos_id: int | None = None,
+        pad_id: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        prefetch: int = 2,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if pack_length is not None and pack_length < 2:
+            raise ValueError("pack_length must be >= 2")
+        self.run = run if isinstance(run, Run) else open_run(run, storage_options)
+        self.run.load_footers()
+        self.batch_size = batch_size
+        self.pack_length = pack_length
+        self.bos_id = bos_id
+        self.pad_id = pad_id
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.seed = seed
+        self.epoch = epoch
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
+            else:
+                rank, world_size = 0, 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last
+        self.prefetch = prefetch
+        self.units: list[tuple[int, int]] = [
+            (s, g) for s, shard in enumerate(self.run.shards) for g in range(len(shard.row_groups))
+        ]
+        # resume: batches already consumed per logical stream, and the stream rotation
+        self._skip: dict[int, int] = {}
+        self._rotation = 0
+
+    # ------------------------------------------------------------------ public state
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._skip, self._rotation = {}, 0
+
+    def resume(self, skip: dict[int, int], rotation: int) -> None:
+        """Skip ``skip[stream]`` batches of each logical stream this epoch; DataLoader
+        worker ``w`` plays stream ``(w + rotation) % num_workers``. Used by
+        `TargetLoader.load_state_dict`."""
+        self._skip, self._rotation = dict(skip), rotation
+
+    # ------------------------------------------------------------------ planning
+    def stream_units(self, stream: int, num_streams: int) -> list[int]:
+        """Unit indices (into ``self.units``) of one logical stream this epoch."""
+        order = np.arange(len(self.units))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        g = self.rank * num_streams + stream
+        return [int(u) for u in order[g :: self.world_size * num_streams]]
+
+    def _refs(self, stream: int, num_streams: int) -> list[Ref]:
+        refs = [
+            (u, r)
+            for u in self.stream_units(stream, num_streams)
+            for r in range(self.run.shards[self.units[u][0]].row_groups[self.units[u][1]])
+        ]
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, stream, num_streams])
+        return _shuffle_stream(refs, self.shuffle_buffer, rng)
+
+    def _plans(self, refs: list[Ref], length: Any) -> Iterator[list[list[Piece]]]:
+        """Batch plans: a batch is a list of rows, a row a list of pieces."""
+        extra = 1 if self.bos_id is not None else 0
+        B = self.batch_size
+        if self.pack_length is None:
+            for i in range(0, len(refs), B):
+                chunk = refs[i : i + B]
+                if len(chunk) < B and self.drop_last:
+                    return
+                yield [[(ref, 0, -1)] for ref in chunk]  # -1: to the end (no length needed)
+            return
+        N = self.pack_length
+        rows: list[list[Piece]] = []
+        row: list[Piece] = []
+        used = 0
+        for ref in refs:
+            n = length(ref) + extra
+            start = 0
+            while start < n:
+                take = min(n - start, N - used)
+                row.append((ref, start, start + take))
+                used += take
+                start += take
+                if used == N:
+                    rows.append(row)
+                    row, used = [], 0
+                    if len(rows) == B:
+                        yield rows
+                        rows = []
+        if row:
+            rows.append(row)
+        if rows and not (self.drop_last and len(rows) < B):
+            yield rows
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        num_streams = info.num_workers if info is not None else 1
+        worker = info.id if info is not None else 0
+        stream = (worker + self._rotation) % num_streams
+        refs = self._refs(stream, num_streams)
+        yield from self._stream(refs, stream, self._skip.get(stream, 0))
+
+    def _stream(self, refs: list[Ref], stream: int, skip: int) -> Iterator[dict[str, Any]]:
+        k = self.run.top_k
+        files: dict[int, pq.ParquetFile] = {}
+        lengths: dict[int, np.ndarray] = {}
+
+        def pfile(s: int) -> pq.ParquetFile:
+            if s not in files:
+                files[s] = _open_shard(self.run.shards[s], self.run.storage_options)[0]
+            return files[s]
+
+        lock = threading.Lock()  # one file handle per shard, shared with the prefetch thread
+
+        def read(u: int, columns: list[str]) -> pa.Table:
+            s, g = self.units[u]
+            try:
+                with lock:
+                    return pfile(s).read_row_group(g, columns=columns)
+            except Exception as err:
+                raise ShardError(
+                    f"shard {self.run.shards[s].name}: row group {g} failed to read: {err}"
+                ) from err
+
+        def length(ref: Ref) -> int:
+            u, r = ref
+            if u in decoded:
+                return decoded[u].length(r)
+            if u not in lengths:
+                col = read(u, ["input_ids"])["input_ids"].combine_chunks()
+                lengths[u] = np.diff(col.offsets.to_numpy())
+            return int(lengths[u][r])
+
+        decoded: dict[int, _Unit] = {}
+        pending: dict[int, Future[_Unit]] = {}
+        # when each unit is first needed and last needed, in stream order
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for i, (u, _) in enumerate(refs):
+            first.setdefault(u, i)
+            last[u] = i
+        upcoming = sorted(first, key=first.__getitem__)  # units in order of first use
+        ahead = 0  # index into upcoming of the next unit to prefetch
+        pool = ThreadPoolExecutor(max_workers=1) if self.prefetch > 0 else None
+
+        def load(u: int) -> _Unit:
+            return _decode(read(u, _COLUMNS), k)
+
+        def get(u: int) -> _Unit:
+            if u not in decoded:
+                fut = pending.pop(u, None)
+                decoded[u] = fut.result() if fut is not None else load(u)
+            return decoded[u]
+
+        pos = {ref: i for i, ref in enumerate(refs)}
+        try:
+            for b, plan in enumerate(self._plans(refs, length)):
+                if b < skip:
+                    continue
+                cursor = pos[plan[0][0][0]]
+                for u in [u for u in decoded if last[u] < cursor]:
+                    del decoded[u]
+                while pool is not None and ahead < len(upcoming) and len(pending) < self.prefetch:
+                    u = upcoming[ahead]
+                    ahead += 1
+                    if last[u] >= cursor and u not in decoded:
+                        pending[u] = pool.submit(load, u)
+                batch = self._collate(plan, get)
+                batch["_stream"] = stream
+                batch["_batch"] = b
+                yield batch
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _collate(self, plan: list[list[Piece]], get: Any) -> dict[str, Any]:
+        k = self.run.top_k
+        eos = self.run.student_eos_id
+        bos = self.bos_id
+        packed = self.pack_length is not None
+        extra = 1 if bos is not None else 0
+        plan = [
+            [(ref, a, e if e >= 0 else get(ref[0]).length(ref[1]) + extra) for ref, a, e in row]
+            for row in plan
+        ]
+        B = len(plan)
+        T = self.pack_length if packed else max(sum(e - s for _, s, e in row) for row in plan)
+        assert T is not None
+        input_ids = np.full((B, T), self.pad_id, np.int64)
+        labels = np.full((B, T), IGNORE_INDEX, np.int64)
+        attn = np.zeros((B, T), bool)
+        loss_mask = np.zeros((B, T), bool)
+        topk_ids = np.zeros((B, T, k), np.int32)
+        topk_lp = np.full((B, T, k), -np.inf, np.float32)
+        tail = np.zeros((B, T), np.float32)
+        target_lp = np.zeros((B, T), np.float32)
+        position_ids = np.zeros((B, T), np.int64)
+        segment_ids = np.zeros((B, T), np.int32)
+        for b, row in enumerate(plan):
+            t = 0
+            for seg, ((u, r), start, end) in enumerate(row, 1):
+                unit = get(u)
+                a, z = int(unit.id_off[r]), int(unit.id_off[r + 1])
+                ids = unit.ids[a:z]
+                if bos is not None:
+                    ids = np.concatenate([[bos], ids])
+                # position p of the (possibly BOS-prefixed) sequence reads ids[p] and is
+                # the target of row p + 1 (no BOS) or row p (BOS)
+                row0 = int(unit.row_off[r]) + (0 if bos is not None else 1)
+                n = end - start
+                sl = slice(t, t + n)
+                input_ids[b, sl] = ids[start:end]
+                rows = slice(row0 + start, row0 + end)
+                nxt = np.append(unit.ids[a:z], eos)  # next token of row i is nxt[i]
+                lab = nxt[
+                    (start if bos is not None else start + 1) : (
+                        end if bos is not None else end + 1
+                    )
+                ]
+                m = unit.loss_mask[rows]
+                labels[b, sl] = np.where(m, lab, IGNORE_INDEX)
+                attn[b, sl] = True
+                loss_mask[b, sl] = m
+                topk_ids[b, sl] = unit.topk_ids[rows]
+                topk_lp[b, sl] = unit.topk_lp[rows]
+                tail[b, sl] = unit.tail[rows]
+                target_lp[b, sl] = unit.target_lp[rows]
+                position_ids[b, sl] = np.arange(n)
+                segment_ids[b, sl] = seg
+                t += n
+        out: dict[str, Any] = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attn),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "labels": torch.from_numpy(labels),
+            "topk_ids": torch.from_numpy(topk_ids),
+            "topk_logprobs": torch.from_numpy(topk_lp),
+            "tail_mass": torch.from_numpy(tail),
+            "target_logprob": torch.from_numpy(target_lp),
+        }
+        if packed:
+            out["position_ids"] = torch.from_numpy(position_ids)
+            out["segment_ids"] = torch.from_numpy(segment_ids)
+        return out
+
+    def __len__(self) -> int:  # batches per epoch over all ranks' workers is not fixed
+        raise TypeError("TargetDataset streams; count batches by iterating")
+
+
+# ---------------------------------------------------------------------------- loader
+class TargetLoader:
+    """A `DataLoader` over a `TargetDataset` that records how far each worker stream got,
+    so ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly (the same
+    remaining batches, in the same order, as an uninterrupted run with the same
+    ``num_workers``). Extra keyword arguments go to `DataLoader` (``pin_memory``,
+    ``prefetch_factor``, ``persistent_workers`` ...)."""
+
+    def __init__(self, dataset: TargetDataset, num_workers: int = 0, **kwargs: Any) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.kwargs = kwargs
+        self._consumed: dict[int, int] = {}
+        self._last_stream: int | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, **self.kwargs
+        )
+        for batch in loader:
+            stream = int(batch.pop("_stream"))
+            self._consumed[stream] = int(batch.pop("_batch")) + 1
+            self._last_stream = stream
+            yield batch
+        # a finished epoch: the next one starts fresh
+        self.dataset.set_epoch(self.dataset.epoch + 1)
+        self._consumed, self._last_stream = {}, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self._consumed, self._last_stream = {}, None
+
+    def state_dict(self) -> dict[str, Any]:
+        streams = max(1, self.num_workers)
+        nxt = 0 if self._last_stream is None else (self._last_stream + 1) % streams
+        return {
+            "epoch": self.dataset.epoch,
+            "seed": self.dataset.seed,
+            "num_workers": self.num_workers,
+            "consumed": {str(s): n for s, n in sorted(self._consumed.items())},
+            "next_stream": nxt,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_workers"]) != self.num_workers or int(state["seed"]) != self.dataset.seed:
+            raise ValueError(
+                "resume needs the same num_workers and seed as the run that saved the state "
+                f"(saved {state['num_workers']} workers, seed {state['seed']})"
+            )
+        self.dataset.epoch = int(state["epoch"])
+        self._consumed = {int(s): int(n) for s, n in state["consumed"].items()}
+        # DataLoader serves workers round-robin from worker 0: rotate the streams so
+        # worker 0 plays the stream that was due next
+        rotation = int(state["next_stream"])
+        self.dataset.resume(self._consumed, rotation)
+        self._last_stream = (
+            None if not self._consumed else (rotation - 1) % max(1, self.num_workers)
+        )
+
+
+def tensors_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two batches are identical (same keys, equal tensors incl. -inf)."""
+    if a.keys() != b.keys():
+        return False
+    return all(torch.equal(a[key], b[key]) for key in a)
+
+
+__all__: Sequence[str] = [
+    "IGNORE_INDEX",
+    "Run",
+    "ShardError",
+    "ShardInfo",
+    "TargetDataset",
+    "TargetLoader",
+    "open_run",
+    "tensors_equal",
+]
