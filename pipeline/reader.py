@@ -57,6 +57,7 @@ what failed; nothing is ever skipped quietly.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -388,7 +389,12 @@ class TargetDataset(IterableDataset):
 
     def _stream(self, refs: list[Ref], stream: int, skip: int) -> Iterator[dict[str, Any]]:
         k = self.run.top_k
-        files: dict[int, pq.ParquetFile] = {}
+        # open files are kept across epochs, per process (DataLoader workers fork: a
+        # file handle inherited from the parent would share its read offset)
+        if getattr(self, "_files_pid", None) != os.getpid():
+            self._files: dict[int, pq.ParquetFile] = {}
+            self._files_pid = os.getpid()
+        files = self._files
         lengths: dict[int, np.ndarray] = {}
 
         def pfile(s: int) -> pq.ParquetFile:

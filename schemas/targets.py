@@ -94,11 +94,14 @@ def encode_topk_logprobs(lp: np.ndarray) -> np.ndarray:
 def decode_topk_logprobs(dq: np.ndarray) -> np.ndarray:
     """``topk_logprob_dq`` [..., k] -> float32 log-probs (-inf where missing)."""
     dq = np.asarray(dq)
+    # missing entries only end a row, so the running sums before them are untouched;
+    # int32 cannot overflow (k * 65535 < 2**31) and q < 2**24 is exact in float32
+    lp = np.cumsum(dq, axis=-1, dtype=np.int32).astype(np.float32)
+    lp *= np.float32(-LOGPROB_STEP)
     missing = dq == LOGPROB_NONE
-    q = np.cumsum(np.where(missing, 0, dq).astype(np.int32), axis=-1)
-    return np.where(missing, -np.inf, q.astype(np.float32) * np.float32(-LOGPROB_STEP)).astype(
-        np.float32
-    )
+    if missing.any():
+        lp[missing] = -np.inf
+    return lp
 
 
 # List columns written with BYTE_STREAM_SPLIT (leaf paths, as Parquet names them):

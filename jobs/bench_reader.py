@@ -1,0 +1,128 @@
+"""Reader throughput: student tokens/s decoded into torch tensors (k=64, one process pinned
+to one core), next to the rate at which the pipeline produced the same shards in the
+same run.
+
+    python -m jobs.bench_reader [--docs 32] [--seconds 3] [--run DIR]
+
+Without ``--run`` it first generates a small run with the demo config (SmolLM2-135M
+teacher, 8,000-merge student, k=64, GSM8K chats) in-process, which also measures the
+production rate; with ``--run`` it reads an existing run (production rate from its
+stats.json). Reading repeats epochs until ``--seconds`` have passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--docs", type=int, default=32, help="GSM8K chats to generate (default 32)")
+    p.add_argument("--seconds", type=float, default=3.0, help="minimum read time per mode")
+    p.add_argument("--run", help="read this existing run instead of generating one")
+    args = p.parse_args(argv)
+
+    import pyarrow as pa
+
+    from jobs.generate import demo_inputs
+    from jobs.generate import main as generate
+    from pipeline.reader import _COLUMNS, TargetDataset, _decode, _open_shard, open_run
+
+    tmp = None
+    if args.run is None:
+        tmp = tempfile.mkdtemp(prefix="xtok-bench-reader-")
+        shards = demo_inputs(max(args.docs, 8), 4)
+        rc = generate(
+            [
+                "--executor",
+                "local",
+                "--show",
+                "0",
+                f"input.paths={json.dumps(shards)}",
+                f"output.path={tmp}",
+                "teacher.device=cpu",
+            ]
+        )
+        assert rc == 0
+        run_dir = tmp
+    else:
+        run_dir = args.run
+    try:
+        stats = json.loads(Path(run_dir, "stats.json").read_text())
+        # one core for everything below: the target is per core
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        pa.set_cpu_count(1)
+        pa.set_io_thread_count(1)
+        import torch
+
+        torch.set_num_threads(1)
+        run = open_run(run_dir)
+        k = run.top_k
+
+        def rate(ds: TargetDataset) -> tuple[float, int]:
+            tokens = 0
+            t0 = time.perf_counter()
+            epochs = 0
+            while time.perf_counter() - t0 < args.seconds or epochs == 0:
+                ds.set_epoch(epochs)
+                for batch in ds:
+                    tokens += int(batch["attention_mask"].sum())
+                epochs += 1
+            return tokens / (time.perf_counter() - t0), epochs
+
+        # stage costs on one row group at a time (warm file cache)
+        run.load_footers()
+        t_read = t_decode = 0.0
+        n_rows = 0
+        for s in run.shards * 3:  # averaged over three passes
+            pf, groups = _open_shard(s, None)
+            for g in range(len(groups)):
+                t0 = time.perf_counter()
+                table = pf.read_row_group(g, columns=_COLUMNS, use_threads=False)
+                t1 = time.perf_counter()
+                unit = _decode(table, k)
+                t2 = time.perf_counter()
+                t_read += t1 - t0
+                t_decode += t2 - t1
+                n_rows += len(unit.ids)
+        results = {}
+        for name, batch_size, pack in (
+            ("unpacked, batch 8", 8, None),
+            ("packed to 2048, batch 4", 4, 2048),
+        ):
+            ds = TargetDataset(run, batch_size, pack_length=pack, prefetch=0, seed=0)
+            results[name] = rate(ds)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    produce = stats["student_tokens_per_second"]
+    print(
+        f"run: {stats['student_tokens']} student tokens, k={k}, "
+        f"{stats['bytes_per_student_token']} bytes/token"
+    )
+    print(
+        f"produced at          {produce:12,.0f} student tokens/s (generate job, CPU, "
+        f"{stats.get('executor', 'this machine')})"
+    )
+    print(f"parquet read         {n_rows / t_read:12,.0f} tokens/s (one core)")
+    print(f"decode to arrays     {n_rows / t_decode:12,.0f} tokens/s")
+    for name, (r, epochs) in results.items():
+        print(
+            f"reader {name:24s} {r:12,.0f} student tokens/s into torch tensors "
+            f"({epochs} epochs, one core; {r / produce:,.0f}x the production rate; "
+            "target >= 2,000,000)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
