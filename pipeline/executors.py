@@ -12,7 +12,10 @@ Failure kinds, treated the same way everywhere:
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ import yaml
 
 from pipeline import io as xio
 from pipeline.config import ConfigError, JobConfig
+from pipeline.records import shard_format
 from pipeline.shards import MANIFEST_SUFFIX, output_name
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,8 @@ def plan(cfg: JobConfig, overwrite: bool = False) -> Plan:
                     raise xio.StorageError(f"input {s!r} does not exist")
         else:
             shards = xio.expand(cfg.input.paths, cfg.input.storage_options)
+            for s in shards:  # an unknown format fails here, before any model loads
+                shard_format(s, cfg.input)
     except xio.StorageError as err:
         raise ConfigError(str(err)) from err
     names = {s: output_name(s) for s in shards}
@@ -113,8 +119,28 @@ def preflight(cfg: JobConfig) -> None:
         raise ConfigError(str(err)) from err
 
 
+MetricsSink = Callable[[dict[str, Any]], None]
+_METRICS_FACTORIES: list[Callable[[], MetricsSink | None]] = []
+
+
+def register_metrics(factory: Callable[[], MetricsSink | None]) -> None:
+    """Register a maker of a metrics sink (a callable taking `Progress.snapshot()`).
+
+    `Progress` calls each factory until it returns a sink (None = not available yet, e.g.
+    Ray not initialized); the Ray executor registers its Prometheus exporter this way so
+    this module never imports ``ray``.
+    """
+    if factory not in _METRICS_FACTORIES:
+        _METRICS_FACTORIES.append(factory)
+
+
 class Progress:
-    """Driver-side progress: shards done/total, tokens/s, ETA (one log line per shard)."""
+    """Driver-side progress: shards done/total, tokens/s, ETA (one log line per shard),
+    also pushed to the registered metrics sinks (Ray: Prometheus metrics on the dashboard).
+
+    ``total_shards`` counts every input shard of the run, ``already`` those committed by an
+    earlier run; tokens, rate and ETA cover this run only.
+    """
 
     def __init__(self, total_shards: int, already: int = 0) -> None:
         self.total = total_shards
@@ -122,14 +148,42 @@ class Progress:
         self.this_run = 0
         self.tokens = 0
         self.t0 = time.perf_counter()
+        self.sinks: list[MetricsSink] = []
+
+    def snapshot(self) -> dict[str, Any]:
+        """The numbers behind the log line: shards, student tokens of this run, tokens/s
+        and the ETA in seconds (None until a shard of this run has committed)."""
+        el = time.perf_counter() - self.t0
+        return {
+            "shards_done": self.done,
+            "shards_total": self.total,
+            "shards_this_run": self.this_run,
+            "student_tokens": self.tokens,
+            "seconds": el,
+            "tokens_per_second": self.tokens / el if el > 0 else 0.0,
+            "eta_seconds": (self.total - self.done) * el / self.this_run if self.this_run else None,
+        }
+
+    def publish(self) -> dict[str, Any]:
+        """Push a snapshot to the metrics sinks (attached on first use once available)."""
+        if not self.sinks:
+            for make in _METRICS_FACTORIES:
+                sink = make()
+                if sink is not None:
+                    self.sinks.append(sink)
+        snap = self.snapshot()
+        for sink in self.sinks:
+            try:
+                sink(snap)
+            except Exception as err:  # metrics must never fail a run
+                log.warning("progress metrics not exported: %s", err)
+        return snap
 
     def shard_done(self, manifest: dict[str, Any]) -> None:
         self.done += 1
         self.this_run += 1
         self.tokens += int(manifest.get("student_tokens", 0))
-        el = time.perf_counter() - self.t0
-        rate = self.tokens / el if el > 0 else 0.0
-        eta = (self.total - self.done) * el / self.this_run
+        snap = self.publish()
         log.info(
             "shard %s committed (%d skipped records): %d/%d shards, %d student tokens, %.0f tokens/s, ETA %.0fs",
             manifest.get("file"),
@@ -137,9 +191,125 @@ class Progress:
             self.done,
             self.total,
             self.tokens,
-            rate,
-            eta,
+            snap["tokens_per_second"],
+            snap["eta_seconds"] or 0.0,
         )
+
+
+LOGS_DIR = "logs"
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_MAX_SKIPS_LOGGED = 1000
+shard_logger = logging.getLogger("pipeline.shard")
+shard_logger.setLevel(logging.INFO)  # the per-shard log always has its own lines
+
+
+def shard_log_url(cfg: JobConfig, name: str) -> str:
+    """``<output>/logs/<shard name>.log``: one shard's processing story."""
+    return xio.join(cfg.output.path, LOGS_DIR, f"{name}.log")
+
+
+def process_logged(
+    step: Any,
+    url: str,
+    context: dict[str, Any] | None = None,
+    attempt: int = 1,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``step.process_shard(url)`` and publish its log to `shard_log_url`.
+
+    The log holds the start (host, pid, ``context`` such as the Ray node and actor),
+    every batch (student tokens and records so far), what the ``pipeline.*`` loggers said
+    meanwhile, the committed counts, every skipped record with its reason, and on
+    failure the traceback. It is written whole (`pipeline.io.write_bytes_atomic`) when
+    the shard ends, committed or failed; a failure to write it is only a warning, so it
+    never undoes a commit. A process killed mid-shard leaves no log for that attempt.
+    ``on_batch(student tokens so far, records read so far)`` is called after every batch.
+    """
+    cfg: JobConfig = step.cfg
+    name = output_name(url)
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    plog = logging.getLogger("pipeline")
+    plog.addHandler(handler)
+    slog = shard_logger
+    t0 = time.perf_counter()
+    try:
+        where = ", ".join(f"{k} {v}" for k, v in (context or {}).items())
+        slog.info(
+            "shard %s: start (attempt %d), input %s, output %s, host %s, pid %d%s",
+            name,
+            attempt,
+            url,
+            cfg.output.path,
+            platform.node(),
+            os.getpid(),
+            f", {where}" if where else "",
+        )
+
+        def batch(tokens: int, records: int) -> None:
+            slog.info(
+                "shard %s: batch scored, %d student tokens so far, %d records read",
+                name,
+                tokens,
+                records,
+            )
+            if on_batch is not None:
+                on_batch(tokens, records)
+
+        m = step.process_shard(url, progress=batch)
+        skipped = m.get("skipped", [])
+        for s in skipped[:_MAX_SKIPS_LOGGED]:
+            doc = f" (doc {s['doc_id']})" if s.get("doc_id") is not None else ""
+            slog.info(
+                "shard %s: skipped record %s%s: %s", name, s.get("index"), doc, s.get("reason")
+            )
+        if len(skipped) > _MAX_SKIPS_LOGGED:
+            slog.info(
+                "shard %s: %d more skipped records in the manifest",
+                name,
+                len(skipped) - _MAX_SKIPS_LOGGED,
+            )
+        slog.info(
+            "shard %s: committed %s (%d bytes, sha256 %s): %d records in, %d documents, "
+            "%d skipped, %d sequences, %d student tokens, %d target rows, %.1fs",
+            name,
+            m.get("file"),
+            m.get("bytes", 0),
+            m.get("sha256"),
+            m.get("records_in", 0),
+            m.get("documents", 0),
+            len(skipped),
+            m.get("sequences", 0),
+            m.get("student_tokens", 0),
+            m.get("target_rows", 0),
+            time.perf_counter() - t0,
+        )
+        return m
+    except BaseException:
+        slog.exception("shard %s: FAILED after %.1fs", name, time.perf_counter() - t0)
+        raise
+    finally:
+        plog.removeHandler(handler)
+        try:
+            xio.write_bytes_atomic(
+                shard_log_url(cfg, name), buf.getvalue().encode(), cfg.output.storage_options
+            )
+        except Exception as err:
+            slog.warning("shard %s: log not written: %s", name, err)
+
+
+def append_shard_log(cfg: JobConfig, name: str, text: str) -> None:
+    """Add driver-side lines (e.g. "worker lost 3 times") to a shard's log."""
+    url = shard_log_url(cfg, name)
+    so = cfg.output.storage_options
+    try:
+        old = xio.read_bytes(url, so) if xio.exists(url, so) else b""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        lines = "".join(f"{stamp} ERROR driver: {line}\n" for line in text.splitlines())
+        xio.write_bytes_atomic(url, old + lines.encode(), so)
+    except xio.StorageError as err:
+        log.warning("shard %s: log not written: %s", name, err)
 
 
 def run_local(
@@ -152,7 +322,7 @@ def run_local(
     step.setup()
     out = []
     for url in todo:
-        m = step.process_shard(url)
+        m = process_logged(step, url, {"executor": "local"})
         on_done(m)
         out.append(m)
     return out
@@ -211,6 +381,9 @@ def finalize(
         ),
         "skipped_by_reason": _reasons(manifests.values()),
     }
+    nodes = {p.names[s]: m["ray_node_id"] for s, m in manifests.items() if "ray_node_id" in m}
+    if nodes:  # where each shard of this run ran (Ray executor)
+        stats["ray_node_of_shard"] = nodes
     xio.write_json_atomic(xio.join(cfg.output.path, "stats.json"), stats, so)
     return stats
 
@@ -229,6 +402,10 @@ _PER_SHARD = {
     "file",
     "bytes",
     "sha256",
+    # added by the Ray executor to the manifests it returns (not in the committed file)
+    "ray_node_id",
+    "actor",
+    "attempt",
 }
 
 

@@ -22,7 +22,28 @@ from fsspec.core import url_to_fs
 
 
 class StorageError(RuntimeError):
-    """Reading or writing a path failed (missing file, permissions, credentials, network)."""
+    """Reading or writing a path failed (missing file, permissions, credentials, network).
+
+    Raised after the storage client's own retries (for s3fs: botocore retries throttling,
+    5xx answers and dropped connections, by default 5 attempts with exponential backoff;
+    tune with ``storage_options={"config_kwargs": {"retries": {...}}}``)."""
+
+
+def _why(err: BaseException) -> str:
+    """An error and the errors that caused it, e.g. ``OSError: [Errno 16] Slow down
+    (ClientError: An error occurred (SlowDown) when calling the PutObject operation
+    (reached max retries: 4): Slow down)``: clients such as s3fs translate errors and
+    the operation, the server's error code and the retry count are in the cause."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen and len(parts) < 3:
+        seen.add(id(cur))
+        text = f"{type(cur).__name__}: {cur}" if str(cur) else type(cur).__name__
+        if not any(str(cur) and str(cur) in p for p in parts):
+            parts.append(text)
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    return parts[0] + "".join(f" ({p})" for p in parts[1:])
 
 
 def filesystem(
@@ -32,7 +53,7 @@ def filesystem(
     try:
         return url_to_fs(url, **(storage_options or {}))
     except Exception as err:  # unknown protocol, missing driver, bad options
-        raise StorageError(f"cannot open {url!r}: {err}") from err
+        raise StorageError(f"cannot open {url!r}: {_why(err)}") from err
 
 
 def join(base: str, *parts: str) -> str:
@@ -62,7 +83,7 @@ def expand(paths: Iterable[str], storage_options: dict[str, Any] | None = None) 
         except StorageError:
             raise
         except Exception as err:
-            raise StorageError(f"cannot list {url!r}: {err}") from err
+            raise StorageError(f"cannot list {url!r}: {_why(err)}") from err
         if not found:
             raise StorageError(f"input {url!r} matches no file")
         out.extend(proto + p if proto and not p.startswith(proto) else p for p in found)
@@ -76,7 +97,7 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
     except FileNotFoundError as err:
         raise StorageError(f"{url!r} does not exist") from err
     except Exception as err:
-        raise StorageError(f"cannot read {url!r}: {err}") from err
+        raise StorageError(f"cannot read {url!r}: {_why(err)}") from err
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -84,7 +105,7 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     try:
         return bool(fs.exists(path))
     except Exception as err:
-        raise StorageError(f"cannot check {url!r}: {err}") from err
+        raise StorageError(f"cannot check {url!r}: {_why(err)}") from err
 
 
 def write_bytes_atomic(
@@ -113,7 +134,7 @@ def write_bytes_atomic(
                     fs.makedirs(parent, exist_ok=True)
             fs.pipe_file(path, data)
     except Exception as err:
-        raise StorageError(f"cannot write {url!r}: {err}") from err
+        raise StorageError(f"cannot write {url!r}: {_why(err)}") from err
 
 
 def write_json_atomic(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:

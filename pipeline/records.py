@@ -44,6 +44,12 @@ def shard_format(url: str, cfg: InputConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
     name = url.lower()
+    if name.endswith(".arrow") or name.rsplit("/", 1)[-1] in ("state.json", "dataset_info.json"):
+        # a directory written by `datasets.save_to_disk`, expanded into its files
+        raise xio.StorageError(
+            f"{url!r} is a file of an HF dataset saved with save_to_disk; set "
+            "input.format=hf_disk and point input.paths at the dataset directory"
+        )
     if name.endswith((".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".jsonl.zstd")):
         return "jsonl"
     if name.endswith(".parquet"):

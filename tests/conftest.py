@@ -129,3 +129,25 @@ def s3_server(tmp_path_factory):
 
     stop_process_group(proc, timeout=20)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """moto's S3 server (in memory, in a thread) on 127.0.0.1 at a free port, with one
+    bucket; for fault-injection tests that put a proxy in front of it."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    opts = {"key": "xtok-test-key", "secret": "xtok-test-secret", "endpoint_url": endpoint}
+    bucket = "xtok-faults"
+    s3fs.S3FileSystem(skip_instance_cache=True, **opts).mkdir(bucket)
+    yield {"host": host, "port": port, "endpoint": endpoint, "options": opts, "bucket": bucket}
+    server.stop()
