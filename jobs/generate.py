@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from pipeline.ray_executor import run_ray
 
-            new = run_ray(cfg, p.todo, progress.shard_done)
+            new = run_ray(cfg, p.todo, progress.shard_done, progress=progress)
+    except ConfigError as err:  # found only once the cluster is seen (accelerator type)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         log.error("%s", err)
         return 1

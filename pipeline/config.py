@@ -90,6 +90,12 @@ class RayConfig(_Strict):
     num_gpus_per_actor: float = Field(1.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     accelerator_type: str | None = None
+    node_wait_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="how long to wait for a node of accelerator_type to join "
+        "(autoscaling clusters start them on demand) before failing",
+    )
     max_retries: int = Field(
         3, ge=0, description="attempts per shard after infrastructure failures"
     )

@@ -1,7 +1,11 @@
 """The Ray executor: a thin adapter that runs `GenerateStep` inside actors.
 
-One actor per GPU (``num_gpus``, optional ``accelerator_type``), or CPU actors when the
-cluster has no GPU. Each actor takes whole input shards from a driver-side queue; a
+One actor per GPU (``num_gpus``; with ``ray.accelerator_type`` only on nodes of that
+type, checked in the driver before any actor starts), or CPU actors when the cluster
+has no GPU. Actors are named ``xtok-worker-<i>`` and their tasks ``xtok-shard-<shard>``
+(readable in ``ray list actors``/``tasks`` and the dashboard); the driver exports its
+progress as Ray metrics (`RayMetrics`), and each shard writes
+``<output>/logs/<shard>.log``. Each actor takes whole input shards from a driver-side queue; a
 shard is done when its manifest is committed (the actor returns only the manifest).
 When an actor or its node dies, its shard goes back to the queue (up to
 ``ray.max_retries`` times) and a replacement actor is started if resources allow.
@@ -11,8 +15,11 @@ Application errors in a shard (bugs, not bad records) are not retried.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,36 +32,107 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
+from pipeline.executors import Progress, append_shard_log, process_logged, register_metrics
+from pipeline.shards import output_name
 
 log = logging.getLogger(__name__)
 
 INFRA_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's custom resource for `accelerator_type`
+# Ray drops a gauge not set for two metric report intervals (10 s each by default), so
+# the driver re-publishes its progress this often, commits or not.
+PUBLISH_SECONDS = 5.0
+HEARTBEAT_SECONDS = 60.0  # a driver log line while no shard commits
+_actor_numbers = itertools.count()  # actor names stay unique within a driver process
 
 
 class ShardFailed(RuntimeError):
     pass
 
 
+@functools.cache
+def _metric(kind: str, name: str, description: str) -> Any:
+    """One Ray metric object per name and process (created on first use)."""
+    from ray.util import metrics
+
+    return getattr(metrics, kind)(name, description)
+
+
+class RayMetrics:
+    """The driver's progress as Ray metrics (Prometheus, shown by the Ray dashboard and
+    its Grafana panels with the ``ray_`` prefix): ``xtok_shards_total``,
+    ``xtok_shards_done`` (gauges, every shard of the run incl. earlier runs),
+    ``xtok_tokens_total`` (counter, student tokens committed), ``xtok_tokens_per_second``
+    and ``xtok_eta_seconds`` (gauges, this run). A sink for `Progress`."""
+
+    def __init__(self) -> None:
+        self.shards_total = _metric("Gauge", "xtok_shards_total", "input shards of the run")
+        self.shards_done = _metric("Gauge", "xtok_shards_done", "input shards committed")
+        self.tokens = _metric("Counter", "xtok_tokens_total", "student tokens committed")
+        self.rate = _metric(
+            "Gauge", "xtok_tokens_per_second", "student tokens per second, this run"
+        )
+        self.eta = _metric("Gauge", "xtok_eta_seconds", "estimated seconds to finish the run")
+        self._tokens_seen = 0
+
+    def __call__(self, snap: dict[str, Any]) -> None:
+        self.shards_total.set(snap["shards_total"])
+        self.shards_done.set(snap["shards_done"])
+        delta = snap["student_tokens"] - self._tokens_seen
+        if delta > 0:
+            self.tokens.inc(delta)
+            self._tokens_seen = snap["student_tokens"]
+        self.rate.set(snap["tokens_per_second"])
+        if snap["eta_seconds"] is not None:
+            self.eta.set(snap["eta_seconds"])
+
+    @classmethod
+    def create(cls) -> RayMetrics | None:
+        """A sink when Ray is initialized in this process, else None (nothing exported)."""
+        return cls() if ray.is_initialized() else None
+
+
+register_metrics(RayMetrics.create)
+
+
 @ray.remote(max_restarts=0)
 class ShardWorker:
-    def __init__(self, cfg: dict[str, Any], threads: int) -> None:
+    """One `GenerateStep` per actor (``xtok-worker-<i>``); logs go to the Ray worker log
+    and, per shard, to ``<output>/logs/<shard>.log``."""
+
+    def __init__(self, cfg: dict[str, Any], threads: int, name: str = "xtok-worker") -> None:
         import torch
 
         from pipeline.generate import GenerateStep
 
         torch.set_num_threads(max(1, threads))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        self.name = name
         self.step = GenerateStep(JobConfig.model_validate(cfg))
-
-    def process(self, url: str) -> dict[str, Any]:
-        log = logging.getLogger("shard")
-        log.info("shard %s: start (pid %d)", url, os.getpid())
-        m = self.step.process_shard(
-            url, progress=lambda t, n: log.info("shard %s: %d tokens, %d chunks", url, t, n)
+        # live token count while a shard runs (the driver only sees whole shards)
+        self.tokens = _metric(
+            "Counter",
+            "xtok_worker_tokens_total",
+            "student tokens scored by actors, committed or not",
         )
-        log.info("shard %s: committed %d sequences", url, m["sequences"])
-        return {**m, "ray_node_id": ray.get_runtime_context().get_node_id()}
+
+    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
+        return self.name
+
+    def process(self, url: str, attempt: int = 1) -> dict[str, Any]:
+        node = ray.get_runtime_context().get_node_id()
+        seen = [0]
+
+        def count(tokens: int, records: int) -> None:
+            if tokens > seen[0]:
+                self.tokens.inc(tokens - seen[0])
+                seen[0] = tokens
+
+        m = process_logged(
+            self.step, url, {"ray node": node, "actor": self.name}, attempt, on_batch=count
+        )
+        return {**m, "ray_node_id": node, "actor": self.name, "attempt": attempt}
 
 
 def ensure_ray(cfg: JobConfig) -> None:
@@ -68,27 +146,84 @@ def ensure_ray(cfg: JobConfig) -> None:
 
 
 def _actor_options(cfg: JobConfig) -> tuple[dict[str, Any], int]:
-    res = ray.cluster_resources()
-    gpus = float(res.get("GPU", 0))
-    if gpus >= 1 and cfg.ray.num_gpus_per_actor > 0:
-        opts: dict[str, Any] = {
-            "num_gpus": cfg.ray.num_gpus_per_actor,
-            "num_cpus": cfg.ray.num_cpus_per_actor,
-        }
-        if cfg.ray.accelerator_type:
-            opts["accelerator_type"] = cfg.ray.accelerator_type
-        capacity = int(gpus // cfg.ray.num_gpus_per_actor)
+    """Actor resources and how many such actors the live nodes can hold at once.
+
+    With ``ray.accelerator_type`` only nodes carrying Ray's ``accelerator_type:<type>``
+    resource count. When no live node has the type, the driver asks the autoscaler for
+    one and waits up to ``ray.node_wait_seconds``, then fails with a `ConfigError`
+    before any actor exists (an actor asking for it would wait forever).
+    """
+    acc = cfg.ray.accelerator_type
+    deadline = time.monotonic() + cfg.ray.node_wait_seconds
+    asked = False
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if not acc:
+            break
+        matching = [r for r in nodes if r.get(ACCELERATOR_PREFIX + acc, 0) > 0]
+        if matching:
+            nodes = matching
+            if asked:  # withdraw the standing request
+                with contextlib.suppress(Exception):
+                    from ray.autoscaler.sdk import request_resources
+
+                    request_resources(bundles=[])
+            break
+        have = sorted(
+            {
+                k[len(ACCELERATOR_PREFIX) :]
+                for r in nodes
+                for k in r
+                if k.startswith(ACCELERATOR_PREFIX)
+            }
+        )
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"ray.accelerator_type={acc!r}: no node of the Ray cluster has this accelerator "
+                f"after waiting {cfg.ray.node_wait_seconds:.0f}s (types present: "
+                f"{', '.join(have) or 'none'}); choose one of those or set it to null"
+            )
+        if not asked:  # an autoscaler starts such a node on demand; ask for one
+            log.info(
+                "waiting up to %.0fs for a node with accelerator %s (present: %s)",
+                cfg.ray.node_wait_seconds,
+                acc,
+                ", ".join(have) or "none",
+            )
+            with contextlib.suppress(Exception):
+                from ray.autoscaler.sdk import request_resources
+
+                request_resources(bundles=[{ACCELERATOR_PREFIX + acc: 0.001}])
+            asked = True
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    per_gpu = cfg.ray.num_gpus_per_actor
+    per_cpu = max(cfg.ray.num_cpus_per_actor, 1e-9)
+    if per_gpu > 0 and sum(r.get("GPU", 0) for r in nodes) >= per_gpu:
+        opts: dict[str, Any] = {"num_gpus": per_gpu, "num_cpus": cfg.ray.num_cpus_per_actor}
+        capacity = sum(
+            min(int(r.get("GPU", 0) // per_gpu), int(r.get("CPU", 0) // per_cpu)) for r in nodes
+        )
     else:
         opts = {"num_cpus": cfg.ray.num_cpus_per_actor}
-        capacity = int(float(res.get("CPU", 1)) // max(cfg.ray.num_cpus_per_actor, 1e-9))
+        capacity = sum(int(r.get("CPU", 0) // per_cpu) for r in nodes)
+    if acc:
+        opts["accelerator_type"] = acc
     return opts, max(1, capacity)
 
 
 def run_ray(
-    cfg: JobConfig, todo: list[str], on_done: Callable[[dict[str, Any]], None]
+    cfg: JobConfig,
+    todo: list[str],
+    on_done: Callable[[dict[str, Any]], None],
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """Process ``todo`` shards on actors; returns the manifests of committed shards and
-    raises `ShardFailed` naming every shard that could not be committed."""
+    """Process ``todo`` shards on actors; returns the manifests of committed shards (each
+    with the ``ray_node_id``, ``actor`` and ``attempt`` that committed it) and raises
+    `ShardFailed` naming every shard that could not be committed.
+
+    ``progress``, when given, is published at the start and every `PUBLISH_SECONDS`, so the dashboard
+    metrics show the run before its first shard commits and stay fresh.
+    """
     if not todo:
         return []
     ensure_ray(cfg)
@@ -96,24 +231,45 @@ def run_ray(
     n_actors = min(len(todo), cfg.ray.num_actors or capacity)
     threads = max(1, int(opts.get("num_cpus", 1)))
     cfg_dict = cfg.model_dump(mode="json")
-    log.info("starting %d actors with %s for %d shards", n_actors, opts, len(todo))
 
     def new_actor() -> Any:
-        return ShardWorker.options(**opts).remote(cfg_dict, threads)  # type: ignore[attr-defined]
+        name = f"xtok-worker-{next(_actor_numbers)}"
+        return ShardWorker.options(name=name, **opts).remote(cfg_dict, threads, name)  # type: ignore[attr-defined]
 
     actors = [new_actor() for _ in range(n_actors)]
+    log.info("started %d actors with %s for %d shards", n_actors, opts, len(todo))
+    if progress is not None:
+        progress.publish()
     queue = list(todo)
     attempts: dict[str, int] = {}
     running: dict[Any, tuple[Any, str]] = {}  # future -> (actor, shard)
     done: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     idle = list(actors)
+    last_line = time.monotonic()
     while queue or running:
         while queue and idle:
             actor = idle.pop()
             url = queue.pop(0)
-            running[actor.process.remote(url)] = (actor, url)
-        ready, _ = ray.wait(list(running), num_returns=1)
+            fut = actor.process.options(name=f"xtok-shard-{output_name(url)}").remote(
+                url, attempts.get(url, 0) + 1
+            )
+            running[fut] = (actor, url)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=PUBLISH_SECONDS)
+        if not ready:
+            snap = progress.publish() if progress is not None else None
+            if time.monotonic() - last_line >= HEARTBEAT_SECONDS:
+                last_line = time.monotonic()
+                log.info(
+                    "%d shards running, %d queued, %d committed this run%s",
+                    len(running),
+                    len(queue),
+                    len(done),
+                    f" ({snap['shards_done']}/{snap['shards_total']} shards in all)"
+                    if snap
+                    else "",
+                )
+            continue
         fut = ready[0]
         actor, url = running.pop(fut)
         try:
@@ -131,6 +287,7 @@ def run_ray(
                 queue.append(url)
             else:
                 failed[url] = f"worker lost {attempts[url]} times: {err}"
+                append_shard_log(cfg, output_name(url), f"shard failed: {failed[url]}")
             with contextlib.suppress(Exception):
                 ray.kill(actor)
             idle.append(new_actor())
@@ -142,12 +299,14 @@ def run_ray(
             continue
         done.append(m)
         on_done(m)
+        last_line = time.monotonic()
         idle.append(actor)
     for a in idle:
         with contextlib.suppress(Exception):
             ray.kill(a)
     if failed:
         raise ShardFailed(
-            "shards not committed:\n" + "\n".join(f"  {u}: {r}" for u, r in failed.items())
+            "shards not committed (see <output>/logs/<shard>.log):\n"
+            + "\n".join(f"  {u}: {r}" for u, r in failed.items())
         )
     return done

@@ -1,6 +1,7 @@
 """Multi-node runs on `ray.cluster_utils.Cluster` with simulated GPUs: actors spread over
 nodes, and losing a node or an actor mid-run still ends with every input document
-exactly once in the output; a rerun is a no-op."""
+exactly once in the output; a rerun is a no-op. ``ray.accelerator_type`` keeps actors on
+nodes of that type, and a type no node has fails fast in the driver."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import time
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
+from ray.util.state import list_actors, list_tasks
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.executors import Progress, finalize, plan
 from pipeline.ray_executor import run_ray
 from pipeline.shards import read_table
@@ -50,7 +51,7 @@ def _corpus(tmp_path):
     return d
 
 
-def _cfg(tiny_teacher_dir, inp, out):
+def _cfg(tiny_teacher_dir, inp, out, *extra):
     return load_config(
         None,
         [
@@ -63,6 +64,7 @@ def _cfg(tiny_teacher_dir, inp, out):
             "input.messages_field=null",
             "input.loss_on=all",
             "ray.num_cpus_per_actor=0.5",
+            *extra,
         ],
     )
 
@@ -82,7 +84,7 @@ def _run(cfg):
     p = plan(cfg)
     prog = Progress(len(p.shards), len(p.done))
     t0 = time.perf_counter()
-    new = run_ray(cfg, p.todo, prog.shard_done)
+    new = run_ray(cfg, p.todo, prog.shard_done, progress=prog)
     finalize(cfg, p, {**p.done, **{m["input"]: m for m in new}}, time.perf_counter() - t0)
     return new
 
@@ -127,10 +129,72 @@ def test_killed_actor_shard_is_redone(cluster, tiny_teacher_dir, tmp_path):
     out = tmp_path / "out"
     t, result = _start_and_wait_for_a_commit(cfg, out)
     # SIGKILL one live actor process (an OOM kill or a crashed worker looks like this)
-    live = list_actors(filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")])
+    live = list_actors(
+        address=cluster[0].address,
+        filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")],
+    )
     assert live
     os.kill(live[0].pid, signal.SIGKILL)
     t.join(timeout=600)
     assert not t.is_alive()
     assert "err" not in result, result.get("err")
     _check_exactly_once(out)
+
+
+@pytest.fixture()
+def typed_cluster():
+    """A CPU head and two worker nodes with two simulated GPUs each: one A100, one T4."""
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    nodes = {
+        acc: c.add_node(num_cpus=1, num_gpus=2, resources={f"accelerator_type:{acc}": 1})
+        for acc in ("A100", "T4")
+    }
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_accelerator_type_keeps_actors_on_that_node_type(typed_cluster, tiny_teacher_dir, tmp_path):
+    c, nodes = typed_cluster
+    out = tmp_path / "out"
+    inp = _corpus(tmp_path)
+    # a type no node has: a clear error from the driver, before any actor exists
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"'H100'.*types present: A100, T4"):
+        _run(
+            _cfg(tiny_teacher_dir, inp, out, "ray.accelerator_type=H100", "ray.node_wait_seconds=3")
+        )
+    assert time.perf_counter() - t0 < 20
+    assert not list_actors(address=c.address, filters=[("class_name", "=", "ShardWorker")])
+    # A100: both actors (the A100 node holds two) run there, none on the T4 node
+    new = _run(_cfg(tiny_teacher_dir, inp, out, "ray.accelerator_type=A100"))
+    assert len(new) == N_SHARDS
+    a100 = nodes["A100"].node_id
+    assert {m["ray_node_id"] for m in new} == {a100}
+    assert len({m["actor"] for m in new}) == 2
+    stats = json.loads((out / "stats.json").read_text())
+    assert set(stats["ray_node_of_shard"].values()) == {a100}
+    _check_exactly_once(out)
+    # readable names in Ray's state API (what `ray list actors/tasks` and the dashboard show)
+    actors = list_actors(address=c.address, filters=[("class_name", "=", "ShardWorker")])
+    assert {a.name for a in actors} == {m["actor"] for m in new}
+    assert all(a.node_id == a100 for a in actors)
+    want = {f"xtok-shard-part-{s:03d}" for s in range(N_SHARDS)}
+    deadline = time.time() + 20  # task events reach the GCS asynchronously
+    while time.time() < deadline:
+        names = {
+            t.name
+            for t in list_tasks(
+                address=c.address, filters=[("func_or_class_name", "=", "ShardWorker.process")]
+            )
+        }
+        if want <= names:
+            break
+        time.sleep(0.5)
+    assert want <= names
+    log = (out / "logs" / "part-000.log").read_text()
+    assert f"ray node {a100}" in log and "committed" in log
