@@ -52,14 +52,25 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray cluster (2 CPUs) for the whole test session."""
+def _ray_session():
+    """Shuts down whatever local Ray the session left running."""
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """A local Ray (2 CPUs) shared by the session: started on first use, and started
+    again for a module that runs after a multi-node test shut it down for its own
+    `ray.cluster_utils.Cluster`."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import ray
 from pipeline.config import load_config
 from pipeline.executors import Progress, plan
 from pipeline.ray_executor import RayMetrics, ShardFailed, run_ray
+from tests.tiny_assets import tiny_job_args
 
 pytestmark = pytest.mark.integration
 
@@ -43,21 +44,8 @@ def run(ray_local, tiny_teacher_dir, tmp_path_factory):
     )
     (inp / "broken.jsonl.zst").write_bytes(b"this is not zstd at all")
     out = tmp / "out"
-    cfg = load_config(
-        None,
-        [
-            f"teacher.model={tiny_teacher_dir}",
-            "teacher.device=cpu",
-            "teacher.max_batch_tokens=512",
-            "student.merges=60",
-            "scoring.top_k=8",
-            "input.messages_field=null",
-            "input.loss_on=all",
-            f"input.paths=[{inp}/*]",
-            f"output.path={out}",
-            "ray.num_actors=2",
-        ],
-    )
+    overrides = tiny_job_args(tiny_teacher_dir, f"{inp}/*", str(out), "ray.num_actors=2")[2:]
+    cfg = load_config(None, overrides)  # [2:]: without "--show 0"
     p = plan(cfg)
     prog = Progress(len(p.shards), len(p.done))
     scraper = Scraper(next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]))

@@ -255,8 +255,7 @@ def test_shards_open_with_datasets_streaming(run):
 def test_shards_open_with_ray_data(run, ray_local):
     import ray
 
-    files = sorted(str(p) for p in run["dir"].glob("*.parquet"))
-    ds = ray.data.read_parquet(files)
+    ds = ray.data.read_parquet(str(run["dir"]), file_extensions=["parquet"])  # README snippet
     assert ds.count() == 21
     rows = ds.take_all()
     assert sorted(r["doc_id"] for r in rows) == sorted(run["texts"])
