@@ -599,13 +599,6 @@ class TargetLoader:
         )
 
 
-def tensors_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two batches are identical (same keys, equal tensors incl. -inf)."""
-    if a.keys() != b.keys():
-        return False
-    return all(torch.equal(a[key], b[key]) for key in a)
-
-
 __all__: Sequence[str] = [
     "IGNORE_INDEX",
     "Run",
@@ -614,5 +607,4 @@ __all__: Sequence[str] = [
     "TargetDataset",
     "TargetLoader",
     "open_run",
-    "tensors_equal",
 ]

@@ -260,3 +260,43 @@ def test_shards_open_with_ray_data(run, ray_local):
     rows = ds.take_all()
     assert sorted(r["doc_id"] for r in rows) == sorted(run["texts"])
     assert all(len(r["topk_ids"]) == K * (len(r["input_ids"]) + 1) for r in rows)
+
+
+def _rank_part(rank: int, world: int, init_file: str, run_dir: str, out: str) -> None:
+    """One process of a real torch.distributed (gloo) group: the dataset takes rank and
+    world size from the process group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ds = TargetDataset(run_dir, batch_size=2, seed=1)
+        assert (ds.rank, ds.world_size) == (rank, world)
+        torch.save(_seqs(_all(ds)), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_and_world_size_come_from_torch_distributed(run, tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.start_processes(
+        _rank_part,
+        args=(world, str(tmp_path / "init"), str(run["dir"]), str(tmp_path)),
+        nprocs=world,
+        start_method="spawn",
+    )
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    everything = _seqs(_all(TargetDataset(str(run["dir"]), batch_size=4, shuffle=False)))
+    assert all(parts) and sorted(parts[0] + parts[1]) == sorted(everything)
+    assert not set(parts[0]) & set(parts[1])
+
+
+def test_prefetching_does_not_change_the_stream(run):
+    def stream(prefetch):
+        return _all(TargetDataset(str(run["dir"]), batch_size=3, seed=2, prefetch=prefetch))
+
+    a, b = stream(0), stream(3)
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(x[key], y[key]) for key in x)
