@@ -315,6 +315,13 @@ class TargetDataset(IterableDataset):
         self._skip: dict[int, int] = {}
         self._rotation = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        # open files stay in the process that opened them (spawned DataLoader workers)
+        state = dict(self.__dict__)
+        state.pop("_files", None)
+        state.pop("_files_pid", None)
+        return state
+
     # ------------------------------------------------------------------ public state
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
