@@ -1,0 +1,1042 @@
+"""Audit target shards: what is in them, how good the targets are, and proof they are intact.
+
+A pure library (no Ray, no plotting; `jobs.audit` is the command around it).
+
+**Work unit.** `audit_shard` reads one shard completely and returns a `ShardAudit`:
+its integrity checks and its `Stats`, a mergeable partial aggregate (counts, float64
+sums, maxima and fixed-bin histograms). Shards can therefore be audited in any process
+(the Ray path of `jobs.audit` maps them over tasks); `RunAudit.add` merges them in shard
+order, so the run totals do not depend on where or in which order shards were read.
+
+**Integrity checks** (per shard, each named; a failure never stops the other shards):
+
+- ``manifest``: the manifest exists and, in a run, its checksum equals the index entry's;
+- ``size`` and ``sha256``: the whole data file, hashed in one pass, vs the manifest;
+- ``parquet``: `pipeline.reader._open_shard` (size, footer, schema version, sequences);
+- ``pages``: every page of every column is read with its CRC32 verified, and the list
+  columns are consistent (``L + 1`` rows per sequence, ``k`` entries per row, ids inside
+  the student vocab, known regime codes, no NaN);
+- ``counts``: documents, student tokens, target rows and the mean top-k mass recomputed
+  from the rows vs the manifest;
+- ``metadata``: the provenance stored in the file equals the manifest's.
+
+**Consistency** (run level): the provenance stored in each shard's file (teacher and
+revision, tokenizer hashes and vocab sizes, k, temperature, scorer, schema version,
+config hash, ...) must equal the reference: the run index's provenance, else (shards
+audited without an index) the most common one. Every differing key is listed per shard.
+Mixing configs is an integrity problem for training, so a difference fails the audit.
+
+**Quality statistics** count only target rows (``loss_mask`` True; all rows are counted
+separately):
+
+- top-k mass ``1 - tail_mass`` (mean, p5, p50) and the tail mass;
+- entropy in nats of the row's distribution *as stored*: the ``k`` top-k probabilities
+  (from the quantised log-probs) plus the tail as ONE bin,
+  ``H = -sum_j p_j ln p_j - t ln t``; a lower bound of the full distribution's entropy
+  (the tail's spread over the rest of the vocab is not stored);
+- share of rows by regime (0 exact, 1 lossless, 2 approximate), unaccounted mass (the
+  scorer could not place it), unmapped mass (teacher mass on specials the student lacks),
+  non-canonical mass;
+- teacher log-likelihood per token: the mean ``target_logprob`` (natural log) over
+  target rows with a finite value (rows at ``-inf`` are counted apart).
+
+Quantiles come from the histograms (error at most one bin: 0.0005 of top-k mass,
+0.01 nats); means are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import io as xio
+from pipeline.executors import _PER_SHARD, _reasons
+from pipeline.reader import ShardError, ShardInfo, _decode, _flat, _open_shard
+from pipeline.shards import DATA_SUFFIX, MANIFEST_SUFFIX, column_bytes
+from schemas.targets import (
+    CURRENT_VERSION,
+    LOGPROB_NONE,
+    LOGPROB_STEP,
+    METADATA_KEY,
+    decode_topk_logprobs,
+)
+
+REGIMES = ("exact", "lossless", "approximate")  # codes 0, 1, 2
+# (low, high, bins) of the mergeable histograms; values outside are clipped to the ends
+HISTOGRAMS: dict[str, tuple[float, float, int]] = {
+    "topk_mass": (0.0, 1.0, 2000),
+    "entropy": (0.0, 12.0, 1200),  # nats; ln(4097) = 8.3 is the most k + 1 bins can hold
+    "target_logprob": (-30.0, 0.0, 3000),
+}
+# what --verify-live tolerates beyond the storage quantisation (float noise of a re-score
+# batched differently)
+LIVE_TOLERANCE = 1e-4
+_ROW_COLUMNS = (
+    "tail_mass",
+    "target_logprob",
+    "regime",
+    "unaccounted_mass",
+    "noncanonical_mass",
+    "unmapped_mass",
+)
+_MASS_COLUMNS = ("unaccounted_mass", "unmapped_mass", "noncanonical_mass")
+
+
+class AuditError(RuntimeError):
+    """Nothing can be audited as asked (no such run, shard or document; bad config)."""
+
+
+class _BadRows(ValueError):
+    """Rows that decode but are inconsistent (lengths, ids, codes, NaN)."""
+
+
+# ---------------------------------------------------------------------------- statistics
+def _hist(name: str) -> np.ndarray:
+    return np.zeros(HISTOGRAMS[name][2], dtype=np.int64)
+
+
+def _hist_add(h: np.ndarray, name: str, values: np.ndarray) -> None:
+    lo, hi, n = HISTOGRAMS[name]
+    idx = (np.asarray(values, dtype=np.float64) - lo) * (n / (hi - lo))
+    np.clip(idx, 0, n - 1, out=idx)
+    h += np.bincount(idx.astype(np.int64), minlength=n)
+
+
+def hist_quantile(h: np.ndarray, name: str, q: float) -> float | None:
+    """The ``q`` quantile of a histogram of `HISTOGRAMS` (linear within a bin)."""
+    total = int(h.sum())
+    if total == 0:
+        return None
+    lo, hi, n = HISTOGRAMS[name]
+    cum = np.cumsum(h)
+    target = q * total
+    i = int(np.searchsorted(cum, target, side="left"))
+    i = min(i, n - 1)
+    before = float(cum[i - 1]) if i else 0.0
+    frac = (target - before) / h[i] if h[i] else 0.0
+    return lo + (i + float(frac)) * (hi - lo) / n
+
+
+@dataclass
+class Stats:
+    """Mergeable partial aggregate of target rows (see the module docstring)."""
+
+    sequences: int = 0
+    documents: int = 0  # sequences with chunk 0: each document has exactly one
+    student_tokens: int = 0
+    rows: int = 0  # all target rows (L + 1 per sequence)
+    target_rows: int = 0  # rows with loss_mask True; everything below counts only these
+    topk_mass_sum: float = 0.0
+    entropy_sum: float = 0.0
+    target_logprob_sum: float = 0.0  # over finite values
+    target_logprob_neginf: int = 0
+    regime: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
+    mass_sum: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_MASS_COLUMNS, 0.0))
+    mass_max: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_MASS_COLUMNS, 0.0))
+    mass_rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_MASS_COLUMNS, 0))
+    hists: dict[str, np.ndarray] = field(
+        default_factory=lambda: {name: _hist(name) for name in HISTOGRAMS}
+    )
+
+    def merge(self, other: Stats) -> Stats:
+        """Add ``other`` into this aggregate (in place) and return it."""
+        for name in (
+            "sequences",
+            "documents",
+            "student_tokens",
+            "rows",
+            "target_rows",
+            "topk_mass_sum",
+            "entropy_sum",
+            "target_logprob_sum",
+            "target_logprob_neginf",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.regime = self.regime + other.regime
+        for c in _MASS_COLUMNS:
+            self.mass_sum[c] += other.mass_sum[c]
+            self.mass_max[c] = max(self.mass_max[c], other.mass_max[c])
+            self.mass_rows[c] += other.mass_rows[c]
+        for name in HISTOGRAMS:
+            self.hists[name] = self.hists[name] + other.hists[name]
+        return self
+
+    def add_rows(self, table: pa.Table, k: int, vocab_size: int | None) -> None:
+        """Accumulate one decoded row group (all columns of schema v1).
+
+        Raises `_BadRows` when the columns do not fit together."""
+        ids, id_off = _flat(table["input_ids"])
+        mask, row_off = _flat(table["loss_mask"])
+        if not np.array_equal(np.diff(row_off), np.diff(id_off) + 1):
+            raise _BadRows("loss_mask does not have L + 1 rows per sequence")
+        cols: dict[str, np.ndarray] = {}
+        for name in _ROW_COLUMNS:
+            values, off = _flat(table[name])
+            if not np.array_equal(off, row_off):
+                raise _BadRows(f"{name} does not have one value per target row")
+            cols[name] = values
+        dq, off = _flat(table["topk_logprob_dq"])
+        topk_ids, off_ids = _flat(table["topk_ids"])
+        if not (np.array_equal(off, row_off * k) and np.array_equal(off_ids, row_off * k)):
+            raise _BadRows(f"top-k columns do not have k={k} entries per target row")
+        if vocab_size is not None and (
+            (len(ids) and int(ids.max()) >= vocab_size)
+            or (len(topk_ids) and int(topk_ids.max()) >= vocab_size)
+        ):
+            raise _BadRows(f"student ids outside the student vocab ({vocab_size})")
+        m = mask.astype(bool, copy=False)
+        regime = cols["regime"]
+        if len(regime) and int(regime.max()) >= len(REGIMES):
+            raise _BadRows(f"unknown regime code {int(regime.max())}")
+        chunk = table["chunk"].to_numpy()
+        self.sequences += len(id_off) - 1
+        self.documents += int((chunk == 0).sum())
+        self.student_tokens += len(ids)
+        self.rows += len(m)
+        nt = int(m.sum())
+        self.target_rows += nt
+        if nt == 0:
+            return
+        tail = cols["tail_mass"][m].astype(np.float64)
+        if np.isnan(tail).any():
+            raise _BadRows("NaN tail mass")
+        topk = 1.0 - tail
+        self.topk_mass_sum += float(topk.sum())
+        _hist_add(self.hists["topk_mass"], "topk_mass", topk)
+        # entropy over the k stored probabilities plus the tail as one bin (nats)
+        lp = decode_topk_logprobs(dq.reshape(-1, k)[m])
+        np.maximum(lp, np.float32(-1e4), out=lp)  # missing (-inf) -> p = 0, p ln p = 0
+        p = np.exp(lp)
+        ent = -np.einsum("ij,ij->i", p, lp).astype(np.float64)
+        pos = tail > 0
+        ent[pos] -= tail[pos] * np.log(tail[pos])
+        self.entropy_sum += float(ent.sum())
+        _hist_add(self.hists["entropy"], "entropy", ent)
+        tlp = cols["target_logprob"][m]
+        if np.isnan(tlp).any():
+            raise _BadRows("NaN target log-prob")
+        fin = np.isfinite(tlp)
+        self.target_logprob_sum += float(tlp[fin].sum(dtype=np.float64))
+        self.target_logprob_neginf += int(nt - fin.sum())
+        _hist_add(self.hists["target_logprob"], "target_logprob", tlp[fin])
+        self.regime += np.bincount(regime[m], minlength=len(REGIMES))[: len(REGIMES)]
+        for c in _MASS_COLUMNS:
+            v = cols[c][m]
+            if np.isnan(v).any():
+                raise _BadRows(f"NaN {c}")
+            self.mass_sum[c] += float(v.sum(dtype=np.float64))
+            self.mass_max[c] = max(self.mass_max[c], float(v.max()))
+            self.mass_rows[c] += int((v > 0).sum())
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and the derived quality numbers (plain JSON types)."""
+        n = self.target_rows
+        fin = n - self.target_logprob_neginf
+
+        def mean(x: float, d: int) -> float | None:
+            return x / d if d else None
+
+        def q(name: str, p: float) -> float | None:
+            return hist_quantile(self.hists[name], name, p)
+
+        mtk = mean(self.topk_mass_sum, n)
+        mlp = mean(self.target_logprob_sum, fin)
+        return {
+            "documents": self.documents,
+            "sequences": self.sequences,
+            "student_tokens": self.student_tokens,
+            "rows": self.rows,
+            "target_rows": n,
+            "topk_mass": {"mean": mtk, "p5": q("topk_mass", 0.05), "p50": q("topk_mass", 0.5)},
+            "tail_mass": {
+                "mean": None if mtk is None else 1.0 - mtk,
+                "p95": _flip(q("topk_mass", 0.05)),
+            },
+            "entropy_nats": {
+                "mean": mean(self.entropy_sum, n),
+                "p50": q("entropy", 0.5),
+                "p95": q("entropy", 0.95),
+                "definition": "stored top-k probabilities plus the tail as one bin",
+            },
+            "regime_share": {
+                name: (int(c) / n if n else None)
+                for name, c in zip(REGIMES, self.regime, strict=True)
+            },
+            "regime_rows": {name: int(c) for name, c in zip(REGIMES, self.regime, strict=True)},
+            **{
+                c: {
+                    "mean": mean(self.mass_sum[c], n),
+                    "max": self.mass_max[c],
+                    "rows_above_zero": self.mass_rows[c],
+                }
+                for c in _MASS_COLUMNS
+            },
+            "target_logprob": {
+                "mean": mlp,
+                "perplexity": float(np.exp(-mlp)) if mlp is not None else None,
+                "p50": q("target_logprob", 0.5),
+                "neginf_rows": self.target_logprob_neginf,
+            },
+        }
+
+    def histograms(self, bins: int = 100) -> dict[str, dict[str, Any]]:
+        """The histograms cut to their occupied range and re-binned to at most ``bins``
+        equal bins: ``{name: {"low", "high", "counts"}}`` (for plots and the summary)."""
+        out = {}
+        for name, (lo, hi, n) in HISTOGRAMS.items():
+            h = self.hists[name]
+            nz = np.flatnonzero(h)
+            a, b = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, n)
+            factor = max(1, -(-(b - a) // bins))
+            nb = -(-(b - a) // factor)
+            b = a + nb * factor
+            if b > n:  # keep whole bins inside the range
+                a = max(0, n - nb * factor)
+                b = a + nb * factor
+            part = np.zeros(b - a, dtype=np.int64)
+            valid = h[a : min(b, n)]
+            part[: len(valid)] = valid
+            counts = part.reshape(-1, factor).sum(1)
+            width = (hi - lo) / n
+            out[name] = {
+                "low": lo + a * width,
+                "high": lo + b * width,
+                "counts": [int(c) for c in counts],
+            }
+        return out
+
+
+def _flip(x: float | None) -> float | None:
+    return None if x is None else 1.0 - x
+
+
+# ---------------------------------------------------------------------------- shards
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class ShardRef:
+    """A shard to audit: its data URL and its manifest (None when missing), plus a
+    problem found while locating it (a manifest that does not match the run index)."""
+
+    name: str
+    url: str
+    manifest: dict[str, Any] | None
+    problem: str | None = None
+
+
+@dataclass
+class ShardAudit:
+    name: str
+    url: str
+    checks: list[Check] = field(default_factory=list)
+    stats: Stats | None = None  # None unless every row group was read
+    provenance: dict[str, Any] = field(default_factory=dict)  # as stored in the file
+    bytes: int | None = None
+    columns: dict[str, list[int]] = field(default_factory=dict)  # [compressed, raw] bytes
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.stats is not None and all(c.ok for c in self.checks)
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append(Check(name, ok, detail))
+        return ok
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
+
+
+def _hash_file(url: str, storage_options: dict[str, Any] | None) -> tuple[int, str]:
+    """(bytes, sha256) of a whole file, read once in 8 MiB blocks."""
+    fs, path = xio.filesystem(url, storage_options)
+    h = hashlib.sha256()
+    n = 0
+    with fs.open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+            n += len(block)
+    return n, h.hexdigest()
+
+
+def _bad_columns(pf: Any, g: int) -> str:
+    """Which columns of a row group fail to read (probed one by one after a failure)."""
+    bad = []
+    for name in pf.schema_arrow.names:
+        try:
+            pf.read_row_group(g, columns=[name], use_threads=False)
+        except Exception:
+            bad.append(name)
+    return "column " + ", ".join(bad) if bad else "columns read alone"
+
+
+def provenance_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The provenance keys of a manifest (what the run index keeps)."""
+    return {k: v for k, v in manifest.items() if k not in _PER_SHARD}
+
+
+def audit_shard(
+    ref: ShardRef, storage_options: dict[str, Any] | None = None, use_threads: bool = True
+) -> ShardAudit:
+    """Check one shard's integrity and compute its `Stats` (see the module docstring).
+    Never raises for a bad shard: failures are `Check`s with ``ok=False``."""
+    t0 = time.perf_counter()
+    a = ShardAudit(ref.name, ref.url)
+    m = ref.manifest
+    if m is None:
+        a.check("manifest", False, ref.problem or "manifest missing (the shard never committed)")
+        a.seconds = time.perf_counter() - t0
+        return a
+    a.check("manifest", ref.problem is None, ref.problem or "")
+    a.provenance = provenance_of(m)
+    a.skipped = _reasons([m]) if isinstance(m.get("skipped"), list) else {}
+    try:
+        size, digest = _hash_file(ref.url, storage_options)
+    except FileNotFoundError:
+        a.check("size", False, f"data file {ref.url} is missing")
+        a.seconds = time.perf_counter() - t0
+        return a
+    except Exception as err:
+        a.check("size", False, f"cannot read {ref.url}: {err}")
+        a.seconds = time.perf_counter() - t0
+        return a
+    a.bytes = size
+    a.check(
+        "size",
+        size == m.get("bytes"),
+        ""
+        if size == m.get("bytes")
+        else f"{size} bytes, the manifest says {m.get('bytes')} (truncated or rewritten)",
+    )
+    a.check(
+        "sha256",
+        digest == m.get("sha256"),
+        ""
+        if digest == m.get("sha256")
+        else f"file sha256 {digest[:16]}..., the manifest says {str(m.get('sha256'))[:16]}...",
+    )
+    try:
+        pf, groups = _open_shard(ShardInfo(ref.name, ref.url, m), storage_options)
+    except ShardError as err:
+        a.check("parquet", False, str(err))
+        a.seconds = time.perf_counter() - t0
+        return a
+    try:
+        a.check("parquet", True)
+        meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
+        a.provenance = meta
+        differ = sorted(k for k in meta if m.get(k) != meta[k])
+        a.check(
+            "metadata",
+            not differ,
+            "" if not differ else "file metadata and manifest differ in " + ", ".join(differ),
+        )
+        k = int(meta.get("top_k") or m.get("top_k") or 0)
+        vocab = meta.get("student_vocab_size")
+        st = Stats()
+        try:
+            for g in range(len(groups)):
+                try:
+                    table = pf.read_row_group(g, use_threads=use_threads)
+                except Exception as err:  # page CRC, decompression, truncated pages
+                    raise _BadRows(
+                        f"row group {g} failed to read ({_bad_columns(pf, g)}): {err}"
+                    ) from err
+                try:
+                    st.add_rows(table, k, int(vocab) if vocab is not None else None)
+                except _BadRows as err:
+                    raise _BadRows(f"row group {g}: {err}") from err
+                except Exception as err:  # reshape of a wrong k, wrong types
+                    raise _BadRows(f"row group {g} does not decode: {err}") from err
+        except _BadRows as err:
+            a.check("pages", False, str(err))
+            a.seconds = time.perf_counter() - t0
+            return a
+        a.check("pages", True)
+        a.stats = st
+        wrong = []
+        for key, got in (
+            ("documents", st.documents),
+            ("student_tokens", st.student_tokens),
+            ("target_rows", st.target_rows),
+        ):
+            if key in m and int(m[key]) != got:
+                wrong.append(f"{key} {got} in the file, {m[key]} in the manifest")
+        if "mean_topk_mass" in m and st.target_rows:
+            mean = st.topk_mass_sum / st.target_rows
+            if abs(mean - float(m["mean_topk_mass"])) > 1e-5:
+                wrong.append(
+                    f"mean top-k mass {mean:.6f} in the file, {m['mean_topk_mass']:.6f} in the manifest"
+                )
+        a.check("counts", not wrong, "; ".join(wrong))
+    finally:
+        with contextlib.suppress(Exception):
+            pf.close(force=True)
+    with contextlib.suppress(Exception):  # footer only; its failure is already a check above
+        a.columns = column_bytes(ref.url, storage_options)
+    a.seconds = time.perf_counter() - t0
+    return a
+
+
+# ---------------------------------------------------------------------------- locating
+@dataclass
+class Source:
+    """What an audit covers: a run (by its index) or loose shards."""
+
+    url: str
+    index_url: str | None
+    base: str  # the folder holding the shards (and config.yaml)
+    index_provenance: dict[str, Any] | None
+    shards: list[ShardRef]
+    problems: list[str] = field(default_factory=list)  # run level, each fails the audit
+
+
+def _ref_for(data_url: str, storage_options: dict[str, Any] | None) -> ShardRef:
+    base, file = data_url.rsplit("/", 1) if "/" in data_url else (".", data_url)
+    name = file[: -len(DATA_SUFFIX)] if file.endswith(DATA_SUFFIX) else file
+    try:
+        manifest = xio.read_json(xio.join(base, name + MANIFEST_SUFFIX), storage_options)
+    except xio.StorageError as err:
+        return ShardRef(name, data_url, None, f"manifest missing ({err})")
+    return ShardRef(name, data_url, manifest)
+
+
+def locate(
+    url: str, storage_options: dict[str, Any] | None = None, shards: str | None = None
+) -> Source:
+    """Find what to audit at ``url``: a run directory (its ``index.json``), an index URL,
+    one ``.parquet`` shard or a glob of them (each with the manifest beside it), or a run
+    directory without an index (an unfinished run: its committed shards, and a problem).
+    ``shards`` keeps only shards whose name or file name matches that glob."""
+    url = url.rstrip("/")
+    index_url: str | None = None
+    problems: list[str] = []
+    prov: dict[str, Any] | None = None
+    refs: list[ShardRef] = []
+    if url.endswith(DATA_SUFFIX) or any(ch in url.rsplit("/", 1)[-1] for ch in "*?["):
+        try:
+            files = [f for f in xio.expand([url], storage_options) if f.endswith(DATA_SUFFIX)]
+        except xio.StorageError as err:
+            raise AuditError(str(err)) from err
+        if not files:
+            raise AuditError(f"{url!r} matches no {DATA_SUFFIX} shard")
+        refs = [_ref_for(f, storage_options) for f in files]
+        base = files[0].rsplit("/", 1)[0] if "/" in files[0] else "."
+    else:
+        if url.endswith(".json"):
+            index_url = url
+        elif xio.exists(xio.join(url, "index.json"), storage_options):
+            index_url = xio.join(url, "index.json")
+        if index_url is None:
+            base = url
+        else:
+            base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
+        if index_url is not None:
+            try:
+                index = xio.read_json(index_url, storage_options)
+            except xio.StorageError as err:
+                raise AuditError(f"no run index at {index_url}: {err}") from err
+            version = index.get("schema_version")
+            if version is None or int(version) > CURRENT_VERSION:
+                problems.append(f"{index_url}: unknown schema version {version!r}")
+            prov = dict(index.get("provenance", {}))
+            for entry in index.get("shards", []):
+                name = entry["name"]
+                data_url = xio.join(base, entry.get("file", name + DATA_SUFFIX))
+                try:
+                    m = xio.read_json(xio.join(base, entry["manifest"]), storage_options)
+                except xio.StorageError as err:
+                    refs.append(ShardRef(name, data_url, None, f"manifest missing ({err})"))
+                    continue
+                data_url = xio.join(base, m.get("file", name + DATA_SUFFIX))
+                problem = None
+                if m.get("sha256") != entry.get("sha256"):
+                    problem = (
+                        "manifest checksum differs from the run index (the shard was "
+                        "rewritten after the index; rerun the job to refresh it)"
+                    )
+                refs.append(ShardRef(name, data_url, m, problem))
+        else:
+            try:
+                found = xio.expand([xio.join(url, "*" + MANIFEST_SUFFIX)], storage_options)
+            except xio.StorageError as err:
+                raise AuditError(
+                    f"{url}: no index.json and no committed shard ({err}); is this a run?"
+                ) from err
+            problems.append(
+                f"{url} has no index.json: the run has not finished (or its index was "
+                f"removed); auditing the {len(found)} committed shards"
+            )
+            refs = [
+                _ref_for(f[: -len(MANIFEST_SUFFIX)] + DATA_SUFFIX, storage_options) for f in found
+            ]
+    if shards:
+        refs = [
+            r
+            for r in refs
+            if fnmatch.fnmatchcase(r.name, shards)
+            or fnmatch.fnmatchcase(r.url.rsplit("/", 1)[-1], shards)
+        ]
+        if not refs:
+            raise AuditError(f"no shard of {url} matches --shards {shards!r}")
+    if not refs:
+        raise AuditError(f"{url}: the run lists no shard")
+    return Source(url, index_url, base, prov, refs, problems)
+
+
+# ---------------------------------------------------------------------------- the run
+def compare_provenance(
+    provenances: dict[str, dict[str, Any]], reference: dict[str, Any]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per shard, the keys whose value differs from ``reference`` (missing keys too):
+    ``{shard: {key: {"expected": x, "found": y}}}``; shards that agree are left out."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, prov in provenances.items():
+        diff = {
+            k: {"expected": reference.get(k), "found": prov.get(k)}
+            for k in sorted(set(prov) | set(reference))
+            if prov.get(k) != reference.get(k)
+        }
+        if diff:
+            out[name] = diff
+    return out
+
+
+def _majority(provenances: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    counts = Counter(json.dumps(p, sort_keys=True) for p in provenances)
+    best = max(counts.values())
+    for p in provenances:  # ties: the first shard's
+        if counts[json.dumps(p, sort_keys=True)] == best:
+            return p
+    return {}
+
+
+class RunAudit:
+    """Merges `ShardAudit`s (in shard order) into the run's summary; keeps per-shard
+    summaries, not per-shard histograms, so memory stays small for many shards."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.shards: list[dict[str, Any]] = []
+        self.totals = Stats()
+        self.bytes = 0
+        self.columns: dict[str, list[int]] = {}
+        self.skipped: dict[str, int] = {}
+        self.covered: list[str] = []
+        self._provenance: dict[str, dict[str, Any]] = {}
+        self.verify_live: dict[str, Any] | None = None
+
+    def add(self, a: ShardAudit) -> dict[str, Any]:
+        """Merge one shard; returns its summary."""
+        s = a.stats
+        tokens = s.student_tokens if s is not None else None
+        comp = sum(c[0] for c in a.columns.values())
+        raw = sum(c[1] for c in a.columns.values())
+        entry: dict[str, Any] = {
+            "name": a.name,
+            "file": a.url,
+            "ok": a.ok,
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in a.checks],
+            "failures": a.failures,
+            "bytes": a.bytes,
+            "bytes_per_token": (a.bytes / tokens) if tokens and a.bytes else None,
+            "compression_ratio": raw / comp if comp else None,
+            "columns": {
+                c: {"compressed": v[0], "uncompressed": v[1]} for c, v in sorted(a.columns.items())
+            },
+            "skipped": sum(a.skipped.values()),
+            "skipped_by_reason": dict(sorted(a.skipped.items())),
+            "seconds": round(a.seconds, 4),
+            "stats": s.summary() if s is not None else None,
+        }
+        self.shards.append(entry)
+        if a.provenance:
+            self._provenance[a.name] = a.provenance
+        if s is not None:  # fully read: part of the run totals
+            self.covered.append(a.name)
+            self.totals.merge(s)
+            self.bytes += a.bytes or 0
+            for c, v in a.columns.items():
+                acc = self.columns.setdefault(c, [0, 0])
+                acc[0] += v[0]
+                acc[1] += v[1]
+            for reason, n in a.skipped.items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+        return entry
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        if self.source.index_provenance:
+            return self.source.index_provenance
+        return _majority(list(self._provenance.values()))
+
+    def consistency(self) -> dict[str, Any]:
+        diff = compare_provenance(self._provenance, self.reference)
+        return {
+            "ok": not diff,
+            "reference": "run index" if self.source.index_provenance else "most common provenance",
+            "provenance": self.reference,
+            "differences": diff,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The machine-readable audit (``summary.json``)."""
+        cons = self.consistency()
+        failures = [f"{s['name']}: {f}" for s in self.shards for f in s["failures"]]
+        failures += [
+            f"{name}: provenance differs in " + ", ".join(keys)
+            for name, keys in cons["differences"].items()
+        ]
+        failures += list(self.source.problems)
+        if self.verify_live is not None and not self.verify_live["ok"]:
+            failures.append("verify-live: " + self.verify_live["verdict"])
+        st = self.totals
+        comp = sum(v[0] for v in self.columns.values())
+        raw = sum(v[1] for v in self.columns.values())
+        tokens = st.student_tokens
+        run = {
+            **st.summary(),
+            "shards": len(self.covered),
+            "bytes": self.bytes,
+            "bytes_per_token": self.bytes / tokens if tokens else None,
+            "compression_ratio": raw / comp if comp else None,
+            "columns": {
+                c: {
+                    "compressed": v[0],
+                    "uncompressed": v[1],
+                    "bytes_per_token": v[0] / tokens if tokens else None,
+                }
+                for c, v in sorted(self.columns.items())
+            },
+            "skipped": sum(self.skipped.values()),
+            "skipped_by_reason": dict(sorted(self.skipped.items())),
+        }
+        return {
+            "ok": not failures,
+            "source": self.source.url,
+            "index": self.source.index_url,
+            "schema_version": CURRENT_VERSION,
+            "failures": failures,
+            "problems": list(self.source.problems),
+            "shards_audited": len(self.shards),
+            "shards_failed": [s["name"] for s in self.shards if not s["ok"]],
+            "totals_cover": list(self.covered),
+            "run": run,
+            "histograms": self.totals.histograms(),
+            "shards": self.shards,
+            "consistency": cons,
+            "verify_live": self.verify_live,
+        }
+
+
+# ---------------------------------------------------------------------------- config
+def load_run_config(
+    base: str, storage_options: dict[str, Any] | None = None, url: str | None = None
+) -> Any:
+    """The run's resolved ``config.yaml`` (beside the shards, or ``url``) as a `JobConfig`."""
+    import yaml
+
+    from pipeline.config import JobConfig
+
+    url = url or xio.join(base, "config.yaml")
+    try:
+        data = yaml.safe_load(xio.read_bytes(url, storage_options))
+        return JobConfig.model_validate(data or {})
+    except xio.StorageError as err:
+        raise AuditError(f"cannot read the run config {url}: {err} (pass --config)") from err
+    except Exception as err:
+        raise AuditError(f"the run config {url} is not a valid job config: {err}") from err
+
+
+def student_tokenizer(cfg: Any, provenance: dict[str, Any]) -> Any:
+    """The student tokenizer of a run (a `ByteLevelBPE`), checked against the tokenizer
+    hash recorded in the shard."""
+    from pipeline.generate import tokenizer_pair
+    from pipeline.tokenization import ByteLevelBPE
+
+    S = ByteLevelBPE(tokenizer_pair(cfg)[1], "student")
+    want = provenance.get("student_tokenizer_sha256")
+    if want is not None and S.fingerprint != want:
+        raise AuditError(
+            f"the run config gives a student tokenizer with sha256 {S.fingerprint[:16]}..., "
+            f"the shard was made with {str(want)[:16]}... (wrong config.yaml?)"
+        )
+    return S
+
+
+# ---------------------------------------------------------------------------- inspect
+def inspect_document(
+    shard_url: str,
+    doc_id: str,
+    pos: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    config_url: str | None = None,
+    top: int = 5,
+) -> str:
+    """A document's student tokens and, per target row, its ``top`` targets decoded to
+    strings with their probabilities (for a person to read)."""
+    ref = _ref_for(shard_url.rstrip("/"), storage_options)
+    if ref.manifest is None:
+        raise AuditError(f"shard {ref.name}: {ref.problem}")
+    try:
+        pf, groups = _open_shard(ShardInfo(ref.name, ref.url, ref.manifest), storage_options)
+    except ShardError as err:
+        raise AuditError(str(err)) from err
+    try:
+        meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
+        k = int(meta["top_k"])
+        eos = int(meta.get("student_eos_id", -1))
+        doc_ids = pf.read(columns=["doc_id"])["doc_id"].to_pylist()
+        where = [i for i, d in enumerate(doc_ids) if d == doc_id]
+        if not where:
+            firsts = list(dict.fromkeys(doc_ids))[:5]
+            raise AuditError(
+                f"doc {doc_id!r} is not in shard {ref.name} ({len(set(doc_ids))} documents"
+                + (f", e.g. {', '.join(map(repr, firsts))}" if firsts else "")
+                + ")"
+            )
+        base = ref.url.rsplit("/", 1)[0] if "/" in ref.url else "."
+        S = student_tokenizer(load_run_config(base, storage_options, config_url), meta)
+        starts = np.cumsum([0, *groups])
+        out = [
+            f"shard {ref.name}, doc {doc_id!r}: {len(where)} sequence(s), k={k}",
+            "row i is the target for the token after tokens[:i] (its actual next token is "
+            "tokens[i]; the last row predicts the student EOS); * = loss_mask (a training target)",
+        ]
+        for i in where:
+            g = int(np.searchsorted(starts, i, side="right") - 1)
+            table = pf.read_row_group(g).slice(i - int(starts[g]), 1)
+            chunk = int(table["chunk"][0].as_py())
+            u = _decode(table, k)
+            ids = u.ids.tolist()
+            L = len(ids)
+            if pos is not None and not 0 <= pos <= L:
+                raise AuditError(f"--pos {pos} outside rows 0..{L} of doc {doc_id!r} chunk {chunk}")
+            text = S.decode_bytes(ids).decode("utf-8", errors="replace")
+            out.append(f"--- chunk {chunk}: {L} student tokens, {L + 1} target rows")
+            first = 0
+            if pos is None:
+                out.append(f"text: {text!r}")
+            else:  # the tokens just before the row
+                first = max(0, pos - 12)
+            shown = range(first, L if pos is None else pos)
+            out.append("tokens: " + " ".join(f"[{j}]{S.token_repr(ids[j])!r}" for j in shown))
+            rows = range(L + 1) if pos is None else [pos]
+            for r in rows:
+                nxt = S.token_repr(ids[r]) if r < L else f"<eos {eos}>"
+                tops = "  ".join(
+                    f"{S.token_repr(int(t))!r} {float(np.exp(lp)):.4f}"
+                    for t, lp in zip(u.topk_ids[r][:top], u.topk_lp[r][:top], strict=True)
+                    if np.isfinite(lp)
+                )
+                out.append(
+                    f"{'*' if u.loss_mask[r] else ' '} row {r:4d}  next {nxt!r:<14} "
+                    f"logP {float(u.target_lp[r]):8.3f} | {tops} | tail {float(u.tail[r]):.4f}"
+                )
+        return "\n".join(out)
+    finally:
+        with contextlib.suppress(Exception):
+            pf.close(force=True)
+
+
+# ---------------------------------------------------------------------------- verify-live
+def verify_live(
+    source: Source,
+    shards: Sequence[ShardRef],
+    n: int,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    config_url: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Re-score ``n`` sequences sampled with ``seed`` from ``shards`` with the live teacher
+    of the run's config and compare with the stored rows.
+
+    A shard stores no text: each sequence's student ``input_ids`` are decoded with the
+    student tokenizer and must re-encode to the same ids (else it is reported and not
+    compared). The top-k log-probs are compared position by position (both rows are
+    sorted, so a tie swapped between two ids does not count); the audit passes when the
+    largest difference is within ``LOGPROB_STEP / 2`` (storage quantisation) plus
+    ``LIVE_TOLERANCE``. Tail mass and target log-prob differences are reported too."""
+    from pipeline.generate import GenerateStep
+
+    cfg = load_run_config(source.base, storage_options, config_url)
+    if device:
+        cfg.teacher.device = device
+    step = GenerateStep(cfg)
+    step.setup()
+    scorer, teacher = step.scorer, step.teacher
+    bound = LOGPROB_STEP / 2 + LIVE_TOLERANCE
+    result: dict[str, Any] = {
+        "requested": n,
+        "seed": seed,
+        "bound": bound,
+        "logprob_step": LOGPROB_STEP,
+        "config": xio.join(source.base, "config.yaml") if config_url is None else config_url,
+        "config_differences": {},
+        "sequences": [],
+        "not_reencoded": [],
+    }
+    sizes = [int((r.manifest or {}).get("sequences", 0)) for r in shards]
+    total = sum(sizes)
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.choice(total, size=min(n, total), replace=False).tolist()) if total else []
+    starts = np.cumsum([0, *sizes])
+    wanted: dict[int, list[int]] = {}
+    for p in picks:
+        s = int(np.searchsorted(starts, p, side="right") - 1)
+        wanted.setdefault(s, []).append(p - int(starts[s]))
+    todo: list[tuple[dict[str, Any], Any, np.ndarray, dict[str, np.ndarray]]] = []
+    for s, seqs in wanted.items():
+        ref = shards[s]
+        pf, groups = _open_shard(ShardInfo(ref.name, ref.url, ref.manifest or {}), storage_options)
+        try:
+            meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
+            diff = {
+                key: {"shard": meta.get(key), "config": step.provenance.get(key)}
+                for key in (
+                    "teacher",
+                    "teacher_revision",
+                    "teacher_tokenizer_sha256",
+                    "student_tokenizer_sha256",
+                    "top_k",
+                    "temperature",
+                )
+                if meta.get(key) != step.provenance.get(key)
+            }
+            if diff:
+                result["config_differences"][ref.name] = diff
+            k = int(meta["top_k"])
+            gstart = np.cumsum([0, *groups])
+            by_group: dict[int, list[int]] = {}
+            for i in seqs:
+                g = int(np.searchsorted(gstart, i, side="right") - 1)
+                by_group.setdefault(g, []).append(i - int(gstart[g]))
+            for g, rows in by_group.items():
+                table = pf.read_row_group(g)
+                u = _decode(table, k)
+                for r in rows:
+                    a, z = int(u.id_off[r]), int(u.id_off[r + 1])
+                    ra, rz = int(u.row_off[r]), int(u.row_off[r + 1])
+                    info = {
+                        "shard": ref.name,
+                        "doc_id": table["doc_id"][r].as_py(),
+                        "chunk": int(table["chunk"][r].as_py()),
+                        "tokens": z - a,
+                    }
+                    ids = u.ids[a:z]
+                    stored = {
+                        "topk_ids": u.topk_ids[ra:rz],
+                        "topk_lp": u.topk_lp[ra:rz],
+                        "tail": u.tail[ra:rz],
+                        "target_lp": u.target_lp[ra:rz],
+                    }
+                    try:
+                        text = scorer.S.decode_bytes(ids.tolist()).decode("utf-8")
+                        prep = scorer.prepare(text)
+                    except Exception as err:  # undecodable bytes, unscorable text
+                        result["not_reencoded"].append({**info, "reason": str(err)})
+                        continue
+                    if list(prep.student_ids) != ids.tolist():
+                        result["not_reencoded"].append(
+                            {
+                                **info,
+                                "reason": "the decoded text re-encodes to different student ids",
+                            }
+                        )
+                        continue
+                    todo.append((info, prep, ids, stored))
+        finally:
+            with contextlib.suppress(Exception):
+                pf.close(force=True)
+    worst = 0.0
+    for k in sorted({t[3]["topk_lp"].shape[1] for t in todo}):
+        batch = [t for t in todo if t[3]["topk_lp"].shape[1] == k]
+        live = scorer.score_prepared(teacher, [t[1] for t in batch], top_k=k)
+        for (info, _, _, stored), doc in zip(batch, live, strict=True):
+            got = np.full((len(doc.student_ids) + 1, k), -np.inf, dtype=np.float64)
+            lk = np.asarray(doc.topk_logprobs, dtype=np.float64)
+            got[:, : lk.shape[1]] = lk[:, :k]
+            # storage saturates at q = 65534 steps
+            got = np.maximum(got, -(LOGPROB_NONE - 1) * LOGPROB_STEP)
+            want = stored["topk_lp"].astype(np.float64)
+            fin_w, fin_g = np.isfinite(want), np.isfinite(got)
+            missing = int((fin_w != fin_g).sum())
+            both = fin_w & fin_g
+            d = float(np.abs(want[both] - got[both]).max()) if both.any() else 0.0
+            if missing:
+                d = float("inf")
+            ids_live = np.zeros((len(doc.student_ids) + 1, k), dtype=np.int64)
+            ids_live[:, : lk.shape[1]] = np.asarray(doc.topk_ids)[:, :k]
+            worst = max(worst, d)
+            result["sequences"].append(
+                {
+                    **info,
+                    "max_abs_logprob_diff": d,
+                    "missing_mismatch": missing,
+                    "max_tail_mass_diff": float(
+                        np.abs(stored["tail"].astype(np.float64) - doc.tail_mass).max()
+                    ),
+                    "max_target_logprob_diff": _finite_diff(
+                        stored["target_lp"], doc.target_logprobs
+                    ),
+                    # share of top-k slots holding the same id (near-ties may swap)
+                    "topk_id_agreement": float((ids_live == stored["topk_ids"]).mean()),
+                }
+            )
+    compared = len(result["sequences"])
+    result["compared"] = compared
+    result["max_abs_logprob_diff"] = worst if compared else None
+    ok = compared > 0 and not result["not_reencoded"] and worst <= bound
+    result["ok"] = ok
+    if ok:
+        verdict = f"{compared} sequences re-scored, max |diff| {worst:.6f} <= {bound:.6f}"
+    elif compared == 0 and not result["not_reencoded"]:
+        verdict = "no sequence to re-score"
+    else:
+        parts = []
+        if worst > bound:
+            parts.append(f"max |diff| {worst:.6f} > {bound:.6f} over {compared} sequences")
+        if result["not_reencoded"]:
+            parts.append(f"{len(result['not_reencoded'])} sequences do not re-encode")
+        if result["config_differences"]:
+            parts.append(
+                "the config differs from the shards in "
+                + ", ".join(sorted({k for d in result["config_differences"].values() for k in d}))
+            )
+        verdict = "; ".join(parts)
+    result["verdict"] = verdict
+    return result
+
+
+def _finite_diff(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    both = np.isfinite(a) & np.isfinite(b)
+    if (np.isfinite(a) != np.isfinite(b)).any():
+        return float("inf")
+    return float(np.abs(a[both] - b[both]).max()) if both.any() else 0.0
+
+
+def default_report_dir(source: Source) -> str:
+    """``./audit-<run folder name>`` (a local folder; runs may live on object stores)."""
+    name = source.base.rstrip("/").rsplit("/", 1)[-1] or "run"
+    return os.path.join(".", f"audit-{name}")
