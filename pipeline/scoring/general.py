@@ -1,0 +1,786 @@
+"""General scorer: student targets for an arbitrary student tokenizer
+(``../shared/spec/scoring.md`` §3). Correctness first: this is the reference core, not
+the production path (see "Cost" below).
+
+Two stages:
+
+1. `ByteModel`: the teacher's exact next-byte distributions, from the subset-exact
+   scorer with the teacher's own byte base as student (``truncate_merges(T, 0)``).
+   Scoring one text gives the row after every byte prefix of it, so rows are cached by
+   byte prefix. A prefix that ends inside a UTF-8 character is scored through a text
+   that completes the character (the row at a byte position depends only on the bytes
+   before it).
+2. Rows. For a document with student encoding ``s_1..s_L``, row ``i`` is
+   ``P(token i of the student encoding of the complete text = g | the encoding starts
+   with s_1..s_i)`` (``g`` = the student's EOS when the encoding has exactly ``i``
+   tokens), under the distribution over complete texts that the byte model defines.
+   It is found by enumerating byte continuations of the text prefix(es) that
+   ``s_1..s_i`` stand for (`StudentView.roots`), weighted by the byte model, level by
+   level, until every branch is decided; branches whose encoding does not start with
+   ``s_1..s_i`` leave numerator and denominator (conditioning).
+
+Decision rule (`StudentView.stable_tokens`). A branch is a byte string ``y``. Its
+stable tokens are tokens that EVERY complete text starting with ``y`` encodes to
+first: the encoding of ``y`` up to its last stable boundary ``q``, a pre-token boundary
+that no continuation can move (BPE never crosses a pre-token boundary). The branch is
+decided when its stable tokens disagree with ``s_1..s_i`` (excluded) or number more
+than ``i`` (the token at index ``i`` is known); at end of text the complete text's own
+encoding decides. Stable boundaries by pre-tokenizer:
+
+- GPT-2 / Qwen2 / Llama-3 regex: a pre-token start ``q`` whose previous character is
+  not whitespace and that has at least two more characters after it in ``y``. The
+  matcher decides each pre-token before ``q`` from characters up to ``q + 1``: class
+  runs stop at the first character outside the class, a whitespace run ends before
+  the non-whitespace character ``y[q-1]``, and contractions read at most three
+  characters from their start. Whitespace before ``q`` is excluded because of
+  ``\\s+(?!\\S)`` (``"a  "`` -> ``[a, "  "]`` but ``"a  1"`` -> ``[a, " ", " ", 1]``), and the
+  two characters after ``q`` because of contractions (GPT-2 ``"x'l"`` ->
+  ``[x, ', l]`` but ``"x'll"`` -> ``[x, 'll]``).
+- Metaspace with ``split=True``: before every space at ``q >= 1`` (a new piece starts
+  at every ``▁`` whatever follows).
+- Byte-level BPE without merges: every byte boundary (every byte is a token).
+- No pre-tokenizer, Metaspace with ``split=False`` (SentencePiece "legacy" layouts such
+  as Llama-2's Prepend + Replace normalizer) or an unknown regex: no stable boundary;
+  only end of text decides. Correct, but exponential in the rest of the text.
+- An NFC normalizer additionally needs an ASCII character at index ``>= q + 2``
+  (regex) or ``>= q`` (others) in an NFC-normalized ``y``: NFC never composes an ASCII
+  character with what precedes it, so no continuation can change the text before it.
+
+The rule is checked by brute force in ``tests/scoring/test_general_bruteforce.py``:
+stable tokens of every short string are a prefix of the encoding of every
+continuation, and all rows equal the enumerated truth.
+
+Roots. Usually ``s_1..s_i`` stand for one text prefix. Metaspace with
+``prepend_scheme="first"|"always"`` is not injective (``" a"`` and ``"a"`` both encode
+to ``▁a``), so a row may have two roots, weighted by their byte-model prefix
+probabilities (`StudentView.roots`).
+
+Modes. ``lossless``: enumerate until decided or ``max_depth`` continuation bytes; the
+mass of branches still undecided there is the row's unaccounted mass. ``fast``:
+additionally drop undecided branches below ``min_prob`` (relative to the row's
+starting mass) and keep at most ``beam`` branches per depth. Rows are
+``m(g) / Z`` with ``Z`` = consistent decided mass + unaccounted mass, so a row sums to
+``1 - unaccounted_mass``; ``row(g) <= truth(g) <= row(g) + unaccounted_mass``.
+
+Cost. Per distinct student prefix: one byte-model row per expanded branch (each
+``max_depth``-limited tree node), i.e. exponential in the look-ahead (up to 256 children
+per node with a real teacher). Each uncached byte-model row scores a whole text from
+its start (O(text length) teacher contexts per row). Real documents need local
+re-scoring from a stable teacher boundary with the canonical prefix as context and one
+merged context tree per document; neither is here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from pipeline.scoring.common import Regime, ScoredDocument
+from pipeline.scoring.subset import PreparedDocument, SubsetExactScorer
+from pipeline.scoring.unicode import _codepoint_range, completion_representatives
+from pipeline.tokenization import (
+    GPT2_PATTERN,
+    LLAMA3_PATTERN,
+    QWEN2_PATTERN,
+    ByteLevelBPE,
+    TokenizerError,
+    UnscorableTextError,
+    load_tokenizer,
+    truncate_merges,
+    unicode_to_bytes,
+)
+
+# Columns of a byte-model row: bytes 0..255, end of text, teacher specials other than
+# end of text (mass the student cannot see).
+EOS_COL = 256
+UNMAPPED_COL = 257
+ROW_WIDTH = 258
+
+# Pre-tokenizer regexes whose stable boundaries `StudentView` knows (see module doc).
+KNOWN_PATTERNS = {GPT2_PATTERN: "gpt2", QWEN2_PATTERN: "qwen2", LLAMA3_PATTERN: "llama3"}
+REGEX_LOOKAHEAD = 2  # characters after a boundary the regex matcher may read
+
+_UNDECIDED = -1
+_EXCLUDED = -2
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _utf8_split(y: bytes) -> tuple[str, bytes] | None:
+    """``(decoded text, trailing partial character)`` of ``y``, or None when no
+    continuation makes ``y`` valid UTF-8."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        text = dec.decode(y, final=False)
+    except UnicodeDecodeError:
+        return None
+    partial = dec.getstate()[0]
+    if partial and not completion_representatives(partial):
+        return None  # e.g. a surrogate or > U+10FFFF: no character completes it
+    return text, partial
+
+
+def _completions(p: bytes) -> Iterator[str]:
+    """Valid texts whose UTF-8 starts with ``p`` (``p`` itself when it is valid):
+    one character per regex class first, then other completing characters."""
+    split = _utf8_split(p)
+    if split is None:
+        return
+    text, partial = split
+    if not partial:
+        yield text
+        return
+    reps = completion_representatives(partial)
+    yield from (text + ch for ch in reps)
+    rng = _codepoint_range(partial)
+    if rng is not None:
+        for cp in range(rng[0], min(rng[1], rng[0] + 512) + 1):
+            ch = chr(cp)
+            if ch not in reps and not 0xD800 <= cp <= 0xDFFF:
+                yield text + ch
+
+
+class ByteModel:
+    """The teacher's exact next-byte distributions, cached by byte prefix.
+
+    ``row(prefix)`` is a float64 array ``[258]``: P(next byte = b | the text starts
+    with ``prefix``) for b in 0..255, then P(the text ends here), then the mass on
+    teacher specials other than end of text. It sums to 1 (to 0 for a prefix the
+    teacher never produces). Rows depend on the teacher: `reset` between teachers.
+
+    Args:
+        teacher_tokenizer: the teacher's byte-level BPE (any form `load_tokenizer` takes).
+        eos_token: content of the teacher's end-of-text token (default: the first of
+            ``DOC_END_TOKENS`` it has).
+    """
+
+    def __init__(self, teacher_tokenizer: Any, eos_token: str | None = None) -> None:
+        tok = load_tokenizer(teacher_tokenizer)
+        model = json.loads(tok.to_str()).get("model") or {}
+        if not model.get("vocab"):
+            raise TokenizerError("teacher tokenizer has an empty vocabulary")
+        self.scorer = SubsetExactScorer(tok, truncate_merges(tok, 0), eos_token=eos_token)
+        self.eos_token = self.scorer.eos_token
+        S = self.scorer.S
+        col = np.full(S.size, UNMAPPED_COL, dtype=np.int64)
+        for i in range(S.size):
+            if i == self.scorer.student_eos:
+                col[i] = EOS_COL
+            elif i not in S.added_ids:
+                b = S.token_bytes.get(i)
+                if b is None or len(b) != 1:
+                    raise TokenizerError(f"teacher byte symbol id {i} is not one byte: {b!r}")
+                col[i] = b[0]
+        # [V_bytes, 258] 0/1 matrix: byte-student columns -> byte-model columns
+        self._to_row = np.zeros((S.size, ROW_WIDTH))
+        self._to_row[np.arange(S.size), col] = 1.0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget cached rows and counters."""
+        self.rows: dict[bytes, np.ndarray] = {}
+        self.stats = {"texts_scored": 0, "teacher_contexts": 0, "batches": 0}
+        self._teacher: Any = None
+
+    def bind(self, teacher: Any) -> None:
+        """Use ``teacher`` from now on; cached rows survive only for the same object."""
+        if teacher is not self._teacher:
+            self.reset()
+            self._teacher = teacher
+
+    def prepare_texts(self, teacher: Any, texts: Sequence[str]) -> list[PreparedDocument]:
+        """Tokenizer phase of whole texts (raises `UnscorableTextError` for a text the
+        teacher cannot encode); makes the rows of all their prefixes available."""
+        prepared = [self.scorer.prepare(t) for t in texts]
+        todo = {p.text: p for p in prepared if p.text.encode("utf-8") not in self.rows}
+        if todo:
+            self._score(teacher, list(todo.values()))
+        return prepared
+
+    def ensure(self, teacher: Any, prefixes: Iterable[bytes]) -> None:
+        """Make ``row(p)`` available for every ``p`` (one batched teacher call)."""
+        prepared: dict[str, PreparedDocument] = {}
+        missing = sorted({p for p in prefixes if p not in self.rows})
+        for k, p in enumerate(missing):
+            # In sorted order, a prefix of another missing prefix is a prefix of the next
+            # one, whose text gives its row too.
+            if k + 1 < len(missing) and missing[k + 1].startswith(p):
+                continue
+            for text in _completions(p):
+                if text in prepared:
+                    break
+                try:
+                    prep = self.scorer.prepare(text)
+                except UnscorableTextError:
+                    continue
+                if prep.text.encode("utf-8").startswith(p):  # normalization kept the bytes
+                    prepared[text] = prep
+                    break
+            else:
+                raise UnscorableTextError(
+                    f"no text the teacher can encode starts with the bytes {p[-12:]!r} "
+                    "(needed for a next-byte distribution)"
+                )
+        if prepared:
+            self._score(teacher, list(prepared.values()))
+
+    def row(self, prefix: bytes) -> np.ndarray:
+        return self.rows[prefix]
+
+    def log_prefix(self, prefix: bytes) -> float:
+        """log P(the text starts with ``prefix``); the rows of its prefixes must be cached."""
+        total = 0.0
+        for j in range(len(prefix)):
+            p = float(self.rows[prefix[:j]][prefix[j]])
+            if p <= 0.0:
+                return -math.inf
+            total += math.log(p)
+        return total
+
+    def _score(self, teacher: Any, prepared: list[PreparedDocument]) -> list[ScoredDocument]:
+        self.stats["texts_scored"] += len(prepared)
+        self.stats["teacher_contexts"] += sum(p.num_nodes for p in prepared)
+        self.stats["batches"] += 1
+        docs = self.scorer.score_prepared(teacher, prepared, top_k=None)
+        for doc in docs:
+            b = doc.text.encode("utf-8")
+            assert doc.logprobs is not None and len(doc.student_ids) == len(b)
+            probs = np.exp(doc.logprobs) * (1.0 - doc.unmapped_mass)[:, None]
+            rows = probs @ self._to_row
+            rows[:, UNMAPPED_COL] += doc.unmapped_mass
+            # The cache stays prefix-closed: stop at the first prefix already cached.
+            for j in range(len(b), -1, -1):
+                if b[:j] in self.rows:
+                    break
+                self.rows[b[:j]] = rows[j]
+        return docs
+
+
+def _flatten(component: Any, key: str) -> list[dict[str, Any]]:
+    if component is None:
+        return []
+    if component.get("type") == "Sequence":
+        out: list[dict[str, Any]] = []
+        for c in component.get(key, []):
+            out.extend(_flatten(c, key))
+        return out
+    return [component]
+
+
+class StudentView:
+    """An arbitrary student tokenizer as the general scorer sees it: encodings of
+    complete texts, stable tokens of a text prefix (the decision rule, see the module
+    docstring), and the byte prefixes a token prefix stands for.
+
+    Supported: BPE models (byte-level or with ``▁`` and ``byte_fallback``), normalizers
+    NFC / Prepend / Replace(" " -> replacement), pre-tokenizers none, ByteLevel,
+    Split(regex) + ByteLevel, Metaspace. Anything else raises `TokenizerError`. For a
+    ``▁`` student a literal "▁" in a text cannot be told from a space: such documents
+    are refused, and branches that contain one stay undecided until end of text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, eos_token: str, name: str = "student") -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+        spec = json.loads(tokenizer.to_str())
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE":
+            raise TokenizerError(f"{name}: model type {model.get('type')!r} is not BPE")
+        vocab: dict[str, int] = dict(model.get("vocab") or {})
+        if not vocab:
+            raise TokenizerError(f"{name}: empty vocabulary")
+        for opt in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(opt):
+                raise TokenizerError(f"{name}: BPE option {opt}={model.get(opt)!r} unsupported")
+        added = {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
+        if eos_token not in added:
+            raise TokenizerError(
+                f"{name} has no added token {eos_token!r} to carry the end-of-text mass"
+            )
+        self.eos_id = added[eos_token]
+        self.added_contents = tuple(added)
+        self.size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+        self.nfc = False
+        self.space_char: str | None = None
+        prepend: str | None = None
+        for n in _flatten(spec.get("normalizer"), "normalizers"):
+            kind = n.get("type")
+            if kind == "NFC":
+                self.nfc = True
+            elif kind == "Prepend":
+                prepend = n["prepend"]
+            elif kind == "Replace" and n.get("pattern") == {"String": " "}:
+                self.space_char = n["content"]
+            else:
+                raise TokenizerError(f"{name}: normalizer {n!r} is not supported")
+
+        pres = _flatten(spec.get("pre_tokenizer"), "pretokenizers")
+        kinds = [p.get("type") for p in pres]
+        self.byte_level = "ByteLevel" in kinds
+        self.rule = "none"
+        self.prefix_mode = "prepend" if prepend else "none"
+        for p in pres:
+            if p.get("type") == "ByteLevel" and p.get("add_prefix_space"):
+                raise TokenizerError(f"{name}: ByteLevel add_prefix_space=True is unsupported")
+        if kinds == ["ByteLevel"]:
+            self.rule = "regex" if pres[0].get("use_regex", True) else "none"
+        elif kinds == ["Split", "ByteLevel"]:
+            split, bl = pres
+            if split.get("behavior") != "Isolated" or split.get("invert") or bl.get("use_regex"):
+                raise TokenizerError(f"{name}: unsupported Split pre-tokenizer {split!r}")
+            pattern = (split.get("pattern") or {}).get("Regex")
+            self.rule = "regex" if pattern in KNOWN_PATTERNS else "none"
+        elif kinds == ["Metaspace"]:
+            meta = pres[0]
+            self.space_char = meta["replacement"]
+            scheme = meta.get("prepend_scheme") or (
+                "always" if meta.get("add_prefix_space") else "never"
+            )
+            if scheme != "never":
+                if prepend:
+                    raise TokenizerError(f"{name}: Prepend normalizer and Metaspace prefix")
+                self.prefix_mode = "metaspace"
+                prepend = meta["replacement"]
+            self.rule = "metaspace" if meta.get("split", True) else "none"
+        elif kinds:
+            raise TokenizerError(f"{name}: pre-tokenizer {kinds} is not supported")
+        if self.rule == "none" and self.byte_level and not model.get("merges"):
+            self.rule = "every-char"
+        self.lookahead = REGEX_LOOKAHEAD if self.rule == "regex" else 0
+
+        # The bytes each token stands for (None: no byte form, e.g. specials, unk).
+        self.token_bytes: dict[int, bytes | None] = {}
+        inv = unicode_to_bytes()
+        fallback = bool(model.get("byte_fallback"))
+        for s, i in vocab.items():
+            if self.byte_level:
+                try:
+                    self.token_bytes[i] = bytes(inv[c] for c in s)
+                except KeyError as err:
+                    raise TokenizerError(f"{name}: token {s!r} is not byte-level") from err
+            elif fallback and _BYTE_TOKEN.fullmatch(s):
+                self.token_bytes[i] = bytes((int(s[3:5], 16),))
+            else:
+                t = s.replace(self.space_char, " ") if self.space_char else s
+                self.token_bytes[i] = t.encode("utf-8")
+        for i in [*added.values(), vocab.get(model.get("unk_token") or "", -1)]:
+            self.token_bytes[i] = None
+        self.prefix_bytes = b""
+        if prepend:
+            self.prefix_bytes = (
+                prepend.replace(self.space_char, " ") if self.space_char else prepend
+            ).encode("utf-8")
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        self._enc: dict[str, tuple[int, ...]] = {}
+        self._stable: dict[bytes, tuple[int, ...]] = {}
+
+    @property
+    def decision_rule(self) -> str:
+        return self.rule + ("+nfc" if self.nfc else "")
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        """Student ids of a complete text."""
+        ids = self._enc.get(text)
+        if ids is None:
+            ids = tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
+            self._enc[text] = ids
+        return ids
+
+    def roots(self, prefix_ids: Sequence[int]) -> list[bytes]:
+        """Byte prefixes such that every text whose encoding starts with ``prefix_ids``
+        starts with exactly one of them (none is a prefix of another)."""
+        if not prefix_ids:
+            return [b""]
+        parts = [self.token_bytes.get(int(t)) for t in prefix_ids]
+        if any(p is None for p in parts):
+            raise UnscorableTextError(
+                f"{self.name} encoding has a token without a byte form (special or unknown)"
+            )
+        d = b"".join(p for p in parts if p is not None)
+        if self.prefix_mode == "none":
+            return [d]
+        if not d.startswith(self.prefix_bytes):
+            raise TokenizerError(f"{self.name}: encoding does not start with its prefix {d!r}")
+        rest = d[len(self.prefix_bytes) :]
+        if self.prefix_mode == "prepend":  # every non-empty text gets the prefix
+            return [rest]
+        # Metaspace prepends "▁" only to texts that do not start with one: a text
+        # starting with a space stands for itself, any other text t for " " + t.
+        if not rest:
+            return [b""]
+        if rest.startswith(b" "):
+            return [d]
+        return [d, rest]
+
+    def stable_tokens(self, y: bytes) -> tuple[int, ...]:
+        """Tokens that the encoding of every complete text starting with ``y`` starts with."""
+        got = self._stable.get(y)
+        if got is None:
+            got = self._stable_tokens(y)
+            self._stable[y] = got
+        return got
+
+    def _stable_tokens(self, y: bytes) -> tuple[int, ...]:
+        split = _utf8_split(y)
+        if split is None or self.rule == "none":
+            return ()
+        s = split[0]
+        if not s or (self.nfc and not unicodedata.is_normalized("NFC", s)):
+            return ()
+        q = self._boundary(s)
+        if q == 0:
+            return ()
+        ids = self.encode(s)
+        qb = len(s[:q].encode("utf-8"))
+        parts = [self.token_bytes.get(t) for t in ids]
+        if any(p is None for p in parts):
+            return ()
+        acc = len(s.encode("utf-8")) - sum(len(p) for p in parts if p is not None)
+        if acc not in (0, -len(self.prefix_bytes)):
+            return ()  # e.g. a literal "▁" in the text: no byte accounting, stay undecided
+        for k, p in enumerate(parts):
+            assert p is not None
+            acc += len(p)
+            if acc == qb:
+                return ids[: k + 1]
+            if acc > qb:
+                break
+        raise TokenizerError(
+            f"{self.name}: decision rule broken: stable boundary {q} of {s!r} is inside a token"
+        )
+
+    def _boundary(self, s: str) -> int:
+        """Largest stable boundary (character index) of the text prefix ``s``; 0 if none."""
+        n = len(s)
+        if self.rule == "every-char":
+            cands: Iterable[int] = range(n, 0, -1)
+        elif self.rule == "metaspace":
+            cands = (q for q in range(n - 1, 0, -1) if s[q] in (" ", self.space_char))
+        else:  # regex
+            pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(s)
+            char_at_byte = {}
+            off = 0
+            for ci, ch in enumerate(s):
+                char_at_byte[off] = ci
+                off += len(ch.encode("utf-8"))
+            starts = []
+            off = 0
+            for piece, _ in pieces:
+                starts.append(char_at_byte.get(off, -1))
+                off += len(piece)  # byte-level pieces: one character per byte
+            if off != len(s.encode("utf-8")):
+                raise TokenizerError(f"{self.name}: pre-tokens do not cover {s!r}")
+            cands = (
+                q
+                for q in reversed(starts)
+                if 1 <= q <= n - REGEX_LOOKAHEAD and not s[q - 1].isspace()
+            )
+        for q in cands:
+            if not self.nfc or any(ord(c) < 128 for c in s[q + self.lookahead :]):
+                return q
+        return 0
+
+
+@dataclass
+class _RowJob:
+    """Enumeration state of one row, shared by every document with this student prefix."""
+
+    key: tuple[int, ...]
+    roots: list[bytes]
+    log_shift: float = 0.0  # weights are relative to exp(log_shift) (max root prefix prob)
+    start: float = 0.0  # starting mass (sum of root weights)
+    frontier: list[tuple[bytes, float]] = field(default_factory=list)
+    mass: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    excluded: float = 0.0  # inconsistent with the prefix: out of numerator and denominator
+    unmapped: float = 0.0  # specials the student lacks, texts that are not valid UTF-8
+    cut: float = 0.0  # undecided at max_depth
+    pruned: float = 0.0  # dropped by min_prob / beam (fast mode)
+    expanded: int = 0  # byte-model rows used
+
+
+class GeneralScorer:
+    """Student targets for an arbitrary student tokenizer (scoring.md §3).
+
+    Args:
+        teacher_tokenizer: the teacher's byte-level BPE tokenizer (any form
+            `load_tokenizer` takes).
+        student_tokenizer: the student's tokenizer (see `StudentView` for what is
+            supported); it must have an added token with the teacher's end-of-text content.
+        mode: ``"lossless"`` (enumerate until decided or ``max_depth``) or ``"fast"``
+            (also prune by ``min_prob`` and ``beam``).
+        max_depth: at most this many bytes are appended to a row's text prefix; a
+            branch still undecided there is cut and its mass is unaccounted.
+        beam: fast mode: undecided branches kept per depth (highest weight first).
+        min_prob: fast mode: undecided branches below this share of the row's starting
+            mass are dropped (unaccounted).
+        eos_token: content of the teacher's end-of-text token (default: the first of
+            ``DOC_END_TOKENS`` the teacher has).
+        byte_model: a `ByteModel` of the same teacher tokenizer to share (its rows are
+            reused while the same teacher object is passed to `score`).
+
+    ``tail_mass`` is the row's mass outside the stored top-k, so top-k + tail +
+    ``unaccounted_mass`` = 1. Texts are normalized once with the teacher's normalizer. Texts containing added
+    tokens are refused (not supported yet), as are texts the teacher cannot encode.
+    After `score`, ``last_stats`` holds the call's cost counters.
+    """
+
+    def __init__(
+        self,
+        teacher_tokenizer: Any,
+        student_tokenizer: Any,
+        mode: str = "lossless",
+        max_depth: int = 8,
+        beam: int = 16,
+        min_prob: float = 1e-3,
+        *,
+        eos_token: str | None = None,
+        byte_model: ByteModel | None = None,
+    ) -> None:
+        if mode not in ("lossless", "fast"):
+            raise ValueError(f"mode must be 'lossless' or 'fast', not {mode!r}")
+        if not isinstance(max_depth, int) or max_depth < 1:
+            raise ValueError(f"max_depth must be an int >= 1, not {max_depth!r}")
+        if beam < 1:
+            raise ValueError(f"beam must be >= 1, not {beam!r}")
+        if not 0.0 <= min_prob < 1.0:
+            raise ValueError(f"min_prob must be in [0, 1), not {min_prob!r}")
+        self.mode = mode
+        self.max_depth = max_depth
+        self.beam = beam
+        self.min_prob = min_prob
+        self.regime = Regime.LOSSLESS if mode == "lossless" else Regime.APPROXIMATE
+        if byte_model is None:
+            byte_model = ByteModel(teacher_tokenizer, eos_token)
+        elif byte_model.scorer.T.fingerprint != ByteLevelBPE(
+            load_tokenizer(teacher_tokenizer), "teacher"
+        ).fingerprint or (eos_token is not None and eos_token != byte_model.eos_token):
+            raise ValueError("byte_model was built for another teacher tokenizer or EOS token")
+        self.bytes = byte_model
+        self.eos_token = self.bytes.eos_token
+        self.T = self.bytes.scorer.T
+        self.S = StudentView(load_tokenizer(student_tokenizer), self.eos_token)
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self, teacher: Any, texts: Sequence[str], top_k: int | None = 64
+    ) -> list[ScoredDocument]:
+        """Score ``texts``; rows as in `ScoredDocument` (``top_k=None``: dense rows)."""
+        if top_k is not None and top_k < 1:
+            raise ValueError("top_k must be >= 1 or None")
+        self.bytes.bind(teacher)
+        self.S.clear_cache()
+        before = dict(self.bytes.stats)
+        norm = []
+        for text in texts:
+            x = self.T.normalize(text)
+            for content in (*self.T.added_by_content, *self.S.added_contents):
+                if content in x:
+                    raise UnscorableTextError(
+                        f"text contains the added token {content!r}; the general scorer "
+                        "does not support added tokens inside texts yet"
+                    )
+            norm.append(x)
+        byte_docs = self.bytes.prepare_texts(teacher, norm)  # raises for unencodable texts
+        jobs: dict[tuple[int, ...], _RowJob] = {}
+        student_ids: list[tuple[int, ...]] = []
+        for text, x in zip(texts, norm, strict=True):
+            ids = self.S.encode(x)
+            if x != text and ids != self.S.encode(text):
+                raise UnscorableTextError(
+                    "the teacher's normalization changes the student's encoding of the text"
+                )
+            xb = x.encode("utf-8")
+            for i in range(len(ids) + 1):
+                key = ids[:i]
+                if key not in jobs:
+                    jobs[key] = _RowJob(key, self.S.roots(key))
+                if not any(xb.startswith(r) for r in jobs[key].roots):
+                    raise UnscorableTextError(
+                        f"student tokens {list(key)} do not align with the text bytes {xb!r}"
+                    )
+            student_ids.append(ids)
+        self._run(teacher, list(jobs.values()))
+        out = [
+            self._document(x, ids, bd, jobs, top_k)
+            for x, ids, bd in zip(norm, student_ids, byte_docs, strict=True)
+        ]
+        self.last_stats = {
+            "documents": len(texts),
+            "rows": sum(len(ids) + 1 for ids in student_ids),
+            "row_jobs": len(jobs),
+            "byte_rows_used": sum(j.expanded for j in jobs.values()),
+            "byte_rows_cached": len(self.bytes.rows),
+            **{k: v - before[k] for k, v in self.bytes.stats.items()},
+            "decision_rule": self.S.decision_rule,
+        }
+        return out
+
+    def _run(self, teacher: Any, jobs: list[_RowJob]) -> None:
+        """Level-by-level enumeration of all rows together (one teacher batch per level)."""
+        self.bytes.ensure(teacher, [r for job in jobs for r in job.roots])
+        for job in jobs:
+            lps = [self.bytes.log_prefix(r) for r in job.roots]
+            job.log_shift = max(lps)
+            if job.log_shift == -math.inf:
+                continue  # the teacher never produces this prefix: an all-zero row
+            for r, lp in zip(job.roots, lps, strict=True):
+                w = math.exp(lp - job.log_shift)
+                if w > 0.0:
+                    job.start += w
+                    self._place(job, r, w)
+        depth = 0
+        while True:
+            active = [job for job in jobs if job.frontier]
+            if not active:
+                break
+            for job in active:
+                if depth >= self.max_depth:
+                    job.cut += sum(w for _, w in job.frontier)
+                    job.frontier = []
+                elif self.mode == "fast":
+                    self._prune(job)
+            active = [job for job in active if job.frontier]
+            self.bytes.ensure(teacher, {y for job in active for y, _ in job.frontier})
+            for job in active:
+                frontier, job.frontier = job.frontier, []
+                for y, w in frontier:
+                    self._expand(job, y, w)
+            depth += 1
+
+    def _prune(self, job: _RowJob) -> None:
+        floor = self.min_prob * job.start
+        keep = [(y, w) for y, w in job.frontier if w >= floor]
+        job.pruned += sum(w for _, w in job.frontier if w < floor)
+        if len(keep) > self.beam:
+            keep.sort(key=lambda n: -n[1])
+            job.pruned += sum(w for _, w in keep[self.beam :])
+            keep = keep[: self.beam]
+        job.frontier = keep
+
+    def _place(self, job: _RowJob, y: bytes, w: float) -> None:
+        """Account a branch that has just been reached, or queue it for expansion."""
+        if _utf8_split(y) is None:
+            job.unmapped += w  # no valid text starts with y: the student cannot see it
+            return
+        i = len(job.key)
+        toks = self.S.stable_tokens(y)
+        k = min(len(toks), i)
+        if toks[:k] != job.key[:k]:
+            job.excluded += w
+        elif len(toks) > i:
+            job.mass[toks[i]] += w
+        else:
+            job.frontier.append((y, w))
+
+    def _expand(self, job: _RowJob, y: bytes, w: float) -> None:
+        row = self.bytes.row(y)
+        job.expanded += 1
+        if row[EOS_COL] > 0.0:
+            self._end(job, y, w * float(row[EOS_COL]), special=False)
+        if row[UNMAPPED_COL] > 0.0:
+            self._end(job, y, w * float(row[UNMAPPED_COL]), special=True)
+        for b in np.flatnonzero(row[:256]):
+            self._place(job, y + bytes((int(b),)), w * float(row[b]))
+
+    def _end(self, job: _RowJob, y: bytes, p: float, special: bool) -> None:
+        """The text ends after ``y`` (or a special the student lacks follows it)."""
+        try:
+            text = y.decode("utf-8")
+        except UnicodeDecodeError:
+            job.unmapped += p
+            return
+        ids = self.S.encode(text)
+        i = len(job.key)
+        if len(ids) < i or ids[:i] != job.key:
+            job.excluded += p
+        elif special:
+            job.unmapped += p
+        else:
+            job.mass[ids[i] if len(ids) > i else self.S.eos_id] += p
+
+    # ------------------------------------------------------------------ assembly
+    def _document(
+        self,
+        text: str,
+        ids: tuple[int, ...],
+        byte_doc: PreparedDocument,
+        jobs: dict[tuple[int, ...], _RowJob],
+        top_k: int | None,
+    ) -> ScoredDocument:
+        L = len(ids)
+        vs = self.S.size
+        dense = np.full((L + 1, vs), -np.inf)
+        unacc = np.zeros(L + 1)
+        unmapped = np.zeros(L + 1)
+        prefix_lp = np.full(L + 1, -np.inf)
+        regime = np.full(L + 1, int(Regime.LOSSLESS), dtype=np.uint8)
+        expanded = 0
+        for i in range(L + 1):
+            job = jobs[ids[:i]]
+            expanded += job.expanded
+            lost = job.cut + job.pruned
+            z = sum(job.mass.values()) + lost
+            if lost > 0.0:
+                regime[i] = int(Regime.APPROXIMATE)
+            if z > 0.0:
+                for g, m in job.mass.items():
+                    if m > 0.0:
+                        dense[i, g] = math.log(m / z)
+                unacc[i] = lost / z
+            if z + job.unmapped > 0.0:
+                unmapped[i] = job.unmapped / (z + job.unmapped)
+                prefix_lp[i] = job.log_shift + math.log(z + job.unmapped)
+        next_ids = np.asarray([*ids, self.S.eos_id], dtype=np.int64)
+        target = dense[np.arange(L + 1), next_ids]
+        # Share of the mass reaching row i that the byte model lost between rows (its
+        # dropped non-canonical teacher mass); only meaningful between lossless rows.
+        noncanon = np.zeros(L + 1)
+        for i in range(1, L + 1):
+            if regime[i] == regime[i - 1] == Regime.LOSSLESS:
+                incoming = prefix_lp[i - 1] + math.log1p(-unmapped[i - 1]) + target[i - 1]
+                if np.isfinite(incoming) and np.isfinite(prefix_lp[i]):
+                    noncanon[i] = max(0.0, -math.expm1(prefix_lp[i] - incoming))
+        topk_ids = topk_lp = None
+        tail = np.zeros(L + 1)
+        if top_k is not None:
+            k = min(top_k, vs)
+            topk_ids = np.argsort(-dense, axis=1, kind="stable")[:, :k]
+            topk_lp = np.take_along_axis(dense, topk_ids, axis=1)
+            tail = np.clip(np.exp(dense).sum(1) - np.exp(topk_lp).sum(1), 0.0, None)
+        return ScoredDocument(
+            text=text,
+            student_ids=np.asarray(ids, dtype=np.int64),
+            teacher_ids=np.asarray(byte_doc.teacher_ids, dtype=np.int64),
+            topk_ids=topk_ids,
+            topk_logprobs=topk_lp,
+            logprobs=dense if top_k is None else None,
+            tail_mass=tail,
+            target_logprobs=target,
+            unmapped_mass=unmapped,
+            unaccounted_mass=unacc,
+            noncanonical_mass=noncanon,
+            regime=regime,
+            prefix_logprob=prefix_lp,
+            stats={
+                # log P(the text is exactly this) under the byte model; for a teacher
+                # without non-canonical mass, log P_T(canonical encoding + EOS)
+                "text_logprob": self.bytes.log_prefix(text.encode("utf-8"))
+                + math.log(max(float(self.bytes.row(text.encode("utf-8"))[EOS_COL]), 1e-300)),
+                "decision_rule": self.S.decision_rule,
+                "byte_rows_used": expanded,
+                "max_unaccounted": float(unacc.max()),
+            },
+        )
