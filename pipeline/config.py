@@ -65,8 +65,25 @@ class StudentConfig(_Strict):
     merges: int | None = Field(8000, ge=0)
 
 
+class GeneralScorerConfig(_Strict):
+    """Parameters of the general scorer (any student tokenizer; see
+    `pipeline.scoring.GeneralScorer`)."""
+
+    mode: Literal["fast", "lossless"] = "fast"
+    max_depth: int = Field(8, ge=1, description="continuation bytes enumerated per row")
+    beam: int = Field(16, ge=1, description="fast mode: branches kept per depth")
+    min_prob: float = Field(
+        1e-3, ge=0.0, lt=1.0, description="fast mode: branches below this share are dropped"
+    )
+
+
 class ScoringConfig(_Strict):
-    scorer: Literal["auto", "subset"] = "auto"
+    scorer: Literal["auto", "subset", "general"] = Field(
+        "auto",
+        description="auto: subset-exact when the student is the teacher's BPE with a "
+        "truncated merge list, else general",
+    )
+    general: GeneralScorerConfig = Field(default_factory=GeneralScorerConfig)
     top_k: int = Field(64, ge=1, le=4096)
     chunk_overlap: int = Field(
         64, ge=0, description="student tokens of context repeated at the start of a chunk"

