@@ -22,11 +22,8 @@ each is a warm-up, not counted) until each has run ``--seconds``. Target: the au
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 
 
@@ -37,36 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="audit this existing run instead of generating one")
     args = p.parse_args(argv)
 
-    import pyarrow as pa
+    from jobs._bench import demo_run, pin_one_core
 
-    from jobs.generate import demo_inputs
-    from jobs.generate import main as generate
-
-    tmp = None
-    if args.run is None:
-        tmp = tempfile.mkdtemp(prefix="xtok-bench-audit-")
-        shards = demo_inputs(max(args.docs, 8), 4)
-        rc = generate(
-            [
-                "--executor",
-                "local",
-                "--show",
-                "0",
-                f"input.paths={json.dumps(shards)}",
-                f"output.path={tmp}",
-                "teacher.device=cpu",
-            ]
-        )
-        assert rc == 0
-        run_dir = tmp
-    else:
-        run_dir = args.run
+    tmp = demo_run(args.docs, "xtok-bench-audit-") if args.run is None else None
+    run_dir = tmp or args.run
     try:
-        # one core for everything below: the target is per core
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-        pa.set_cpu_count(1)
-        pa.set_io_thread_count(1)
+        pin_one_core()
         import hashlib
 
         from pipeline.audit import RunAudit, audit_shard, locate

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,41 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="read this existing run instead of generating one")
     args = p.parse_args(argv)
 
-    import pyarrow as pa
-
-    from jobs.generate import demo_inputs
-    from jobs.generate import main as generate
+    from jobs._bench import demo_run, pin_one_core
     from pipeline.reader import _COLUMNS, TargetDataset, _decode, _open_shard, open_run
 
-    tmp = None
-    if args.run is None:
-        tmp = tempfile.mkdtemp(prefix="xtok-bench-reader-")
-        shards = demo_inputs(max(args.docs, 8), 4)
-        rc = generate(
-            [
-                "--executor",
-                "local",
-                "--show",
-                "0",
-                f"input.paths={json.dumps(shards)}",
-                f"output.path={tmp}",
-                "teacher.device=cpu",
-            ]
-        )
-        assert rc == 0
-        run_dir = tmp
-    else:
-        run_dir = args.run
+    tmp = demo_run(args.docs, "xtok-bench-reader-") if args.run is None else None
+    run_dir = tmp or args.run
     try:
         stats = json.loads(Path(run_dir, "stats.json").read_text())
-        # one core for everything below: the target is per core
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-        pa.set_cpu_count(1)
-        pa.set_io_thread_count(1)
-        import torch
-
-        torch.set_num_threads(1)
+        pin_one_core()
         run = open_run(run_dir)
         k = run.top_k
 
