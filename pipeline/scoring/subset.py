@@ -20,6 +20,13 @@ Three phases per batch of documents:
    decomposition (every trie node is a contiguous range). Specials (EOS included)
    follow only the exact cover that is the canonical encoding of the prefix as a
    complete text. No Python loop touches the vocabulary.
+
+Local texts. ``prepare(text, context=ids)`` covers only ``text`` and hangs its tree under
+the teacher context ``ids`` (the canonical encoding of the text before it, ending at a
+boundary the caller vouches for); `score_prepared_shared` and `dense_rows_shared` merge
+the trees of many such texts (nodes deduplicated by (parent, token), split to fit the
+teacher) and run one teacher call over them. The general scorer's byte model uses this
+to compute next-byte rows from the last safe boundary instead of the start of the text.
 """
 
 from __future__ import annotations
@@ -81,10 +88,29 @@ class PreparedDocument:
     tokens: list[int]  # tree node tokens; node 0 is the start of text (token -1)
     parents: list[int]  # tree node parents (-1 for node 0)
     stats: dict[str, Any] = field(default_factory=dict)
+    # canonical teacher ids of the text before ``text`` (see `SubsetExactScorer.prepare`);
+    # node 0 is then the end of this context, not the start of text
+    context: list[int] = field(default_factory=list)
 
     @property
     def num_nodes(self) -> int:
+        """Nodes of the local tree (node 0 included, the context path not)."""
         return len(self.tokens)
+
+    @property
+    def tree_size(self) -> int:
+        """Nodes of the teacher tree: start of text, context path, local nodes."""
+        return len(self.context) + len(self.tokens)
+
+    def tree(self) -> tuple[list[int], list[int]]:
+        """(tokens, parents) of the teacher tree: the context path, then the local nodes
+        under its last node (local node ``v`` is tree node ``v + len(context)``)."""
+        c = len(self.context)
+        if not c:
+            return self.tokens, self.parents
+        tokens = [-1, *self.context, *self.tokens[1:]]
+        parents = [-1, *range(c), *(p + c for p in self.parents[1:])]
+        return tokens, parents
 
 
 class _Tree:
@@ -311,8 +337,26 @@ class SubsetExactScorer:
         )
 
     # ------------------------------------------------------------------ tokenizer phase
-    def prepare(self, text: str) -> PreparedDocument:
-        """Tokenizer phase for one text: encodings, R1 check, exact covers, context tree."""
+    def prepare(self, text: str, context: Sequence[int] | None = None) -> PreparedDocument:
+        """Tokenizer phase for one text: encodings, R1 check, exact covers, context tree.
+
+        ``context``: canonical teacher ids of text that precedes ``text`` (default: none,
+        ``text`` starts the document). Only ``text`` is tokenised and covered; the
+        teacher sees ``context + cover`` and the rows are conditioned on the context
+        (``P_T(context)`` cancels in every row). The caller vouches that the context
+        text ends at a boundary that the whole text's teacher encoding keeps (a
+        teacher pre-token start not preceded by whitespace, or an added token), so
+        that every valid exact cover of a local prefix starts with ``context``. Row
+        ``k`` then equals row ``i0 + k`` of the whole text (``i0`` = student tokens of
+        the context text) except for covers from before the boundary whose last
+        token would cross it: rows with no such cover are identical (see
+        `pipeline.scoring.general.ByteModel`). ``teacher_ids``, ``student_ids`` and
+        the ``teacher_logprob`` stat are those of the local text.
+        """
+        ctx = [int(t) for t in context] if context is not None else []
+        bad = [t for t in ctx if not 0 <= t < self.T.size]
+        if bad:
+            raise ValueError(f"context ids outside the teacher vocab: {bad[:5]}")
         norm = self.T.normalize(text)
         parts = self.T.split_added(norm)
         student_ids = self.S.tokenizer.encode(text, add_special_tokens=False).ids
@@ -384,6 +428,7 @@ class SubsetExactScorer:
             tokens=tree.tokens,
             parents=tree.parents,
             stats={"alt_covers": n_alt},
+            context=ctx,
         )
 
     # ------------------------------------------------------------------ scoring
@@ -416,13 +461,226 @@ class SubsetExactScorer:
         # Several forward batches per teacher call let the teacher pack trees tightly.
         budget = max_batch_nodes or 4 * int(getattr(teacher, "max_batch_tokens", 1024))
         out: list[ScoredDocument | None] = [None] * len(prepared)
-        for batch in _batches([p.num_nodes for p in prepared], budget):
-            logps = teacher_tree_logprobs(
-                teacher, [(prepared[b].tokens, prepared[b].parents) for b in batch]
-            )
+        for batch in _batches([p.tree_size for p in prepared], budget):
+            logps = teacher_tree_logprobs(teacher, [prepared[b].tree() for b in batch])
             for b, lp in zip(batch, logps, strict=True):
-                out[b] = self._rows(prepared[b], lp, top_k)
+                out[b] = self._rows(prepared[b], lp[len(prepared[b].context) :], top_k)
         return [o for o in out if o is not None]
+
+    def score_prepared_shared(
+        self,
+        teacher: Any,
+        prepared: Sequence[PreparedDocument],
+        top_k: int | None = 64,
+        max_tree_nodes: int | None = None,
+        max_batch_nodes: int | None = None,
+    ) -> tuple[list[ScoredDocument], dict[str, int]]:
+        """Like `score_prepared`, for many documents that share teacher contexts (e.g.
+        local texts after a common context): their trees are merged into as few prefix
+        trees as fit, nodes deduplicated by (parent, token), so a context is evaluated
+        once per tree, not once per document.
+
+        ``max_tree_nodes`` bounds one merged tree (default: what the teacher's
+        ``max_batch_tokens`` holds after its start tokens; a document whose own tree is
+        larger gets a tree alone, which the teacher may refuse). Trees are sent in
+        teacher calls of at most ``max_batch_nodes`` nodes (default: 4x
+        ``max_batch_tokens``; log-probs of a whole call are held at once). Returns the
+        documents (input order) and the counters ``teacher_contexts`` (tree nodes sent,
+        roots included), ``teacher_calls`` and ``trees``.
+        """
+        mbt = int(getattr(teacher, "max_batch_tokens", 1024))
+        n_start = len(getattr(teacher, "start_ids", [0]))
+        cap = max_tree_nodes or max(2, mbt - n_start + 1)
+        budget = max_batch_nodes or 4 * mbt
+        trees, where = merge_context_trees(prepared, cap)
+        docs_of: list[list[int]] = [[] for _ in trees]
+        for i, (k, _) in enumerate(where):
+            docs_of[k].append(i)
+        out: list[ScoredDocument | None] = [None] * len(prepared)
+        stats = {"teacher_contexts": 0, "teacher_calls": 0, "trees": len(trees)}
+        for batch in _batches([len(t[0]) for t in trees], budget):
+            logps = teacher_tree_logprobs(teacher, [trees[k] for k in batch])
+            stats["teacher_contexts"] += sum(len(trees[k][0]) for k in batch)
+            stats["teacher_calls"] += 1
+            for k, lp in zip(batch, logps, strict=True):
+                for i in docs_of[k]:
+                    idx = torch.as_tensor(where[i][1], device=lp.device)
+                    out[i] = self._rows(prepared[i], lp[idx], top_k)
+            del logps
+        return [o for o in out if o is not None], stats
+
+    def dense_rows_shared(
+        self,
+        teacher: Any,
+        prepared: Sequence[PreparedDocument],
+        wanted: Sequence[Sequence[int]],
+        max_tree_nodes: int | None = None,
+        max_batch_nodes: int | None = None,
+    ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+        """Selected dense rows of many documents that share teacher contexts.
+
+        For document ``d``, rows ``wanted[d]`` (student positions) are computed as in
+        `score_prepared` with ``top_k=None`` (same covers, weights and sums), but the
+        documents' trees are merged (`merge_context_trees`) and the rows of all
+        documents of one teacher call are accumulated together, so a tree node shared
+        by several documents costs one vocabulary pass, and rows nobody wants cost
+        nothing. Returns, per document, the probabilities ``[len(wanted[d]), V_S]``
+        (``exp(logprobs) * (1 - unmapped)``: a row sums to 1 minus its mass on teacher
+        specials the student lacks), that unmapped share ``[len(wanted[d])]``, and the
+        counters of `score_prepared_shared`.
+        """
+        mbt = int(getattr(teacher, "max_batch_tokens", 1024))
+        n_start = len(getattr(teacher, "start_ids", [0]))
+        cap = max_tree_nodes or max(2, mbt - n_start + 1)
+        budget = max_batch_nodes or 4 * mbt
+        trees, where = merge_context_trees(prepared, cap)
+        docs_of: list[list[int]] = [[] for _ in trees]
+        for i, (k, _) in enumerate(where):
+            docs_of[k].append(i)
+        probs: list[np.ndarray] = [np.zeros((0, self.S.size))] * len(prepared)
+        unmapped: list[np.ndarray] = [np.zeros(0)] * len(prepared)
+        stats = {"teacher_contexts": 0, "teacher_calls": 0, "trees": len(trees)}
+        for batch in _batches([len(t[0]) for t in trees], budget):
+            logps = teacher_tree_logprobs(teacher, [trees[k] for k in batch])
+            stats["teacher_contexts"] += sum(len(trees[k][0]) for k in batch)
+            stats["teacher_calls"] += 1
+            offsets = np.cumsum([0, *(len(lp) for lp in logps)])
+            lp_all = (
+                torch.cat([torch.as_tensor(lp) for lp in logps]) if len(logps) > 1 else logps[0]
+            )
+            del logps
+            items = [
+                (i, offsets[b] + np.asarray(where[i][1], dtype=np.int64))
+                for b, k in enumerate(batch)
+                for i in docs_of[k]
+            ]
+            got = self._dense_rows(
+                torch.as_tensor(lp_all),
+                [(prepared[i], nodes, list(wanted[i])) for i, nodes in items],
+            )
+            for (i, _), (pr, un) in zip(items, got, strict=True):
+                probs[i], unmapped[i] = pr, un
+            del lp_all
+        return probs, unmapped, stats
+
+    def _dense_rows(
+        self, logp: torch.Tensor, items: Sequence[tuple[PreparedDocument, np.ndarray, list[int]]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Row phase of `dense_rows_shared` for documents whose tree nodes are rows of
+        ``logp`` (``items``: document, node of each local node, wanted rows)."""
+        device = logp.device
+        adt = self.accum_dtype
+        tz = self._tensors(device)
+        vt = self.T.size
+        if logp.shape[1] < vt:
+            raise ValueError(f"teacher returned {logp.shape[1]} columns, tokenizer has {vt} ids")
+        logp = logp[:, :vt]
+        expo, norm, lse = normalized_exp(logp, adt)
+        # path log-weights per document (relative to its local root), as in `_rows`
+        gpar: list[int] = []
+        gtok: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for doc, nodes, _ in items:
+            start = len(gpar)
+            gpar.extend(nodes[doc.parents[1:]].tolist())
+            gtok.extend(doc.tokens[1:])
+            spans.append((start, len(gpar)))
+        step_np = np.zeros(0)
+        if gpar:
+            par_t = torch.as_tensor(gpar, device=device)
+            tok_t = torch.as_tensor(gtok, device=device)
+            step_np = (logp[par_t, tok_t].to(adt) - lse[par_t]).cpu().numpy()
+        rows, cov, tnode, spec, lws = [], [], [], [], []
+        n_out = 0
+        child = self.trie_child
+        chi, clo = self.trie["chi"], self.trie["clo"]
+        out_rows: list[int] = []
+        for (doc, nodes, want), (s0, _) in zip(items, spans, strict=True):
+            n = doc.num_nodes
+            logw = np.zeros(n, dtype=np.float64)
+            par = doc.parents
+            for v in range(1, n):
+                logw[v] = logw[par[v]] + step_np[s0 + v - 1]
+            S = doc.student_ids
+            L = len(S)
+            slot = {r: n_out + k for k, r in enumerate(want)}
+            out_rows.append(n_out)
+            n_out += len(want)
+            if not want:
+                continue
+            # a walk from j reaches rows j .. j + max_depth at most
+            for j in range(max(0, min(want) - self.max_depth), max(want) + 1):
+                if not doc.covers[j]:
+                    continue
+                q = 0
+                i = j
+                while True:
+                    o = slot.get(i)
+                    if o is not None:
+                        for e in doc.covers[j]:
+                            rows.append(o)
+                            cov.append(int(nodes[e]))
+                            tnode.append(q)
+                            spec.append(q == 0 and e == doc.complete[j])
+                            lws.append(logw[e])
+                    if i == L:
+                        break
+                    q = child.get((q, S[i]), -1)
+                    if q < 0 or chi[q] == clo[q]:
+                        break
+                    i += 1
+        out_rows.append(n_out)
+        vs = self.S.size
+        probs = torch.zeros((n_out, vs), dtype=adt, device=device)
+        unm = torch.zeros(n_out, dtype=adt, device=device)
+        if rows:
+            rows_t = torch.as_tensor(rows, device=device)
+            cov_t = torch.as_tensor(cov, device=device)
+            tnode_t = torch.as_tensor(tnode, device=device)
+            spec_t = torch.as_tensor(spec, dtype=torch.bool, device=device)
+            lw = torch.as_tensor(lws, dtype=adt, device=device)
+            shift = torch.full((n_out,), -math.inf, dtype=adt, device=device)
+            shift.scatter_reduce_(0, rows_t, lw, reduce="amax")
+            w = torch.exp(lw - shift[rows_t])
+            vb = len(self.perm)
+            per_cover = (vb + 1 + max(vs, vb)) * 8
+            rows_per_block = max(1, self.max_block_bytes // (per_cover * 3))
+            order = torch.argsort(rows_t, stable=True)
+            rows_sorted = rows_t[order]
+            for r0 in range(0, n_out, rows_per_block):
+                r1 = min(n_out, r0 + rows_per_block)
+                a = int(torch.searchsorted(rows_sorted, r0))
+                b = int(torch.searchsorted(rows_sorted, r1))
+                if b == a:
+                    continue
+                sel = order[a:b]
+                J = torch.zeros((r1 - r0, vs), dtype=adt, device=device)
+                un = torch.zeros(r1 - r0, dtype=adt, device=device)
+                self._accumulate(
+                    J,
+                    un,
+                    expo,
+                    norm,
+                    rows_t[sel] - r0,
+                    cov_t[sel],
+                    tnode_t[sel],
+                    spec_t[sel],
+                    w[sel],
+                    tz,
+                )
+                J.clamp_min_(0.0)
+                mapped = J.sum(1)
+                tot = mapped + un
+                share = torch.where(tot > 0, un / tot, torch.zeros_like(tot))
+                logJ = torch.log(J) - torch.log(mapped)[:, None]
+                logJ = torch.where((mapped > 0)[:, None], logJ, torch.full_like(logJ, -math.inf))
+                probs[r0:r1] = torch.exp(logJ) * (1.0 - share)[:, None]
+                unm[r0:r1] = share
+        probs_np, unm_np = probs.cpu().numpy(), unm.cpu().numpy()
+        return [
+            (probs_np[out_rows[k] : out_rows[k + 1]], unm_np[out_rows[k] : out_rows[k + 1]])
+            for k in range(len(items))
+        ]
 
     def _rows(self, doc: PreparedDocument, logp: torch.Tensor, top_k: int | None) -> ScoredDocument:
         """Row phase for one document given teacher log-probs [num_nodes, V_T] per node."""
@@ -785,6 +1043,62 @@ def normalized_exp(
     expo = torch.exp(x - m)
     norm = expo.sum(dim=1).to(dtype)
     return expo, norm, torch.log(norm) + m.squeeze(1).to(dtype)
+
+
+def merge_context_trees(
+    docs: Sequence[PreparedDocument], max_nodes: int
+) -> tuple[list[tuple[list[int], list[int]]], list[tuple[int, list[int]]]]:
+    """Merge the teacher trees of ``docs`` (context path + local nodes) into prefix trees
+    of at most ``max_nodes`` nodes each (root included), deduplicating nodes by
+    (parent, token). Documents are taken in order of their contexts so that documents
+    sharing a context prefix land in the same tree; a tree that would overflow is closed
+    and the document starts a new one (repeating its context path there).
+
+    Returns the trees (tokens, parents; node 0 the start of text) and, per document,
+    (its tree, the tree node of each of its local nodes).
+    """
+    trees: list[tuple[list[int], list[int]]] = []
+    where: list[tuple[int, list[int]]] = [(-1, [])] * len(docs)
+    tokens: list[int] = [-1]
+    parents: list[int] = [-1]
+    index: dict[tuple[int, int], int] = {}
+
+    def insert(doc: PreparedDocument) -> tuple[list[int], list[tuple[int, int]]]:
+        added: list[tuple[int, int]] = []
+
+        def node(parent: int, tok: int) -> int:
+            key = (parent, tok)
+            v = index.get(key)
+            if v is None:
+                v = len(tokens)
+                index[key] = v
+                tokens.append(tok)
+                parents.append(parent)
+                added.append(key)
+            return v
+
+        v = 0
+        for t in doc.context:
+            v = node(v, int(t))
+        local = [v]
+        for u in range(1, doc.num_nodes):
+            local.append(node(local[doc.parents[u]], int(doc.tokens[u])))
+        return local, added
+
+    for i in sorted(range(len(docs)), key=lambda i: tuple(docs[i].context)):
+        before = len(tokens)
+        local, added = insert(docs[i])
+        if len(tokens) > max_nodes and before > 1:  # overflow: undo, close, start anew
+            for key in added:
+                del index[key]
+            del tokens[before:], parents[before:]
+            trees.append((tokens, parents))
+            tokens, parents, index = [-1], [-1], {}
+            local, _ = insert(docs[i])
+        where[i] = (len(trees), local)
+    if docs:  # every closed tree was followed by a document: the last one is not empty
+        trees.append((tokens, parents))
+    return trees, where
 
 
 def _batches(sizes: Sequence[int], budget: int) -> list[list[int]]:
