@@ -52,6 +52,11 @@ def head(tmp_path):
             "--num-cpus=2",
             f"--temp-dir={temp}",
             "--include-dashboard=true",
+            # the session's local Ray (other modules) holds the default agent ports
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
         ],
         env=env,
         stdout=log,
