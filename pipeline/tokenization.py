@@ -45,7 +45,14 @@ LLAMA3_PATTERN = (
 )
 
 # Added tokens that conventionally end a document, in order of preference.
-DOC_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|end|>")
+DOC_END_TOKENS = (
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|end|>",
+    "<｜end▁of▁sentence｜>",  # DeepSeek (incl. its Llama-3 distills)
+)
 
 
 class TokenizerError(ValueError):

@@ -92,6 +92,7 @@ from pipeline.scoring.common import Regime, ScoredDocument
 from pipeline.scoring.subset import PreparedDocument, SubsetExactScorer
 from pipeline.scoring.unicode import _codepoint_range, completion_representatives
 from pipeline.tokenization import (
+    DOC_END_TOKENS,
     GPT2_PATTERN,
     LLAMA3_PATTERN,
     QWEN2_PATTERN,
@@ -496,6 +497,8 @@ class StudentView:
     """
 
     def __init__(self, tokenizer: Tokenizer, eos_token: str, name: str = "student") -> None:
+        """``eos_token``: content of the student's end-of-text token; when the student
+        has no such added token, the first of ``DOC_END_TOKENS`` it has."""
         self.tokenizer = tokenizer
         self.name = name
         spec = json.loads(tokenizer.to_str())
@@ -510,9 +513,14 @@ class StudentView:
                 raise TokenizerError(f"{name}: BPE option {opt}={model.get(opt)!r} unsupported")
         added = {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
         if eos_token not in added:
+            # the student's own end of text carries the teacher's end-of-text mass
+            eos_token = next((c for c in DOC_END_TOKENS if c in added), eos_token)
+        if eos_token not in added:
             raise TokenizerError(
-                f"{name} has no added token {eos_token!r} to carry the end-of-text mass"
+                f"{name} has no added token {eos_token!r} (nor any of {DOC_END_TOKENS}) to "
+                "carry the end-of-text mass; pass student_eos_token="
             )
+        self.eos_token = eos_token
         self.eos_id = added[eos_token]
         self.added_contents = tuple(added)
         self.size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -734,6 +742,9 @@ class GeneralScorer:
             mass are dropped (unaccounted).
         eos_token: content of the teacher's end-of-text token (default: the first of
             ``DOC_END_TOKENS`` the teacher has).
+        student_eos_token: content of the student's end-of-text token, which receives
+            the teacher's end-of-text mass (default: the teacher's, else the first of
+            ``DOC_END_TOKENS`` the student has).
         byte_model: a `ByteModel` of the same teacher tokenizer to share (its rows are
             reused while the same teacher object is passed to `score`).
 
@@ -753,6 +764,7 @@ class GeneralScorer:
         min_prob: float = 1e-3,
         *,
         eos_token: str | None = None,
+        student_eos_token: str | None = None,
         byte_model: ByteModel | None = None,
     ) -> None:
         if mode not in ("lossless", "fast"):
@@ -777,7 +789,7 @@ class GeneralScorer:
         self.bytes = byte_model
         self.eos_token = self.bytes.eos_token
         self.T = self.bytes.scorer.T
-        self.S = StudentView(load_tokenizer(student_tokenizer), self.eos_token)
+        self.S = StudentView(load_tokenizer(student_tokenizer), student_eos_token or self.eos_token)
         self.last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ scoring

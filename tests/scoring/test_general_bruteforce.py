@@ -367,7 +367,7 @@ def test_clear_errors(world):
         GeneralScorer(T, Tokenizer(__import__("tokenizers").models.BPE()))
     with pytest.raises(TokenizerError, match="empty vocabulary"):
         GeneralScorer(Tokenizer(__import__("tokenizers").models.BPE()), byte_student())
-    with pytest.raises(TokenizerError, match="end-of-text"):
+    with pytest.raises(TokenizerError, match="student_eos_token"):
         GeneralScorer(T, other_byte_bpe("qwen2", eos=False))
     lower = sentencepiece_bpe("legacy")
     lower.normalizer = normalizers.Lowercase()
@@ -385,3 +385,24 @@ def test_clear_errors(world):
         sc.score(world.teacher, ["ab é"], top_k=None)  # no symbol for é's bytes
     with pytest.raises(UnscorableTextError, match="added token"):
         sc.score(world.teacher, [f"ab{EOS}"], top_k=None)
+
+
+def test_student_end_of_text_token(world):
+    """The teacher's end-of-text mass goes to the student's own end-of-text token: the
+    teacher's content when the student has it, else the first known one it has (Llama-3
+    and DeepSeek students have no "<|endoftext|>"), or the one named."""
+    T = world.T
+    plain = other_byte_bpe("qwen2", eos=False)
+    plain.add_special_tokens(["<s>", "</s>"])
+    sc = GeneralScorer(T, plain, byte_model=world.bytes)
+    assert sc.S.eos_token == "</s>" and sc.S.eos_id == plain.token_to_id("</s>")
+    own = GeneralScorer(T, plain, student_eos_token="<s>", byte_model=world.bytes)
+    assert own.S.eos_id == plain.token_to_id("<s>")
+    ref = GeneralScorer(T, other_byte_bpe("qwen2"), byte_model=world.bytes)
+    a = _rows(sc.score(world.teacher, ["ab 1"], top_k=None)[0])
+    b = _rows(ref.score(world.teacher, ["ab 1"], top_k=None)[0])
+    # same rows, the end-of-text column renamed
+    eos_a, eos_b = sc.S.eos_id, ref.S.eos_id
+    assert np.allclose(a[:, eos_a], b[:, eos_b], atol=1e-12) and a[-1, eos_a] > 0.0
+    keep = [i for i in range(min(a.shape[1], b.shape[1])) if i not in (eos_a, eos_b)]
+    assert np.allclose(a[:, keep], b[:, keep], atol=1e-12)
