@@ -599,7 +599,7 @@ class StudentView:
 
     def clear_cache(self) -> None:
         self._enc: dict[str, tuple[int, ...]] = {}
-        self._stable: dict[bytes, tuple[int, ...]] = {}
+        self._stable: dict[bytes, tuple[int, tuple[int, ...]]] = {}
 
     @property
     def decision_rule(self) -> str:
@@ -641,40 +641,52 @@ class StudentView:
 
     def stable_tokens(self, y: bytes) -> tuple[int, ...]:
         """Tokens that the encoding of every complete text starting with ``y`` starts with."""
+        return self.stable_split(y)[1]
+
+    def stable_split(self, y: bytes) -> tuple[int, tuple[int, ...]]:
+        """``(byte offset q, tokens)``: the last stable boundary of ``y`` and the stable
+        tokens, the encoding of ``y[:q]`` (``(0, ())`` when there is none)."""
         got = self._stable.get(y)
         if got is None:
-            got = self._stable_tokens(y)
+            got = self._stable_split(y)
             self._stable[y] = got
         return got
 
-    def _stable_tokens(self, y: bytes) -> tuple[int, ...]:
+    def local_offset(self, y: bytes) -> tuple[int, int]:
+        """``(byte offset q, token count n)`` such that for every text ``t`` starting
+        with ``y`` the encoding of ``t`` is the stable tokens of ``y`` (``n`` of them,
+        the encoding of ``y[:q]``) followed by the encoding of ``t[q:]`` encoded alone.
+        Decisions on continuations of ``y`` can then be made on ``t[q:]`` only.
+
+        At a stable boundary the pieces after it are the pre-tokenization of the rest
+        (no regex here looks behind; Metaspace splits before every space and adds no
+        prefix to a text starting with one). Not with a Prepend normalizer (it would
+        prefix the rest too): ``(0, 0)`` there."""
+        if self.prefix_mode == "prepend":
+            return 0, 0
+        q, toks = self.stable_split(y)
+        return q, len(toks)
+
+    def _stable_split(self, y: bytes) -> tuple[int, tuple[int, ...]]:
         split = _utf8_split(y)
         if split is None or self.rule == "none":
-            return ()
+            return 0, ()
         s = split[0]
         if not s or (self.nfc and not unicodedata.is_normalized("NFC", s)):
-            return ()
+            return 0, ()
         q = self._boundary(s)
         if q == 0:
-            return ()
-        ids = self.encode(s)
+            return 0, ()
         qb = len(s[:q].encode("utf-8"))
+        # the tokens before a stable boundary are those of the text before it
+        ids = self.encode(s[:q])
         parts = [self.token_bytes.get(t) for t in ids]
         if any(p is None for p in parts):
-            return ()
-        acc = len(s.encode("utf-8")) - sum(len(p) for p in parts if p is not None)
-        if acc not in (0, -len(self.prefix_bytes)):
-            return ()  # e.g. a literal "▁" in the text: no byte accounting, stay undecided
-        for k, p in enumerate(parts):
-            assert p is not None
-            acc += len(p)
-            if acc == qb:
-                return ids[: k + 1]
-            if acc > qb:
-                break
-        raise TokenizerError(
-            f"{self.name}: decision rule broken: stable boundary {q} of {s!r} is inside a token"
-        )
+            return 0, ()
+        got = sum(len(p) for p in parts if p is not None)
+        if got - qb not in (0, len(self.prefix_bytes)):
+            return 0, ()  # e.g. a literal "▁" in the text: no byte accounting, stay undecided
+        return qb, ids
 
     def _boundary(self, s: str) -> int:
         """Largest stable boundary (character index) of the text prefix ``s``; 0 if none."""
@@ -716,7 +728,10 @@ class _RowJob:
     roots: list[bytes]
     log_shift: float = 0.0  # weights are relative to exp(log_shift) (max root prefix prob)
     start: float = 0.0  # starting mass (sum of root weights)
-    frontier: list[tuple[bytes, float]] = field(default_factory=list)
+    # per root: (byte offset q, token count n) of `StudentView.local_offset`; a branch
+    # from root k is decided on its bytes from q against key[n:]
+    local: list[tuple[int, int]] = field(default_factory=list)
+    frontier: list[tuple[bytes, float, int]] = field(default_factory=list)  # (y, w, root)
     mass: dict[int, float] = field(default_factory=lambda: defaultdict(float))
     excluded: float = 0.0  # inconsistent with the prefix: out of numerator and denominator
     unmapped: float = 0.0  # specials the student lacks, texts that are not valid UTF-8
@@ -855,11 +870,15 @@ class GeneralScorer:
             job.log_shift = max(lps)
             if job.log_shift == -math.inf:
                 continue  # the teacher never produces this prefix: an all-zero row
-            for r, lp in zip(job.roots, lps, strict=True):
+            for k, (r, lp) in enumerate(zip(job.roots, lps, strict=True)):
+                q, n = self.S.local_offset(r)
+                if job.key[:n] != self.S.stable_tokens(r):
+                    q, n = 0, 0  # this root's stable tokens disagree with the key
+                job.local.append((q, n))
                 w = math.exp(lp - job.log_shift)
                 if w > 0.0:
                     job.start += w
-                    self._place(job, r, w)
+                    self._place(job, r, w, k)
         depth = 0
         while True:
             active = [job for job in jobs if job.frontier]
@@ -867,63 +886,69 @@ class GeneralScorer:
                 break
             for job in active:
                 if depth >= self.max_depth:
-                    job.cut += sum(w for _, w in job.frontier)
+                    job.cut += sum(w for _, w, _ in job.frontier)
                     job.frontier = []
                 elif self.mode == "fast":
                     self._prune(job)
             active = [job for job in active if job.frontier]
-            self.bytes.ensure(teacher, {y for job in active for y, _ in job.frontier})
+            self.bytes.ensure(teacher, {y for job in active for y, _, _ in job.frontier})
             for job in active:
                 frontier, job.frontier = job.frontier, []
-                for y, w in frontier:
-                    self._expand(job, y, w)
+                for y, w, k in frontier:
+                    self._expand(job, y, w, k)
             depth += 1
 
     def _prune(self, job: _RowJob) -> None:
         floor = self.min_prob * job.start
-        keep = [(y, w) for y, w in job.frontier if w >= floor]
-        job.pruned += sum(w for _, w in job.frontier if w < floor)
+        keep = [n for n in job.frontier if n[1] >= floor]
+        job.pruned += sum(n[1] for n in job.frontier if n[1] < floor)
         if len(keep) > self.beam:
             keep.sort(key=lambda n: -n[1])
-            job.pruned += sum(w for _, w in keep[self.beam :])
+            job.pruned += sum(n[1] for n in keep[self.beam :])
             keep = keep[: self.beam]
         job.frontier = keep
 
-    def _place(self, job: _RowJob, y: bytes, w: float) -> None:
+    def _place(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
         """Account a branch that has just been reached, or queue it for expansion."""
         if _utf8_split(y) is None:
             job.unmapped += w  # no valid text starts with y: the student cannot see it
             return
-        i = len(job.key)
-        toks = self.S.stable_tokens(y)
-        k = min(len(toks), i)
-        if toks[:k] != job.key[:k]:
+        q, n = job.local[k]
+        key = job.key
+        i = len(key) - n
+        toks = self.S.stable_tokens(y[q:])
+        m = min(len(toks), i)
+        if toks[:m] != key[n : n + m]:
             job.excluded += w
         elif len(toks) > i:
             job.mass[toks[i]] += w
         else:
-            job.frontier.append((y, w))
+            job.frontier.append((y, w, k))
 
-    def _expand(self, job: _RowJob, y: bytes, w: float) -> None:
+    def _expand(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
         row = self.bytes.row(y)
         job.expanded += 1
         if row[EOS_COL] > 0.0:
-            self._end(job, y, w * float(row[EOS_COL]), special=False)
+            self._end(job, y, w * float(row[EOS_COL]), k, special=False)
         if row[UNMAPPED_COL] > 0.0:
-            self._end(job, y, w * float(row[UNMAPPED_COL]), special=True)
+            self._end(job, y, w * float(row[UNMAPPED_COL]), k, special=True)
         for b in np.flatnonzero(row[:256]):
-            self._place(job, y + bytes((int(b),)), w * float(row[b]))
+            self._place(job, y + bytes((int(b),)), w * float(row[b]), k)
 
-    def _end(self, job: _RowJob, y: bytes, p: float, special: bool) -> None:
+    def _end(self, job: _RowJob, y: bytes, p: float, k: int, special: bool) -> None:
         """The text ends after ``y`` (or a special the student lacks follows it)."""
+        q, n = job.local[k]
         try:
-            text = y.decode("utf-8")
+            text = y[q:].decode("utf-8")
         except UnicodeDecodeError:
             job.unmapped += p
             return
+        if n and self.S.nfc and not unicodedata.is_normalized("NFC", text):
+            q = n = 0  # normalization of the rest alone may differ: encode the whole text
+            text = y.decode("utf-8")
         ids = self.S.encode(text)
-        i = len(job.key)
-        if len(ids) < i or ids[:i] != job.key:
+        i = len(job.key) - n
+        if len(ids) < i or ids[:i] != job.key[n:]:
             job.excluded += p
         elif special:
             job.unmapped += p

@@ -148,7 +148,9 @@ def test_two_byte_characters_and_rows_inside_them(utf8_world, name):
 
 def test_decision_rule_stable_under_continuation():
     """The decision rule itself: the stable tokens of every short string (and of every
-    string followed by half of "é") start the encoding of every continuation."""
+    string followed by half of "é") start the encoding of every continuation, and the
+    rest of that encoding is the encoding of the text after the stable boundary alone
+    (`StudentView.local_offset`, what decisions are made on)."""
     _check_stability(all_strings(3, RICH), all_strings(2, RICH))
 
 
@@ -171,12 +173,19 @@ def _check_stability(prefixes: list[str], continuations: list[str]) -> None:
                 if not stable:
                     continue
                 decided += 1
-                for d, e in zip(
+                q, n = view.local_offset(yb)
+                assert n in (0, len(stable)) and (n or view.prefix_mode == "prepend")
+                texts = [head + d for d in continuations]
+                rests = [(t.encode()[q:]).decode() for t in texts]
+                for d, e, r in zip(
                     continuations,
-                    tok.encode_batch([head + d for d in continuations], add_special_tokens=False),
+                    tok.encode_batch(texts, add_special_tokens=False),
+                    tok.encode_batch(rests, add_special_tokens=False),
                     strict=True,
                 ):
                     assert tuple(e.ids[: len(stable)]) == stable, (name, y, d)
+                    if n:
+                        assert tuple(e.ids) == stable + tuple(r.ids), (name, y, d)
         assert decided > 0 or view.rule == "none", name
 
 
