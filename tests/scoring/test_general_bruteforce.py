@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from tokenizers import Tokenizer, normalizers
 
 from pipeline.scoring import GeneralScorer, Regime, SubsetExactScorer
@@ -50,13 +49,7 @@ SPECIAL_DOCS += ["b 1 a", "a 1  ", " a b", "ab ab", "1a  b", "   1 "]
 DOCS = list(dict.fromkeys([*SPECIAL_DOCS, *all_strings(3), *all_strings(5)[85::5]]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The byte model's tensors are tiny: thread-pool overhead would dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.assets import generated_texts
 from pipeline.scoring import GeneralScorer, SubsetExactScorer
@@ -46,12 +45,7 @@ EXACT = 1e-12
 SPECIAL_DOCS = ["a  1", "ab  ", "  ab", "1a  b", "b 1 a", "ab ab", "a 1  ", "   1 ", "11111"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _world(pattern: str, max_len: int = 5, seed: int = 0):
