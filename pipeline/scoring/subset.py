@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +111,16 @@ class PreparedDocument:
         tokens = [-1, *self.context, *self.tokens[1:]]
         parents = [-1, *range(c), *(p + c for p in self.parents[1:])]
         return tokens, parents
+
+
+def _cover_weights(
+    rows_t: torch.Tensor, lw: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row shift (the largest cover log-weight of the row) and the entries' weights
+    relative to it, so the heaviest cover of every row weighs 1 (no underflow)."""
+    shift = torch.full((n_rows,), -math.inf, dtype=lw.dtype, device=lw.device)
+    shift.scatter_reduce_(0, rows_t, lw, reduce="amax")
+    return shift, torch.exp(lw - shift[rows_t])
 
 
 class _Tree:
@@ -639,41 +649,10 @@ class SubsetExactScorer:
             tnode_t = torch.as_tensor(tnode, device=device)
             spec_t = torch.as_tensor(spec, dtype=torch.bool, device=device)
             lw = torch.as_tensor(lws, dtype=adt, device=device)
-            shift = torch.full((n_out,), -math.inf, dtype=adt, device=device)
-            shift.scatter_reduce_(0, rows_t, lw, reduce="amax")
-            w = torch.exp(lw - shift[rows_t])
-            vb = len(self.perm)
-            per_cover = (vb + 1 + max(vs, vb)) * 8
-            rows_per_block = max(1, self.max_block_bytes // (per_cover * 3))
-            order = torch.argsort(rows_t, stable=True)
-            rows_sorted = rows_t[order]
-            for r0 in range(0, n_out, rows_per_block):
-                r1 = min(n_out, r0 + rows_per_block)
-                a = int(torch.searchsorted(rows_sorted, r0))
-                b = int(torch.searchsorted(rows_sorted, r1))
-                if b == a:
-                    continue
-                sel = order[a:b]
-                J = torch.zeros((r1 - r0, vs), dtype=adt, device=device)
-                un = torch.zeros(r1 - r0, dtype=adt, device=device)
-                self._accumulate(
-                    J,
-                    un,
-                    expo,
-                    norm,
-                    rows_t[sel] - r0,
-                    cov_t[sel],
-                    tnode_t[sel],
-                    spec_t[sel],
-                    w[sel],
-                    tz,
-                )
-                J.clamp_min_(0.0)
-                mapped = J.sum(1)
-                tot = mapped + un
-                share = torch.where(tot > 0, un / tot, torch.zeros_like(tot))
-                logJ = torch.log(J) - torch.log(mapped)[:, None]
-                logJ = torch.where((mapped > 0)[:, None], logJ, torch.full_like(logJ, -math.inf))
+            _, w = _cover_weights(rows_t, lw, n_out)
+            for r0, r1, logJ, share, _ in self._row_blocks(
+                n_out, rows_t, cov_t, tnode_t, spec_t, w, expo, norm, tz
+            ):
                 probs[r0:r1] = torch.exp(logJ) * (1.0 - share)[:, None]
                 unm[r0:r1] = share
         probs_np, unm_np = probs.cpu().numpy(), unm.cpu().numpy()
@@ -736,10 +715,7 @@ class SubsetExactScorer:
         tnode_t = torch.as_tensor(tnode, device=device)
         spec_t = torch.as_tensor(spec, dtype=torch.bool, device=device)
         logw = torch.as_tensor(logw_np, dtype=adt, device=device)
-        lw = logw[cov_t]
-        shift = torch.full((L + 1,), -math.inf, dtype=adt, device=device)
-        shift.scatter_reduce_(0, rows_t, lw, reduce="amax")
-        w = torch.exp(lw - shift[rows_t])
+        shift, w = _cover_weights(rows_t, logw[cov_t], L + 1)
 
         vs = self.S.size
         k_eff = None if top_k is None else min(top_k, vs)
@@ -752,39 +728,11 @@ class SubsetExactScorer:
         target = torch.empty(L + 1, dtype=adt, device=device)
         next_ids = torch.as_tensor([*S, self.student_eos], device=device)
 
-        # Blocks of rows bounded by the memory of the cumulative sums they need.
-        vb = len(self.perm)
-        per_cover = (vb + 1 + max(vs, vb)) * 8
-        rows_per_block = max(1, self.max_block_bytes // (per_cover * 3))
-        order = torch.argsort(rows_t, stable=True)
-        rows_sorted = rows_t[order]
-        for r0 in range(0, L + 1, rows_per_block):
-            r1 = min(L + 1, r0 + rows_per_block)
-            a = int(torch.searchsorted(rows_sorted, r0))
-            b = int(torch.searchsorted(rows_sorted, r1))
-            sel = order[a:b]
-            J = torch.zeros((r1 - r0, vs), dtype=adt, device=device)
-            un = torch.zeros(r1 - r0, dtype=adt, device=device)
-            if b > a:
-                self._accumulate(
-                    J,
-                    un,
-                    expo,
-                    norm,
-                    rows_t[sel] - r0,
-                    cov_t[sel],
-                    tnode_t[sel],
-                    spec_t[sel],
-                    w[sel],
-                    tz,
-                )
-            J.clamp_min_(0.0)  # cumsum differences can be -1e-17 instead of 0
-            mapped = J.sum(1)
-            tot = mapped + un
+        for r0, r1, logJ, share, tot in self._row_blocks(
+            L + 1, rows_t, cov_t, tnode_t, spec_t, w, expo, norm, tz
+        ):
             total[r0:r1] = tot
-            unmapped[r0:r1] = torch.where(tot > 0, un / tot, torch.zeros_like(tot))
-            logJ = torch.log(J) - torch.log(mapped)[:, None]
-            logJ = torch.where((mapped > 0)[:, None], logJ, torch.full_like(logJ, -math.inf))
+            unmapped[r0:r1] = share
             target[r0:r1] = logJ.gather(1, next_ids[r0:r1, None]).squeeze(1)
             if dense is not None:
                 dense[r0:r1] = logJ
@@ -830,6 +778,56 @@ class SubsetExactScorer:
                 **doc.stats,
             },
         )
+
+    def _row_blocks(
+        self,
+        n_rows: int,
+        rows_t: torch.Tensor,
+        cov_t: torch.Tensor,
+        tnode_t: torch.Tensor,
+        spec_t: torch.Tensor,
+        w: torch.Tensor,
+        expo: torch.Tensor,
+        norm: torch.Tensor,
+        tz: dict[str, torch.Tensor],
+    ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Rows ``0..n_rows-1`` from their (row, cover node, trie node, special, weight)
+        entries, in blocks bounded by the memory of the cumulative sums they need:
+        yields ``(r0, r1, log-probs [r1-r0, V_S], unmapped share, total mass)`` (rows
+        without entries: all ``-inf``, share 0, total 0)."""
+        adt, device, vs = w.dtype, w.device, self.S.size
+        vb = len(self.perm)
+        per_cover = (vb + 1 + max(vs, vb)) * 8
+        rows_per_block = max(1, self.max_block_bytes // (per_cover * 3))
+        order = torch.argsort(rows_t, stable=True)
+        rows_sorted = rows_t[order]
+        for r0 in range(0, n_rows, rows_per_block):
+            r1 = min(n_rows, r0 + rows_per_block)
+            a = int(torch.searchsorted(rows_sorted, r0))
+            b = int(torch.searchsorted(rows_sorted, r1))
+            sel = order[a:b]
+            J = torch.zeros((r1 - r0, vs), dtype=adt, device=device)
+            un = torch.zeros(r1 - r0, dtype=adt, device=device)
+            if b > a:
+                self._accumulate(
+                    J,
+                    un,
+                    expo,
+                    norm,
+                    rows_t[sel] - r0,
+                    cov_t[sel],
+                    tnode_t[sel],
+                    spec_t[sel],
+                    w[sel],
+                    tz,
+                )
+            J.clamp_min_(0.0)  # cumsum differences can be -1e-17 instead of 0
+            mapped = J.sum(1)
+            tot = mapped + un
+            share = torch.where(tot > 0, un / tot, torch.zeros_like(tot))
+            logJ = torch.log(J) - torch.log(mapped)[:, None]
+            logJ = torch.where((mapped > 0)[:, None], logJ, torch.full_like(logJ, -math.inf))
+            yield r0, r1, logJ, share, tot
 
     def _accumulate(
         self,
