@@ -910,10 +910,10 @@ class GeneralScorer:
 
     def _place(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
         """Account a branch that has just been reached, or queue it for expansion."""
-        if _utf8_split(y) is None:
+        q, n = job.local[k]
+        if _utf8_split(y[q:]) is None:  # (y[:q] is whole characters)
             job.unmapped += w  # no valid text starts with y: the student cannot see it
             return
-        q, n = job.local[k]
         key = job.key
         i = len(key) - n
         toks = self.S.stable_tokens(y[q:])
