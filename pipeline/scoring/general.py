@@ -709,11 +709,18 @@ class StudentView:
                 off += len(piece)  # byte-level pieces: one character per byte
             if off != len(s.encode("utf-8")):
                 raise TokenizerError(f"{self.name}: pre-tokens do not cover {s!r}")
-            cands = (
-                q
-                for q in reversed(starts)
-                if 1 <= q <= n - REGEX_LOOKAHEAD and not s[q - 1].isspace()
-            )
+            for q in reversed(starts):
+                if q < 1 or s[q - 1].isspace():
+                    continue
+                # characters after q the matcher reads to close the pieces before q:
+                # one (the character that ends a class run), two when a contraction may
+                # start among the last three characters before q
+                need = REGEX_LOOKAHEAD if "'" in s[max(0, q - 3) : q] else 1
+                if q + need > n:
+                    continue
+                if not self.nfc or any(ord(c) < 128 for c in s[q + need :]):
+                    return q
+            return 0
         for q in cands:
             if not self.nfc or any(ord(c) < 128 for c in s[q + self.lookahead :]):
                 return q

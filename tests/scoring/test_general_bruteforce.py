@@ -228,6 +228,40 @@ def test_regex_rule_boundaries_never_move(max_len, cont_len):
         assert accepted > 0
 
 
+def test_regex_rule_boundaries_never_move_random():
+    """The same on 30,000 random (string, continuation) pairs over every class the
+    regexes tell apart (contraction letters in both cases, digits, whitespace kinds,
+    punctuation, non-ASCII letters, a combining mark): a boundary with one character
+    after it (two near an apostrophe) never moves, and the pieces before it stay."""
+    import random
+
+    alphabet = [*"'stredvmlSTREDVMLa12 \n\r\t.$", "é", "中", "\u0301", "\u00a0"]
+    rng = random.Random(0)
+    pairs = [
+        (
+            "".join(rng.choices(alphabet, k=rng.randint(2, 7))),
+            "".join(rng.choices(alphabet, k=rng.randint(1, 4))),
+        )
+        for _ in range(30_000)
+    ]
+    for name in ("bpe-gpt2", "bpe-qwen2", "bpe-llama3"):
+        tok = STUDENTS[name]()
+        view = StudentView(tok, EOS)
+        pre = tok.pre_tokenizer
+        accepted = 0
+        for y, d in pairs:
+            q = view._boundary(y)
+            if q == 0:
+                continue
+            accepted += 1
+            # (offsets are in characters)
+            head = [p for p, (a, b) in pre.pre_tokenize_str(y) if b <= q]
+            full = pre.pre_tokenize_str(y + d)
+            assert q in [a for _, (a, _) in full], (name, y, d, q)
+            assert [p for p, (a, b) in full if b <= q] == head, (name, y, d, q)
+        assert accepted > 1000, (name, accepted)
+
+
 # --------------------------------------------------------------------------- limits
 @pytest.mark.parametrize(("name", "depth"), [("sp-legacy", 2), ("bpe-gpt2", 1), ("bytes", 1)])
 def test_depth_limit_reports_exactly_the_missing_mass(world, name, depth):
