@@ -543,18 +543,21 @@ class StudentView:
         kinds = [p.get("type") for p in pres]
         self.byte_level = "ByteLevel" in kinds
         self.rule = "none"
+        self.regex = ""  # name of the known regex (KNOWN_PATTERNS) when rule == "regex"
         self.prefix_mode = "prepend" if prepend else "none"
         for p in pres:
             if p.get("type") == "ByteLevel" and p.get("add_prefix_space"):
                 raise TokenizerError(f"{name}: ByteLevel add_prefix_space=True is unsupported")
         if kinds == ["ByteLevel"]:
             self.rule = "regex" if pres[0].get("use_regex", True) else "none"
+            self.regex = "gpt2"
         elif kinds == ["Split", "ByteLevel"]:
             split, bl = pres
             if split.get("behavior") != "Isolated" or split.get("invert") or bl.get("use_regex"):
                 raise TokenizerError(f"{name}: unsupported Split pre-tokenizer {split!r}")
             pattern = (split.get("pattern") or {}).get("Regex")
             self.rule = "regex" if pattern in KNOWN_PATTERNS else "none"
+            self.regex = KNOWN_PATTERNS.get(pattern or "", "")
         elif kinds == ["Metaspace"]:
             meta = pres[0]
             self.space_char = meta["replacement"]
@@ -688,6 +691,15 @@ class StudentView:
             return 0, ()  # e.g. a literal "▁" in the text: no byte accounting, stay undecided
         return qb, ids
 
+    def _closed_digits(self, piece: str) -> bool:
+        """Whether the regex piece ``piece`` (ASCII digits) ends where it is whatever
+        follows: Qwen2 splits digits one by one, Llama-3 in groups of at most three."""
+        if not piece.isascii() or not piece.isdigit():
+            return False
+        return (self.regex == "qwen2" and len(piece) == 1) or (
+            self.regex == "llama3" and len(piece) == 3
+        )
+
     def _boundary(self, s: str) -> int:
         """Largest stable boundary (character index) of the text prefix ``s``; 0 if none."""
         n = len(s)
@@ -709,6 +721,10 @@ class StudentView:
                 off += len(piece)  # byte-level pieces: one character per byte
             if off != len(s.encode("utf-8")):
                 raise TokenizerError(f"{self.name}: pre-tokens do not cover {s!r}")
+            if starts and self._closed_digits(s[starts[-1] :]) and "'" not in s[max(0, n - 3) : n]:
+                # the last piece is closed whatever follows, and no NFC composition
+                # starts with an ASCII digit: the end of the text is stable
+                return n
             for q in reversed(starts):
                 if q < 1 or s[q - 1].isspace():
                     continue
