@@ -28,23 +28,27 @@ than ``i`` (the token at index ``i`` is known); at end of text the complete text
 encoding decides. Stable boundaries by pre-tokenizer:
 
 - GPT-2 / Qwen2 / Llama-3 regex: a pre-token start ``q`` whose previous character is
-  not whitespace and that has at least two more characters after it in ``y``. The
-  matcher decides each pre-token before ``q`` from characters up to ``q + 1``: class
-  runs stop at the first character outside the class, a whitespace run ends before
-  the non-whitespace character ``y[q-1]``, and contractions read at most three
-  characters from their start. Whitespace before ``q`` is excluded because of
-  ``\\s+(?!\\S)`` (``"a  "`` -> ``[a, "  "]`` but ``"a  1"`` -> ``[a, " ", " ", 1]``), and the
-  two characters after ``q`` because of contractions (GPT-2 ``"x'l"`` ->
-  ``[x, ', l]`` but ``"x'll"`` -> ``[x, 'll]``).
+  not whitespace and that has at least one more character after it in ``y`` (two when
+  an apostrophe is among the three characters before ``q``). The matcher decides each
+  pre-token before ``q`` from characters up to ``q``: class runs stop at the first
+  character outside the class, and a whitespace run ends before the non-whitespace
+  character ``y[q-1]``; only contractions read further (at most three characters from
+  their start). Whitespace before ``q`` is excluded because of ``\\s+(?!\\S)``
+  (``"a  "`` -> ``[a, "  "]`` but ``"a  1"`` -> ``[a, " ", " ", 1]``), and the second
+  character near an apostrophe because of contractions (GPT-2 ``"x'l"`` ->
+  ``[x, ', l]`` but ``"x'll"`` -> ``[x, 'll]``). The end of ``y`` itself is stable when
+  its last piece is closed whatever follows: one digit (Qwen2 splits digits one by
+  one) or three (Llama-3); no NFC composition starts with an ASCII digit.
 - Metaspace with ``split=True``: before every space at ``q >= 1`` (a new piece starts
   at every ``▁`` whatever follows).
 - Byte-level BPE without merges: every byte boundary (every byte is a token).
 - No pre-tokenizer, Metaspace with ``split=False`` (SentencePiece "legacy" layouts such
   as Llama-2's Prepend + Replace normalizer) or an unknown regex: no stable boundary;
   only end of text decides. Correct, but exponential in the rest of the text.
-- An NFC normalizer additionally needs an ASCII character at index ``>= q + 2``
-  (regex) or ``>= q`` (others) in an NFC-normalized ``y``: NFC never composes an ASCII
-  character with what precedes it, so no continuation can change the text before it.
+- An NFC normalizer additionally needs an ASCII character at index ``>= q + r`` (regex,
+  ``r`` = the characters it reads after ``q``) or ``>= q`` (others) in an NFC-normalized
+  ``y``: NFC never composes an ASCII character with what precedes it, so no
+  continuation can change the text before it.
 
 The rule is checked by brute force in ``tests/scoring/test_general_bruteforce.py``:
 stable tokens of every short string are a prefix of the encoding of every
@@ -112,7 +116,7 @@ ROW_WIDTH = 258
 
 # Pre-tokenizer regexes whose stable boundaries `StudentView` knows (see module doc).
 KNOWN_PATTERNS = {GPT2_PATTERN: "gpt2", QWEN2_PATTERN: "qwen2", LLAMA3_PATTERN: "llama3"}
-REGEX_LOOKAHEAD = 2  # characters after a boundary the regex matcher may read
+REGEX_LOOKAHEAD = 2  # characters after a boundary the regex matcher may read (contractions)
 
 _UNDECIDED = -1
 _EXCLUDED = -2
