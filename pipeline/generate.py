@@ -121,7 +121,10 @@ class GenerateStep:
         student), so when a tree is too big the document is re-chunked with a budget
         shrunk by the measured ratio (deterministic: same text, same chunks)."""
         if self.kind != "subset":  # the general scorer builds its own contexts
-            return [(c, None) for c in self.chunks(text)]
+            chunks = self.chunks(text)
+            for c in chunks:  # refuse the whole document now, not its batch later
+                self.scorer.check_text(c.text)
+            return [(c, None) for c in chunks]
         limit = self.teacher.max_batch_tokens
         n_start = len(getattr(self.teacher, "start_ids", [0]))
         budget = self.max_context

@@ -305,8 +305,11 @@ def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, c
     trained_byte_bpe(300, seed_text="completely different text, 12 and 345. " * 50).save(str(other))
     (tmp_path / "in").mkdir()
     texts = ["ab 12", "a text.", "b  1"]
+    bad = "ab<|endoftext|>1"  # an added token inside: this document alone is skipped
     (tmp_path / "in" / "g.jsonl").write_text(
         "".join(json.dumps({"id": f"g{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+        + json.dumps({"id": "bad", "text": bad})
+        + "\n"
     )
     out = tmp_path / "out"
     args = _args(
@@ -323,6 +326,7 @@ def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, c
     assert "scorer: general (fast mode; not a truncated-merge pair" in caplog.text
     m = json.loads((out / "g.manifest.json").read_text())
     assert m["scorer"] == "general-fast" and m["scorer_params"]["max_depth"] == 3
+    assert [(k["doc_id"], "added token" in k["reason"]) for k in m["skipped"]] == [("bad", True)]
     rows = read_table(str(out / "g.parquet")).to_pylist()
     stu = load_tokenizer(str(other))
     assert [r["input_ids"] for r in rows] == [stu.encode(t).ids for t in texts]

@@ -844,16 +844,7 @@ class GeneralScorer:
         self.bytes.bind(teacher)
         self.S.clear_cache()
         before = dict(self.bytes.stats)
-        norm = []
-        for text in texts:
-            x = self.T.normalize(text)
-            for content in (*self.T.added_by_content, *self.S.added_contents):
-                if content in x:
-                    raise UnscorableTextError(
-                        f"text contains the added token {content!r}; the general scorer "
-                        "does not support added tokens inside texts yet"
-                    )
-            norm.append(x)
+        norm = [self.check_text(text) for text in texts]
         byte_docs = self.bytes.prepare_texts(teacher, norm)  # raises for unencodable texts
         jobs: dict[tuple[int, ...], _RowJob] = {}
         student_ids: list[tuple[int, ...]] = []
@@ -888,6 +879,21 @@ class GeneralScorer:
             "decision_rule": self.S.decision_rule,
         }
         return out
+
+    def check_text(self, text: str) -> str:
+        """The teacher-normalized ``text``, or `UnscorableTextError` saying why the
+        general scorer cannot score it (an added token inside it, bytes that do not
+        survive the teacher's encode/decode). Cheap: no model, no enumeration."""
+        x = self.T.normalize(text)
+        for content in (*self.T.added_by_content, *self.S.added_contents):
+            if content in x:
+                raise UnscorableTextError(
+                    f"text contains the added token {content!r}; the general scorer "
+                    "does not support added tokens inside texts yet"
+                )
+        if self.T.decode_bytes(self.T.encode_plain(x)) != x.encode("utf-8"):
+            raise UnscorableTextError("text does not survive the teacher's encode/decode")
+        return x
 
     def _run(self, teacher: Any, jobs: list[_RowJob]) -> None:
         """Level-by-level enumeration of all rows together (one teacher batch per level)."""
