@@ -123,6 +123,35 @@ def _cover_weights(
     return shift, torch.exp(lw - shift[rows_t])
 
 
+def _shared_calls(
+    teacher: Any,
+    prepared: Sequence[PreparedDocument],
+    max_tree_nodes: int | None,
+    max_batch_nodes: int | None,
+    stats: dict[str, int],
+) -> Iterator[list[tuple[torch.Tensor, list[tuple[int, list[int]]]]]]:
+    """The teacher calls of `score_prepared_shared` / `dense_rows_shared`: the
+    documents' trees merged (`merge_context_trees`) within ``max_tree_nodes``, sent in
+    calls of at most ``max_batch_nodes`` nodes. Yields per call, per tree, its log-probs
+    and its documents as (index, tree node of each local node); fills ``stats``
+    (``teacher_contexts``, ``teacher_calls``, ``trees``)."""
+    mbt = int(getattr(teacher, "max_batch_tokens", 1024))
+    n_start = len(getattr(teacher, "start_ids", [0]))
+    cap = max_tree_nodes or max(2, mbt - n_start + 1)
+    budget = max_batch_nodes or 4 * mbt
+    trees, where = merge_context_trees(prepared, cap)
+    docs_of: list[list[tuple[int, list[int]]]] = [[] for _ in trees]
+    for i, (k, nodes) in enumerate(where):
+        docs_of[k].append((i, nodes))
+    stats.update(teacher_contexts=0, teacher_calls=0, trees=len(trees))
+    for batch in _batches([len(t[0]) for t in trees], budget):
+        logps = teacher_tree_logprobs(teacher, [trees[k] for k in batch])
+        stats["teacher_contexts"] += sum(len(trees[k][0]) for k in batch)
+        stats["teacher_calls"] += 1
+        yield [(lp, docs_of[k]) for k, lp in zip(batch, logps, strict=True)]
+        del logps
+
+
 class _Tree:
     """Prefix tree of teacher contexts: canonical path first, then branches."""
 
@@ -498,25 +527,13 @@ class SubsetExactScorer:
         documents (input order) and the counters ``teacher_contexts`` (tree nodes sent,
         roots included), ``teacher_calls`` and ``trees``.
         """
-        mbt = int(getattr(teacher, "max_batch_tokens", 1024))
-        n_start = len(getattr(teacher, "start_ids", [0]))
-        cap = max_tree_nodes or max(2, mbt - n_start + 1)
-        budget = max_batch_nodes or 4 * mbt
-        trees, where = merge_context_trees(prepared, cap)
-        docs_of: list[list[int]] = [[] for _ in trees]
-        for i, (k, _) in enumerate(where):
-            docs_of[k].append(i)
         out: list[ScoredDocument | None] = [None] * len(prepared)
-        stats = {"teacher_contexts": 0, "teacher_calls": 0, "trees": len(trees)}
-        for batch in _batches([len(t[0]) for t in trees], budget):
-            logps = teacher_tree_logprobs(teacher, [trees[k] for k in batch])
-            stats["teacher_contexts"] += sum(len(trees[k][0]) for k in batch)
-            stats["teacher_calls"] += 1
-            for k, lp in zip(batch, logps, strict=True):
-                for i in docs_of[k]:
-                    idx = torch.as_tensor(where[i][1], device=lp.device)
+        stats: dict[str, int] = {}
+        for call in _shared_calls(teacher, prepared, max_tree_nodes, max_batch_nodes, stats):
+            for lp, docs in call:
+                for i, nodes in docs:
+                    idx = torch.as_tensor(nodes, device=lp.device)
                     out[i] = self._rows(prepared[i], lp[idx], top_k)
-            del logps
         return [o for o in out if o is not None], stats
 
     def dense_rows_shared(
@@ -539,30 +556,18 @@ class SubsetExactScorer:
         specials the student lacks), that unmapped share ``[len(wanted[d])]``, and the
         counters of `score_prepared_shared`.
         """
-        mbt = int(getattr(teacher, "max_batch_tokens", 1024))
-        n_start = len(getattr(teacher, "start_ids", [0]))
-        cap = max_tree_nodes or max(2, mbt - n_start + 1)
-        budget = max_batch_nodes or 4 * mbt
-        trees, where = merge_context_trees(prepared, cap)
-        docs_of: list[list[int]] = [[] for _ in trees]
-        for i, (k, _) in enumerate(where):
-            docs_of[k].append(i)
         probs: list[np.ndarray] = [np.zeros((0, self.S.size))] * len(prepared)
         unmapped: list[np.ndarray] = [np.zeros(0)] * len(prepared)
-        stats = {"teacher_contexts": 0, "teacher_calls": 0, "trees": len(trees)}
-        for batch in _batches([len(t[0]) for t in trees], budget):
-            logps = teacher_tree_logprobs(teacher, [trees[k] for k in batch])
-            stats["teacher_contexts"] += sum(len(trees[k][0]) for k in batch)
-            stats["teacher_calls"] += 1
-            offsets = np.cumsum([0, *(len(lp) for lp in logps)])
+        stats: dict[str, int] = {}
+        for call in _shared_calls(teacher, prepared, max_tree_nodes, max_batch_nodes, stats):
+            offsets = np.cumsum([0, *(len(lp) for lp, _ in call)])
             lp_all = (
-                torch.cat([torch.as_tensor(lp) for lp in logps]) if len(logps) > 1 else logps[0]
+                torch.cat([torch.as_tensor(lp) for lp, _ in call]) if len(call) > 1 else call[0][0]
             )
-            del logps
             items = [
-                (i, offsets[b] + np.asarray(where[i][1], dtype=np.int64))
-                for b, k in enumerate(batch)
-                for i in docs_of[k]
+                (i, offsets[b] + np.asarray(nodes, dtype=np.int64))
+                for b, (_, docs) in enumerate(call)
+                for i, nodes in docs
             ]
             got = self._dense_rows(
                 torch.as_tensor(lp_all),
