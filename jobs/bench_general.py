@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "unaccounted_mean": um,
             "unaccounted_p95": u95,
             "contexts_per_token": stats["teacher_contexts"] / n,
-            "byte_rows_per_token": stats["byte_rows_used"] / n,
+            "byte_rows_per_token": stats["rows_expanded"] / n,
             "seconds": seconds,
             "seconds_per_token": seconds / n,
             "ratio_to_subset": seconds / t_subset,

@@ -70,8 +70,13 @@ class GeneralScorerConfig(_Strict):
     `pipeline.scoring.GeneralScorer`)."""
 
     mode: Literal["fast", "lossless"] = "fast"
-    max_depth: int = Field(8, ge=1, description="continuation bytes enumerated per row")
-    beam: int = Field(16, ge=1, description="fast mode: branches kept per depth")
+    walk: Literal["tokens", "bytes"] = Field(
+        "tokens",
+        description="tokens: enumerate whole teacher tokens (one teacher distribution "
+        "decides all next tokens at once); bytes: the byte-model reference walk",
+    )
+    max_depth: int = Field(24, ge=1, description="continuation bytes enumerated per row")
+    beam: int = Field(16, ge=1, description="fast mode: open branches expanded per level and row")
     min_prob: float = Field(
         1e-3, ge=0.0, lt=1.0, description="fast mode: branches below this share are dropped"
     )

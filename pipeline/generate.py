@@ -76,9 +76,7 @@ class GenerateStep:
             from pipeline.scoring import GeneralScorer
 
             g = cfg.scoring.general
-            self.scorer = GeneralScorer(
-                t_tok, s_tok, mode=g.mode, max_depth=g.max_depth, beam=g.beam, min_prob=g.min_prob
-            )
+            self.scorer = GeneralScorer(t_tok, s_tok, **g.model_dump())
             student_sha = hashlib.sha256(self.scorer.S.tokenizer.to_str().encode()).hexdigest()
         self.student_tokenizer = s_tok
         limit = min(self.teacher.max_positions, self.teacher.max_batch_tokens // 2)
@@ -320,10 +318,10 @@ def choose_scorer(cfg: JobConfig, t_tok: Any, s_tok: Any) -> tuple[str, str]:
 
     g = cfg.scoring.general
     try:  # tokenizers only: validates the student and its end-of-text token
-        GeneralScorer(t_tok, s_tok, mode=g.mode, max_depth=g.max_depth, beam=g.beam)
+        GeneralScorer(t_tok, s_tok, **g.model_dump())
     except (TokenizerError, ValueError) as err:
         raise ConfigError(f"the general scorer cannot use this pair: {err}") from err
-    return "general", f"{g.mode} mode; {reason or 'scoring.scorer=general'}"
+    return "general", f"{g.mode} mode, {g.walk} walk; {reason or 'scoring.scorer=general'}"
 
 
 def tokenizer_pair(cfg: JobConfig) -> tuple[Any, Any]:

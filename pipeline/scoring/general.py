@@ -93,8 +93,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from pipeline.scoring.common import Regime, ScoredDocument
-from pipeline.scoring.subset import PreparedDocument, SubsetExactScorer
+from pipeline.scoring.subset import (
+    PreparedDocument,
+    SubsetExactScorer,
+    merge_context_trees,
+    teacher_tree_logprobs,
+)
 from pipeline.scoring.unicode import _codepoint_range, completion_representatives
+from pipeline.scoring.vocab_trie import VocabTrie
 from pipeline.tokenization import (
     DOC_END_TOKENS,
     GPT2_PATTERN,
@@ -117,6 +123,10 @@ ROW_WIDTH = 258
 # Pre-tokenizer regexes whose stable boundaries `StudentView` knows (see module doc).
 KNOWN_PATTERNS = {GPT2_PATTERN: "gpt2", QWEN2_PATTERN: "qwen2", LLAMA3_PATTERN: "llama3"}
 REGEX_LOOKAHEAD = 2  # characters after a boundary the regex matcher may read (contractions)
+
+# Fast mode, token walk: trie branches below this share of ``min_prob`` are dropped
+# (unaccounted) without deciding them; most trie branches weigh far less than that.
+DECIDE_FLOOR = 0.01
 
 _UNDECIDED = -1
 _EXCLUDED = -2
@@ -764,7 +774,23 @@ class _RowJob:
     unmapped: float = 0.0  # specials the student lacks, texts that are not valid UTF-8
     cut: float = 0.0  # undecided at max_depth
     pruned: float = 0.0  # dropped by min_prob / beam (fast mode)
-    expanded: int = 0  # byte-model rows used
+    expanded: int = 0  # byte-model rows (byte walk) or teacher rows (token walk) used
+    # token walk, per root: the teacher context (canonical ids of the text before the
+    # root's last stable teacher boundary) and the bytes it stands for
+    contexts: list[tuple[int, ...]] = field(default_factory=list)
+    heads: list[bytes] = field(default_factory=list)
+    nodes: list[_Node] = field(default_factory=list)  # token walk: to expand next
+
+
+@dataclass
+class _Node:
+    """A node of the token walk: teacher tokens ``sigma`` after root ``k``'s context,
+    standing for the bytes ``z`` after its head, with weight ``w`` (relative)."""
+
+    k: int
+    sigma: tuple[int, ...]
+    z: bytes
+    w: float  # NaN for a root node (sigma empty) until its context's P_T is known
 
 
 class GeneralScorer:
@@ -801,13 +827,15 @@ class GeneralScorer:
         teacher_tokenizer: Any,
         student_tokenizer: Any,
         mode: str = "lossless",
-        max_depth: int = 8,
+        max_depth: int = 24,
         beam: int = 16,
         min_prob: float = 1e-3,
         *,
         eos_token: str | None = None,
         student_eos_token: str | None = None,
         byte_model: ByteModel | None = None,
+        walk: str = "tokens",
+        max_batch_nodes: int | None = None,
     ) -> None:
         if mode not in ("lossless", "fast"):
             raise ValueError(f"mode must be 'lossless' or 'fast', not {mode!r}")
@@ -832,7 +860,26 @@ class GeneralScorer:
         self.eos_token = self.bytes.eos_token
         self.T = self.bytes.scorer.T
         self.S = StudentView(load_tokenizer(student_tokenizer), student_eos_token or self.eos_token)
+        if walk not in ("tokens", "bytes"):
+            raise ValueError(f"walk must be 'tokens' or 'bytes', not {walk!r}")
+        self.walk = walk
+        self.max_batch_nodes = max_batch_nodes
+        if walk == "tokens":
+            self.trie = VocabTrie(
+                {i: b for i, b in self.T.token_bytes.items() if i not in self.T.added_ids}
+            )
+            self.teacher_eos = self.T.added_by_content[self.eos_token]
+            self.teacher_specials = np.asarray(
+                sorted(self.T.added_ids - {self.teacher_eos}), dtype=np.int64
+            )
+            try:  # the teacher's own stable boundaries give each root its context
+                self.TV: StudentView | None = StudentView(
+                    self.T.tokenizer, self.eos_token, "teacher"
+                )
+            except TokenizerError:
+                self.TV = None  # contexts start at the start of the text
         self.last_stats: dict[str, Any] = {}
+        self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
 
     # ------------------------------------------------------------------ scoring
     def score(
@@ -844,6 +891,7 @@ class GeneralScorer:
         self.bytes.bind(teacher)
         self.S.clear_cache()
         before = dict(self.bytes.stats)
+        self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
         norm = [self.check_text(text) for text in texts]
         byte_docs = self.bytes.prepare_texts(teacher, norm)  # raises for unencodable texts
         jobs: dict[tuple[int, ...], _RowJob] = {}
@@ -864,7 +912,10 @@ class GeneralScorer:
                         f"student tokens {list(key)} do not align with the text bytes {xb!r}"
                     )
             student_ids.append(ids)
-        self._run(teacher, list(jobs.values()))
+        if self.walk == "tokens":
+            self._run_tokens(teacher, list(jobs.values()))
+        else:
+            self._run(teacher, list(jobs.values()))
         out = [
             self._document(x, ids, bd, jobs, top_k)
             for x, ids, bd in zip(norm, student_ids, byte_docs, strict=True)
@@ -873,11 +924,16 @@ class GeneralScorer:
             "documents": len(texts),
             "rows": sum(len(ids) + 1 for ids in student_ids),
             "row_jobs": len(jobs),
-            "byte_rows_used": sum(j.expanded for j in jobs.values()),
+            "walk": self.walk,
+            # rows the walk read: byte-model rows (bytes) or teacher distributions (tokens)
+            "rows_expanded": sum(j.expanded for j in jobs.values()),
             "byte_rows_cached": len(self.bytes.rows),
             **{k: v - before[k] for k, v in self.bytes.stats.items()},
             "decision_rule": self.S.decision_rule,
         }
+        # teacher contexts of both the byte model (document and root rows) and the walk
+        self.last_stats["teacher_contexts"] += self.walk_stats["teacher_contexts"]
+        self.last_stats["batches"] += self.walk_stats["teacher_calls"]
         return out
 
     def check_text(self, text: str) -> str:
@@ -943,10 +999,17 @@ class GeneralScorer:
 
     def _place(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
         """Account a branch that has just been reached, or queue it for expansion."""
+        if not self._decide(job, y, w, k):
+            job.frontier.append((y, w, k))
+
+    def _decide(self, job: _RowJob, y: bytes, w: float, k: int) -> bool:
+        """Account the mass ``w`` of every text starting with ``y`` (from root ``k``)
+        when the student's token at the row's index is known for all of them (or they
+        are inconsistent with the row's prefix, or not valid UTF-8); False: undecided."""
         q, n = job.local[k]
         if _utf8_split(y[q:]) is None:  # (y[:q] is whole characters)
             job.unmapped += w  # no valid text starts with y: the student cannot see it
-            return
+            return True
         key = job.key
         i = len(key) - n
         toks = self.S.stable_tokens(y[q:])
@@ -956,7 +1019,8 @@ class GeneralScorer:
         elif len(toks) > i:
             job.mass[toks[i]] += w
         else:
-            job.frontier.append((y, w, k))
+            return False
+        return True
 
     def _expand(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
         row = self.bytes.row(y)
@@ -967,6 +1031,166 @@ class GeneralScorer:
             self._end(job, y, w * float(row[UNMAPPED_COL]), k, special=True)
         for b in np.flatnonzero(row[:256]):
             self._place(job, y + bytes((int(b),)), w * float(row[b]), k)
+
+    # ------------------------------------------------------------------ token walk
+    def _run_tokens(self, teacher: Any, jobs: list[_RowJob]) -> None:
+        """The token walk (see the module docstring): level by level, every open node
+        of every row gets one teacher distribution (one batched call per level), and all
+        its next tokens are decided at once by walking the teacher's byte trie."""
+        self.bytes.ensure(teacher, [r for job in jobs for r in job.roots], closed=True)
+        for job in jobs:
+            lps = [self.bytes.log_prefix(r) for r in job.roots]
+            job.log_shift = max(lps)
+            if job.log_shift == -math.inf:
+                continue  # the teacher never produces this prefix: an all-zero row
+            for k, (r, lp) in enumerate(zip(job.roots, lps, strict=True)):
+                q, n = self.S.local_offset(r)
+                if job.key[:n] != self.S.stable_tokens(r):
+                    q, n = 0, 0  # this root's stable tokens disagree with the key
+                job.local.append((q, n))
+                qt, ctx = self.TV.stable_split(r) if self.TV is not None else (0, ())
+                job.contexts.append(tuple(ctx))
+                job.heads.append(r[:qt])
+                w = math.exp(lp - job.log_shift)
+                if w <= 0.0:
+                    continue
+                job.start += w
+                if not self._decide(job, r, w, k):
+                    # node weights are P_T(context + sigma) relative to exp(log_shift);
+                    # the context's comes with its first teacher call
+                    job.nodes.append(_Node(k, (), b"", math.nan))
+        while True:
+            active = [job for job in jobs if job.nodes]
+            if not active:
+                break
+            work: list[tuple[_RowJob, _Node]] = []
+            for job in active:
+                if self.mode == "fast":
+                    self._prune_nodes(job)
+                work.extend((job, node) for node in job.nodes)
+                job.nodes = []
+            for chunk, probs, path_lp in self._node_probs(teacher, work):
+                cum = self.trie.cumulative(probs)
+                for (job, node), p, c, lp in zip(chunk, probs, cum, path_lp, strict=True):
+                    if not node.sigma:
+                        node.w = math.exp(lp - job.log_shift)
+                    self._expand_node(job, node, p, c)
+
+    def _prune_nodes(self, job: _RowJob) -> None:
+        floor = self.min_prob * job.start
+        keep = [n for n in job.nodes if not n.w < floor]  # root nodes (NaN) stay
+        job.pruned += sum(n.w for n in job.nodes if n.w < floor)
+        if len(keep) > self.beam:
+            keep.sort(key=lambda n: -n.w)
+            job.pruned += sum(n.w for n in keep[self.beam :])
+            keep = keep[: self.beam]
+        job.nodes = keep
+
+    def _node_probs(
+        self, teacher: Any, work: list[tuple[_RowJob, _Node]]
+    ) -> Iterator[tuple[list[tuple[_RowJob, _Node]], np.ndarray, list[float]]]:
+        """Teacher next-token probabilities (float64, ``[n, teacher ids]``) after each
+        node's context + tokens, and log P_T(context + tokens), one merged prefix tree
+        (one teacher call) at a time."""
+        docs = [
+            PreparedDocument(
+                text="",
+                teacher_ids=[],
+                student_ids=[],
+                covers=[],
+                complete=[],
+                tokens=[-1],
+                parents=[-1],
+                context=[*job.contexts[node.k], *node.sigma],
+            )
+            for job, node in work
+        ]
+        mbt = int(getattr(teacher, "max_batch_tokens", 1024))
+        cap = self.max_batch_nodes or max(2, mbt - len(getattr(teacher, "start_ids", [0])) + 1)
+        trees, where = merge_context_trees(docs, cap)
+        members: list[list[int]] = [[] for _ in trees]
+        for j, (t, _) in enumerate(where):
+            members[t].append(j)
+        width = self.T.size
+        for t, tree in enumerate(trees):
+            (lp,) = teacher_tree_logprobs(teacher, [tree])
+            self.walk_stats["teacher_contexts"] += len(tree[0])
+            self.walk_stats["teacher_calls"] += 1
+            rows = [where[j][1][0] for j in members[t]]
+            tokens, parents = tree
+            steps = lp[parents[1:], tokens[1:]].double().cpu().numpy()
+            path = np.zeros(len(tokens))  # log P_T of every tree node's path (parents first)
+            for v in range(1, len(tokens)):
+                path[v] = path[parents[v]] + steps[v - 1]
+            sel = lp[rows].double().cpu().numpy()
+            probs = np.zeros((len(rows), width))
+            w = min(width, sel.shape[1])
+            probs[:, :w] = np.exp(sel[:, :w])
+            yield [work[j] for j in members[t]], probs, [float(path[v]) for v in rows]
+
+    def _expand_node(self, job: _RowJob, node: _Node, p: np.ndarray, cum: np.ndarray) -> None:
+        """Account or queue every next teacher token of ``node`` (``p``: its teacher
+        distribution, ``cum``: its cumulative sums in trie order)."""
+        job.expanded += 1
+        k = node.k
+        head = job.heads[k]
+        u = job.roots[k][len(head) :]  # the root's bytes after its head
+        y = head + node.z
+        if len(node.z) >= len(u):  # node.z starts with u: the texts start with the root
+            pe = float(p[self.teacher_eos])
+            if pe > 0.0:
+                self._end(job, y, node.w * pe, k, special=False)
+            ps = float(p[self.teacher_specials].sum()) if self.teacher_specials.size else 0.0
+            if ps > 0.0:
+                self._end(job, y, node.w * ps, k, special=True)
+            self._descend(job, node, y, b"", p, cum)
+            return
+        # inside the root: tokens ending within u (or at its end) are nodes to expand;
+        # tokens running past its end are branches; the rest do not start with the root
+        rem = u[len(node.z) :]
+        for j in range(1, len(rem) + 1):
+            for v in self.trie.exact.get(rem[:j], ()):
+                pv = float(p[v])
+                if pv > 0.0:
+                    job.nodes.append(_Node(k, (*node.sigma, v), node.z + rem[:j], node.w * pv))
+        self._descend(job, node, y, rem, p, cum)
+
+    def _descend(
+        self, job: _RowJob, node: _Node, y: bytes, beta: bytes, p: np.ndarray, cum: np.ndarray
+    ) -> None:
+        """Walk the trie below ``beta``: a byte prefix ``b`` of next tokens is the branch
+        ``y + b`` holding the mass of every token starting with it. A decided branch is
+        accounted whole; an undecided one queues the token equal to ``b`` (if any) and
+        goes on into the next byte (pruned or cut where the limits say)."""
+        floor = self.min_prob * job.start if self.mode == "fast" else 0.0
+        tiny = floor * DECIDE_FLOOR
+        end_depth = len(job.roots[node.k]) + self.max_depth
+        w = node.w
+        stack = [beta]
+        while stack:
+            kids, los, his = self.trie.kids(stack.pop())
+            if not kids:
+                continue
+            ms = w * (cum[his] - cum[los])
+            small = ms <= tiny
+            if tiny > 0.0 and small.any():
+                job.pruned += float(ms[small].sum())  # fast mode: not worth a decision
+            for c in np.flatnonzero(~small if tiny > 0.0 else ms > 0.0).tolist():
+                b, m = kids[c], float(ms[c])
+                yb = y + b
+                if self._decide(job, yb, m, node.k):
+                    continue
+                if m < floor:
+                    job.pruned += m
+                    continue
+                if len(yb) >= end_depth:
+                    job.cut += m
+                    continue
+                for v in self.trie.exact.get(b, ()):
+                    pv = float(p[v])
+                    if pv > 0.0:
+                        job.nodes.append(_Node(node.k, (*node.sigma, v), node.z + b, w * pv))
+                stack.append(b)
 
     def _end(self, job: _RowJob, y: bytes, p: float, k: int, special: bool) -> None:
         """The text ends after ``y`` (or a special the student lacks follows it)."""
@@ -1057,7 +1281,7 @@ class GeneralScorer:
                 "text_logprob": self.bytes.log_prefix(text.encode("utf-8"))
                 + math.log(max(float(self.bytes.row(text.encode("utf-8"))[EOS_COL]), 1e-300)),
                 "decision_rule": self.S.decision_rule,
-                "byte_rows_used": expanded,
+                "rows_expanded": expanded,
                 "max_unaccounted": float(unacc.max()),
             },
         )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline.assets import generated_texts
-from pipeline.scoring import GeneralScorer, SubsetExactScorer
+from pipeline.scoring import GeneralScorer, Regime, SubsetExactScorer
 from pipeline.scoring.general import ByteModel
 from pipeline.scoring.subset import merge_context_trees
 from pipeline.teacher import HFTeacher
@@ -211,7 +211,7 @@ def test_general_scorer_rows_unchanged_by_local_byte_model(name):
     docs = list(dict.fromkeys([*SPECIAL_DOCS, *all_strings(5)[200::23]]))
     out = {}
     for local in (True, False):
-        sc = GeneralScorer(T, S, max_depth=8, byte_model=ByteModel(T, local=local))
+        sc = GeneralScorer(T, S, max_depth=8, byte_model=ByteModel(T, local=local), walk="bytes")
         out[local] = sc.score(teacher, docs, top_k=None)
     truth = student_truth(S, dist)
     for a, b in zip(out[True], out[False], strict=True):
@@ -303,6 +303,7 @@ def test_random_teacher_general_scorer_local_equal_whole(random_teacher):
                 beam=2,
                 min_prob=0.01,
                 byte_model=ByteModel(tok, local=local),
+                walk="bytes",
             )
             out[local] = sc.score(teacher, texts, top_k=None)
             stats[local] = sc.last_stats
@@ -311,3 +312,32 @@ def test_random_teacher_general_scorer_local_equal_whole(random_teacher):
             np.testing.assert_array_equal(a.student_ids, b.student_ids)
             np.testing.assert_allclose(np.exp(a.logprobs), np.exp(b.logprobs), rtol=0, atol=1e-5)
             np.testing.assert_allclose(a.unaccounted_mass, b.unaccounted_mass, rtol=0, atol=1e-5)
+
+
+def test_random_teacher_token_walk_settings_bracket_each_other(random_teacher):
+    """A real (random) teacher, whose every token sequence has mass: the token walk at
+    a small and a large setting. Each row satisfies row <= truth <= row + unaccounted,
+    so the two settings' rows must bracket each other entry by entry; more effort must
+    not leave more mass unaccounted; and the counters must be the walk's own."""
+    tok, teacher = random_teacher
+    texts = [x[:40] for x in LONG_TEXTS]
+    S = other_byte_bpe("qwen2")
+    out, stats = {}, {}
+    for name, kw in {
+        "small": dict(beam=2, min_prob=0.05),
+        "large": dict(beam=32, min_prob=1e-4),
+    }.items():
+        sc = GeneralScorer(tok, S, "fast", max_depth=6, **kw)
+        out[name] = sc.score(teacher, texts, top_k=None)
+        stats[name] = sc.last_stats
+    assert stats["large"]["rows_expanded"] > stats["small"]["rows_expanded"] > 0
+    assert stats["large"]["teacher_contexts"] > stats["large"]["rows_expanded"]
+    for a, b in zip(out["small"], out["large"], strict=True):
+        np.testing.assert_array_equal(a.student_ids, b.student_ids)
+        pa, pb = np.exp(a.logprobs), np.exp(b.logprobs)
+        np.testing.assert_allclose(pa.sum(1) + a.unaccounted_mass, 1.0, atol=1e-6)
+        np.testing.assert_allclose(pb.sum(1) + b.unaccounted_mass, 1.0, atol=1e-6)
+        assert np.all(pa <= pb + b.unaccounted_mass[:, None] + 1e-6)
+        assert np.all(pb <= pa + a.unaccounted_mass[:, None] + 1e-6)
+        assert b.unaccounted_mass.mean() < a.unaccounted_mass.mean()
+        assert np.all((a.regime == Regime.APPROXIMATE) == (a.unaccounted_mass > 0))
