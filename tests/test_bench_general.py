@@ -71,7 +71,7 @@ def test_rows(result):
             "tv_mean",
             "tv_p95",
             "contexts_per_token",
-            "byte_rows_per_token",
+            "rows_expanded_per_token",
             "seconds_per_token",
             "ratio_to_subset",
         ):
@@ -80,7 +80,7 @@ def test_rows(result):
         assert 0.0 <= r["unaccounted_mean"] <= r["unaccounted_p95"] + 1e-12
         assert r["unaccounted_p95"] <= 1.0
         assert 0.0 <= r["tv_mean"] <= 1.0 and 0.0 <= r["tv_p95"] <= 1.0
-        assert r["contexts_per_token"] > 0 and r["byte_rows_per_token"] > 0
+        assert r["contexts_per_token"] > 0 and r["rows_expanded_per_token"] > 0
         assert r["ratio_to_subset"] > 0
         if r["setting"] == REFERENCE:
             # the reference itself, and the same setting scored again (deterministic)

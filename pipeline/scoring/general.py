@@ -1,8 +1,32 @@
 """General scorer: student targets for an arbitrary student tokenizer
-(``../shared/spec/scoring.md`` §3). Correctness first: this is the reference core, not
-the production path (see "Cost" below).
+(``../shared/spec/scoring.md`` §3). Correct (brute-force checked) but far costlier than
+the subset-exact scorer (see "Cost" below).
 
-Two stages:
+Rows are found by enumerating continuations of each row's text prefix, in one of two
+walks over the same decision rule:
+
+- ``walk="tokens"`` (default, `GeneralScorer._run_tokens`): whole teacher tokens. A root
+  ``r`` (a text prefix a row's student prefix stands for) is split at its last stable
+  TEACHER boundary (the decision rule below, applied to the teacher's own pre-tokenizer):
+  every canonical teacher encoding of a text starting with ``r`` starts with the
+  canonical encoding ``C`` of the head ``r[:q]``. From ``C`` the walk enumerates teacher
+  token sequences ``sigma`` whose bytes agree with ``u = r[q:]``; a node costs one
+  teacher distribution ``P_T(. | C + sigma)``, and ALL its next tokens are decided at
+  once by walking the teacher's vocabulary as a byte trie (`VocabTrie`: tokens sorted by
+  bytes, a byte prefix is a contiguous range, its mass a difference of cumulative sums):
+  a trie prefix ``b`` whose branch ``head + z(sigma) + b`` is decided (stable student
+  tokens) is accounted whole, an undecided one queues the token equal to ``b`` as a new
+  node and descends. A node's weight is ``P_T(C + sigma)`` (from the teacher call's own
+  path log-probs). The texts so weighted are the teacher's marginal over ALL its token
+  sequences after the canonical head (non-canonical ones included); for a teacher
+  without non-canonical mass (the brute-force teacher) that is the byte model's
+  distribution, and rows equal the byte walk's. Cost per row: a few teacher
+  distributions per open word (about 30 at the default beam with SmolLM2).
+- ``walk="bytes"`` (the first implementation, kept as a reference): one byte at a time
+  through the two stages below. Cost per row: one byte-model row per trie node of every
+  word it follows (several teacher contexts each).
+
+Two stages of the byte walk:
 
 1. `ByteModel`: the teacher's exact next-byte distributions, from the subset-exact
    scorer with the teacher's own byte base as student (``truncate_merges(T, 0)``).
@@ -62,11 +86,14 @@ probabilities (`StudentView.roots`).
 Modes. ``lossless``: enumerate until decided or ``max_depth`` continuation bytes; the
 mass of branches still undecided there is the row's unaccounted mass. ``fast``:
 additionally drop undecided branches below ``min_prob`` (relative to the row's
-starting mass) and keep at most ``beam`` branches per depth. Rows are
+starting mass) and keep at most ``beam`` branches per depth (byte walk) or ``beam``
+nodes per level (token walk, which also drops trie branches below
+``DECIDE_FLOOR * min_prob`` without deciding them). A dropped token-walk node counts
+its whole weight, an upper bound on the mass it would have brought. Rows are
 ``m(g) / Z`` with ``Z`` = consistent decided mass + unaccounted mass, so a row sums to
 ``1 - unaccounted_mass``; ``row(g) <= truth(g) <= row(g) + unaccounted_mass``.
 
-Cost. Per distinct student prefix: one byte-model row per expanded branch (each
+Cost of the byte walk. Per distinct student prefix: one byte-model row per expanded branch (each
 ``max_depth``-limited tree node), i.e. exponential in the look-ahead (up to 256 children
 per node with a real teacher). An uncached byte-model row is computed locally (see
 `ByteModel`): from the last byte boundary of its text that no teacher token crosses,
@@ -75,6 +102,16 @@ contexts and a few rows of row work whatever the document length; all rows of on
 enumeration level go to the teacher as merged prefix trees (one call while they fit).
 What remains per student token is the enumeration itself (hundreds of byte-model rows
 and ~10^4 student-side decisions with a real teacher, in Python).
+
+Cost of the token walk, and why it stays far above the subset scorer. A student token is
+decided once the student's current pre-token has ended, so a row must follow the
+teacher's mass to one character past the end of the NEXT word: one teacher
+distribution for the root, one per way of ending the current word, one per next word
+(to see whether it ends). A real teacher's next-word distribution is flat: with
+SmolLM2 on two GSM8K texts at the default setting, a row loses on average 0.21 of its
+mass to branches below the 0.1% floor and 0.12 to the beam, and every further word
+costs one teacher position (the full model, not just its head), so a row's unaccounted
+mass falls slowly with the beam (README, "General scorer error table").
 """
 
 from __future__ import annotations
@@ -805,7 +842,8 @@ class GeneralScorer:
             (also prune by ``min_prob`` and ``beam``).
         max_depth: at most this many bytes are appended to a row's text prefix; a
             branch still undecided there is cut and its mass is unaccounted.
-        beam: fast mode: undecided branches kept per depth (highest weight first).
+        beam: fast mode: undecided branches kept per depth (byte walk) or nodes expanded
+            per level (token walk), highest weight first.
         min_prob: fast mode: undecided branches below this share of the row's starting
             mass are dropped (unaccounted).
         eos_token: content of the teacher's end-of-text token (default: the first of
@@ -815,6 +853,10 @@ class GeneralScorer:
             ``DOC_END_TOKENS`` the student has).
         byte_model: a `ByteModel` of the same teacher tokenizer to share (its rows are
             reused while the same teacher object is passed to `score`).
+        walk: ``"tokens"`` (whole teacher tokens, default) or ``"bytes"`` (one byte at a
+            time through the byte model; the reference walk). See the module docstring.
+        max_batch_nodes: token walk: teacher tree nodes per call (default: the
+            teacher's ``max_batch_tokens``).
 
     ``tail_mass`` is the row's mass outside the stored top-k, so top-k + tail +
     ``unaccounted_mass`` = 1. Texts are normalized once with the teacher's normalizer. Texts containing added
