@@ -993,8 +993,13 @@ class GeneralScorer:
             raise UnscorableTextError("text does not survive the teacher's encode/decode")
         return x
 
-    def _run(self, teacher: Any, jobs: list[_RowJob]) -> None:
-        """Level-by-level enumeration of all rows together (one teacher batch per level)."""
+    def _roots(
+        self, teacher: Any, jobs: list[_RowJob]
+    ) -> Iterator[tuple[_RowJob, int, bytes, float]]:
+        """Start of both walks: every row's roots weighted by the byte model (relative to
+        the heaviest, ``log_shift``), with their local offsets and the starting mass.
+        Yields ``(job, root index, root, weight)`` for every root of every row the
+        teacher can produce."""
         self.bytes.ensure(teacher, [r for job in jobs for r in job.roots], closed=True)
         for job in jobs:
             lps = [self.bytes.log_prefix(r) for r in job.roots]
@@ -1007,9 +1012,15 @@ class GeneralScorer:
                     q, n = 0, 0  # this root's stable tokens disagree with the key
                 job.local.append((q, n))
                 w = math.exp(lp - job.log_shift)
-                if w > 0.0:
-                    job.start += w
-                    self._place(job, r, w, k)
+                job.start += w
+                yield job, k, r, w
+
+    def _run(self, teacher: Any, jobs: list[_RowJob]) -> None:
+        """The byte walk: level-by-level enumeration of all rows together (one teacher
+        batch per level)."""
+        for job, k, r, w in self._roots(teacher, jobs):
+            if w > 0.0:
+                self._place(job, r, w, k)
         depth = 0
         while True:
             active = [job for job in jobs if job.frontier]
@@ -1079,28 +1090,14 @@ class GeneralScorer:
         """The token walk (see the module docstring): level by level, every open node
         of every row gets one teacher distribution (one batched call per level), and all
         its next tokens are decided at once by walking the teacher's byte trie."""
-        self.bytes.ensure(teacher, [r for job in jobs for r in job.roots], closed=True)
-        for job in jobs:
-            lps = [self.bytes.log_prefix(r) for r in job.roots]
-            job.log_shift = max(lps)
-            if job.log_shift == -math.inf:
-                continue  # the teacher never produces this prefix: an all-zero row
-            for k, (r, lp) in enumerate(zip(job.roots, lps, strict=True)):
-                q, n = self.S.local_offset(r)
-                if job.key[:n] != self.S.stable_tokens(r):
-                    q, n = 0, 0  # this root's stable tokens disagree with the key
-                job.local.append((q, n))
-                qt, ctx = self.TV.stable_split(r) if self.TV is not None else (0, ())
-                job.contexts.append(tuple(ctx))
-                job.heads.append(r[:qt])
-                w = math.exp(lp - job.log_shift)
-                if w <= 0.0:
-                    continue
-                job.start += w
-                if not self._decide(job, r, w, k):
-                    # node weights are P_T(context + sigma) relative to exp(log_shift);
-                    # the context's comes with its first teacher call
-                    job.nodes.append(_Node(k, (), b"", math.nan))
+        for job, k, r, w in self._roots(teacher, jobs):
+            qt, ctx = self.TV.stable_split(r) if self.TV is not None else (0, ())
+            job.contexts.append(tuple(ctx))
+            job.heads.append(r[:qt])
+            if w > 0.0 and not self._decide(job, r, w, k):
+                # node weights are P_T(context + sigma) relative to exp(log_shift); the
+                # context's comes with its first teacher call
+                job.nodes.append(_Node(k, (), b"", math.nan))
         while True:
             active = [job for job in jobs if job.nodes]
             if not active:

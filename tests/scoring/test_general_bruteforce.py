@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, normalizers
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 from pipeline.scoring import GeneralScorer, Regime, SubsetExactScorer
 from pipeline.scoring.general import ByteModel, StudentView
@@ -458,3 +458,27 @@ def test_student_end_of_text_token(world):
     assert np.allclose(a[:, eos_a], b[:, eos_b], atol=1e-12) and a[-1, eos_a] > 0.0
     keep = [i for i in range(min(a.shape[1], b.shape[1])) if i not in (eos_a, eos_b)]
     assert np.allclose(a[:, keep], b[:, keep], atol=1e-12)
+
+
+def test_token_walk_teacher_without_known_boundaries():
+    """A teacher whose pre-tokenizer the decision rule does not know (Digits before
+    ByteLevel): the token walk has no teacher context and enumerates teacher tokens from
+    the start of the text; rows still equal the enumerated truth, and the byte walk's."""
+    T = tiny_teacher_tokenizer("gpt2")
+    T.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    w = _world(T, string_distribution(5, seed=3))
+    S = STUDENTS["bpe-qwen2"]()
+    docs = [*SPECIAL_DOCS, *all_strings(5)[300::41]]
+    scorer = GeneralScorer(w.T, S, max_depth=8, byte_model=w.bytes)
+    assert scorer.TV is None
+    tokens = scorer.score(w.teacher, docs, top_k=None)
+    assert _check_against_truth(tokens, student_truth(S, w.dist)) < TOL
+    byte_walk = GeneralScorer(w.T, S, max_depth=8, byte_model=w.bytes, walk="bytes")
+    for a, b in zip(tokens, byte_walk.score(w.teacher, docs, top_k=None), strict=True):
+        np.testing.assert_allclose(np.exp(a.logprobs), np.exp(b.logprobs), atol=TOL)
+        np.testing.assert_allclose(a.prefix_logprob, b.prefix_logprob, atol=TOL)
