@@ -127,6 +127,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 
 from pipeline.scoring.common import Regime, ScoredDocument
@@ -1108,8 +1109,7 @@ class GeneralScorer:
                     self._prune_nodes(job)
                 work.extend((job, node) for node in job.nodes)
                 job.nodes = []
-            for chunk, probs, path_lp in self._node_probs(teacher, work):
-                cum = self.trie.cumulative(probs)
+            for chunk, probs, cum, path_lp in self._node_probs(teacher, work):
                 for (job, node), p, c, lp in zip(chunk, probs, cum, path_lp, strict=True):
                     if not node.sigma:
                         node.w = math.exp(lp - job.log_shift)
@@ -1127,10 +1127,11 @@ class GeneralScorer:
 
     def _node_probs(
         self, teacher: Any, work: list[tuple[_RowJob, _Node]]
-    ) -> Iterator[tuple[list[tuple[_RowJob, _Node]], np.ndarray, list[float]]]:
+    ) -> Iterator[tuple[list[tuple[_RowJob, _Node]], np.ndarray, np.ndarray, list[float]]]:
         """Teacher next-token probabilities (float64, ``[n, teacher ids]``) after each
-        node's context + tokens, and log P_T(context + tokens), one merged prefix tree
-        (one teacher call) at a time."""
+        node's context + tokens, their cumulative sums in trie order (computed on the
+        teacher's device) and log P_T(context + tokens), one merged prefix tree (one
+        teacher call) at a time."""
         docs = [
             PreparedDocument(
                 text="",
@@ -1161,11 +1162,17 @@ class GeneralScorer:
             path = np.zeros(len(tokens))  # log P_T of every tree node's path (parents first)
             for v in range(1, len(tokens)):
                 path[v] = path[parents[v]] + steps[v - 1]
-            sel = lp[rows].double().cpu().numpy()
-            probs = np.zeros((len(rows), width))
-            w = min(width, sel.shape[1])
-            probs[:, :w] = np.exp(sel[:, :w])
-            yield [work[j] for j in members[t]], probs, [float(path[v]) for v in rows]
+            sel = lp.index_select(0, torch.as_tensor(rows, device=lp.device)).double()
+            if sel.shape[1] < width:  # ids the teacher has no logit for: probability 0
+                sel = torch.nn.functional.pad(sel, (0, width - sel.shape[1]), value=-math.inf)
+            probs = torch.exp(sel[:, :width])
+            cum = self.trie.cumulative(probs)
+            yield (
+                [work[j] for j in members[t]],
+                probs.cpu().numpy(),
+                cum.cpu().numpy(),
+                [float(path[v]) for v in rows],
+            )
 
     def _expand_node(self, job: _RowJob, node: _Node, p: np.ndarray, cum: np.ndarray) -> None:
         """Account or queue every next teacher token of ``node`` (``p``: its teacher

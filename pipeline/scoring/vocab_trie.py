@@ -13,6 +13,7 @@ import bisect
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+import torch
 
 
 def _successor(prefix: bytes) -> bytes | None:
@@ -39,17 +40,20 @@ class VocabTrie:
         for b, i in items:
             self.exact.setdefault(b, []).append(i)
         self._kids: dict[bytes, tuple[list[bytes], np.ndarray, np.ndarray]] = {}
+        self._perm: dict[torch.device, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def cumulative(self, probs: np.ndarray) -> np.ndarray:
+    def cumulative(self, probs: torch.Tensor) -> torch.Tensor:
         """``[..., len + 1]`` cumulative sums of ``probs[..., ids]`` in trie order, with a
-        leading 0: the mass of range ``[lo, hi)`` is ``cum[hi] - cum[lo]``."""
-        sorted_p = probs[..., self.perm]
-        cum = np.zeros((*sorted_p.shape[:-1], sorted_p.shape[-1] + 1), dtype=np.float64)
-        np.cumsum(sorted_p, axis=-1, out=cum[..., 1:])
-        return cum
+        leading 0, on the device of ``probs`` (a teacher's GPU does this work): the mass
+        of range ``[lo, hi)`` is ``cum[hi] - cum[lo]``."""
+        perm = self._perm.get(probs.device)
+        if perm is None:
+            perm = self._perm[probs.device] = torch.as_tensor(self.perm, device=probs.device)
+        sums = torch.cumsum(probs.index_select(-1, perm), dim=-1)
+        return torch.cat([sums.new_zeros((*sums.shape[:-1], 1)), sums], dim=-1)
 
     def range(self, prefix: bytes, lo: int = 0, hi: int | None = None) -> tuple[int, int]:
         """``[lo, hi)``: the tokens whose bytes start with ``prefix`` (within the given

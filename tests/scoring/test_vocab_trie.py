@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.scoring.vocab_trie import VocabTrie, _successor
 
@@ -32,7 +33,7 @@ def test_ranges_children_and_sums_match_brute_force():
     assert len(trie) == 120
     size = max(vocab) + 1
     probs = rng.random((3, size))
-    cum = trie.cumulative(probs)
+    cum = trie.cumulative(torch.as_tensor(probs)).numpy()
     prefixes = {b[:j] for b in vocab.values() for j in range(len(b) + 1)} | {b"\x62\x62\x62"}
     for prefix in sorted(prefixes):
         lo, hi = trie.range(prefix)
