@@ -1116,14 +1116,17 @@ class GeneralScorer:
                     self._expand_node(job, node, p, c)
 
     def _prune_nodes(self, job: _RowJob) -> None:
+        """Fast mode: drop nodes below the floor, keep the ``beam`` heaviest (root nodes,
+        whose weight is not known yet, always stay)."""
+        roots = [n for n in job.nodes if not n.sigma]
         floor = self.min_prob * job.start
-        keep = [n for n in job.nodes if not n.w < floor]  # root nodes (NaN) stay
-        job.pruned += sum(n.w for n in job.nodes if n.w < floor)
+        keep = [n for n in job.nodes if n.sigma and n.w >= floor]
+        job.pruned += sum(n.w for n in job.nodes if n.sigma and n.w < floor)
         if len(keep) > self.beam:
             keep.sort(key=lambda n: -n.w)
             job.pruned += sum(n.w for n in keep[self.beam :])
             keep = keep[: self.beam]
-        job.nodes = keep
+        job.nodes = roots + keep
 
     def _node_probs(
         self, teacher: Any, work: list[tuple[_RowJob, _Node]]

@@ -482,3 +482,29 @@ def test_token_walk_teacher_without_known_boundaries():
     for a, b in zip(tokens, byte_walk.score(w.teacher, docs, top_k=None), strict=True):
         np.testing.assert_allclose(np.exp(a.logprobs), np.exp(b.logprobs), atol=TOL)
         np.testing.assert_allclose(a.prefix_logprob, b.prefix_logprob, atol=TOL)
+
+
+def test_fast_beam_one_with_two_roots(world):
+    """Metaspace with a prefix space: rows with two roots (" a" and "a" both encode to
+    "▁a"). Beam 1 must keep both roots (their weights come with the first teacher
+    call) and the rows must still bound the truth."""
+    S = STUDENTS["sp-metaspace-first"]()
+    truth = student_truth(S, world.dist)
+    sc = GeneralScorer(
+        world.T, S, "fast", max_depth=8, beam=1, min_prob=0.0, byte_model=world.bytes
+    )
+    res = sc.score(world.teacher, DOCS[::7], top_k=None)
+    assert any(_max_roots(sc, r) == 2 for r in res)
+    for r in res:
+        rows = _rows(r)
+        assert np.all(np.isfinite(r.unaccounted_mass)) and np.all(r.unaccounted_mass >= 0)
+        for i in range(len(r.student_ids) + 1):
+            want = truth.dist(list(r.student_ids[:i]))
+            assert np.all(rows[i] <= want + 1e-12)
+            assert np.all(want <= rows[i] + r.unaccounted_mass[i] + 1e-12)
+
+
+def _max_roots(sc: GeneralScorer, r: Any) -> int:
+    """The largest number of roots among the rows of a scored document."""
+    ids = list(r.student_ids)
+    return max(len(sc.S.roots(ids[:i])) for i in range(len(ids) + 1))
