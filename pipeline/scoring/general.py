@@ -575,6 +575,9 @@ class StudentView:
         self.eos_token = eos_token
         self.eos_id = added[eos_token]
         self.added_contents = tuple(added)
+        self.added_by_content: dict[str, int] = added
+        self.added_ids = set(added.values())
+        self._added_content = {i: c for c, i in added.items()}
         self.size = tokenizer.get_vocab_size(with_added_tokens=True)
 
         self.nfc = False
@@ -667,6 +670,16 @@ class StudentView:
             ids = tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
             self._enc[text] = ids
         return ids
+
+    def bytes_of(self, token: int) -> bytes:
+        """The bytes a token stands for in a text: its byte form, or an added token's
+        content (`UnscorableTextError` for a token with neither, e.g. unknown)."""
+        if token in self.added_ids:
+            return self._added_content[token].encode("utf-8")
+        got = self.token_bytes.get(int(token))
+        if got is None:
+            raise UnscorableTextError(f"{self.name} token {token} has no byte form")
+        return got
 
     def roots(self, prefix_ids: Sequence[int]) -> list[bytes]:
         """Byte prefixes such that every text whose encoding starts with ``prefix_ids``
@@ -801,6 +814,11 @@ class _RowJob:
 
     key: tuple[int, ...]
     roots: list[bytes]
+    # the row's student tokens after the last added token in ``key`` (all of ``key``
+    # when it has none); the roots stand for them and decisions compare against them
+    lkey: tuple[int, ...] = ()
+    frame: tuple[int, ...] = ()  # teacher ids of the text up to that added token
+    frame_bytes: bytes = b""  # and its bytes
     log_shift: float = 0.0  # weights are relative to exp(log_shift) (max root prefix prob)
     start: float = 0.0  # starting mass (sum of root weights)
     # per root: (byte offset q, token count n) of `StudentView.local_offset`; a branch
@@ -893,36 +911,57 @@ class GeneralScorer:
         self.beam = beam
         self.min_prob = min_prob
         self.regime = Regime.LOSSLESS if mode == "lossless" else Regime.APPROXIMATE
-        if byte_model is None:
-            byte_model = ByteModel(teacher_tokenizer, eos_token)
-        elif byte_model.scorer.T.fingerprint != ByteLevelBPE(
-            load_tokenizer(teacher_tokenizer), "teacher"
-        ).fingerprint or (eos_token is not None and eos_token != byte_model.eos_token):
-            raise ValueError("byte_model was built for another teacher tokenizer or EOS token")
-        self.bytes = byte_model
-        self.eos_token = self.bytes.eos_token
-        self.T = self.bytes.scorer.T
-        self.S = StudentView(load_tokenizer(student_tokenizer), student_eos_token or self.eos_token)
         if walk not in ("tokens", "bytes"):
             raise ValueError(f"walk must be 'tokens' or 'bytes', not {walk!r}")
         self.walk = walk
         self.max_batch_nodes = max_batch_nodes
-        if walk == "tokens":
-            self.trie = VocabTrie(
-                {i: b for i, b in self.T.token_bytes.items() if i not in self.T.added_ids}
-            )
-            self.teacher_eos = self.T.added_by_content[self.eos_token]
-            self.teacher_specials = np.asarray(
-                sorted(self.T.added_ids - {self.teacher_eos}), dtype=np.int64
-            )
-            try:  # the teacher's own stable boundaries give each root its context
-                self.TV: StudentView | None = StudentView(
-                    self.T.tokenizer, self.eos_token, "teacher"
+        T = ByteLevelBPE(load_tokenizer(teacher_tokenizer), "teacher")
+        if not T.bpe_ids:
+            raise TokenizerError("teacher tokenizer has an empty vocabulary")
+        if byte_model is not None and (
+            byte_model.scorer.T.fingerprint != T.fingerprint
+            or (eos_token is not None and eos_token != byte_model.eos_token)
+        ):
+            raise ValueError("byte_model was built for another teacher tokenizer or EOS token")
+        if eos_token is None:
+            eos_token = next((c for c in DOC_END_TOKENS if c in T.added_by_content), None)
+            if eos_token is None:
+                raise TokenizerError(
+                    f"teacher has no end-of-text token among {DOC_END_TOKENS}; "
+                    "pass eos_token= explicitly"
                 )
+        if eos_token not in T.added_by_content:
+            raise TokenizerError(f"eos_token {eos_token!r} is not an added token of the teacher")
+        self._bytes = byte_model  # the byte walk's (built on first use)
+        self.T = T
+        self.eos_token = eos_token
+        self.S = StudentView(load_tokenizer(student_tokenizer), student_eos_token or self.eos_token)
+        self.teacher_eos = T.added_by_content[eos_token]
+        # teacher added tokens other than end of text: the student's token of the same
+        # content (the token walk lets texts hold them), else no student token (unmapped)
+        self.special_map = {
+            i: self.S.added_by_content[c]
+            for c, i in T.added_by_content.items()
+            if i != self.teacher_eos and c in self.S.added_by_content
+        }
+        self.teacher_unmapped = np.asarray(
+            sorted(T.added_ids - {self.teacher_eos} - set(self.special_map)), dtype=np.int64
+        )
+        if walk == "tokens":
+            self.trie = VocabTrie({i: b for i, b in T.token_bytes.items() if i not in T.added_ids})
+            try:  # the teacher's own stable boundaries give each root its context
+                self.TV: StudentView | None = StudentView(T.tokenizer, eos_token, "teacher")
             except TokenizerError:
-                self.TV = None  # contexts start at the start of the text
+                self.TV = None  # contexts start at the start of the text (or an added token)
         self.last_stats: dict[str, Any] = {}
         self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
+
+    @property
+    def byte_model(self) -> ByteModel:
+        """The byte walk's exact next-byte model of the teacher (built on first use)."""
+        if self._bytes is None:
+            self._bytes = ByteModel(self.T.tokenizer, self.eos_token)
+        return self._bytes
 
     # ------------------------------------------------------------------ scoring
     def score(
@@ -931,12 +970,17 @@ class GeneralScorer:
         """Score ``texts``; rows as in `ScoredDocument` (``top_k=None``: dense rows)."""
         if top_k is not None and top_k < 1:
             raise ValueError("top_k must be >= 1 or None")
-        self.bytes.bind(teacher)
         self.S.clear_cache()
-        before = dict(self.bytes.stats)
         self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
         norm = [self.check_text(text) for text in texts]
-        byte_docs = self.bytes.prepare_texts(teacher, norm)  # raises for unencodable texts
+        before: dict[str, int] = {}
+        if self.walk == "bytes":
+            self.byte_model.bind(teacher)
+            before = dict(self.byte_model.stats)
+            byte_docs = self.byte_model.prepare_texts(teacher, norm)  # raises for unencodable texts
+            teacher_ids = [list(bd.teacher_ids) for bd in byte_docs]
+        else:
+            teacher_ids = [self.T.tokenizer.encode(x, add_special_tokens=False).ids for x in norm]
         jobs: dict[tuple[int, ...], _RowJob] = {}
         student_ids: list[tuple[int, ...]] = []
         for text, x in zip(texts, norm, strict=True):
@@ -948,9 +992,10 @@ class GeneralScorer:
             xb = x.encode("utf-8")
             for i in range(len(ids) + 1):
                 key = ids[:i]
-                if key not in jobs:
-                    jobs[key] = _RowJob(key, self.S.roots(key))
-                if not any(xb.startswith(r) for r in jobs[key].roots):
+                job = jobs.get(key)
+                if job is None:
+                    job = jobs[key] = self._new_job(key)
+                if not any(xb.startswith(job.frame_bytes + r) for r in job.roots):
                     raise UnscorableTextError(
                         f"student tokens {list(key)} do not align with the text bytes {xb!r}"
                     )
@@ -960,8 +1005,8 @@ class GeneralScorer:
         else:
             self._run(teacher, list(jobs.values()))
         out = [
-            self._document(x, ids, bd, jobs, top_k)
-            for x, ids, bd in zip(norm, student_ids, byte_docs, strict=True)
+            self._document(x, ids, tids, jobs, top_k)
+            for x, ids, tids in zip(norm, student_ids, teacher_ids, strict=True)
         ]
         self.last_stats = {
             "documents": len(texts),
@@ -970,51 +1015,103 @@ class GeneralScorer:
             "walk": self.walk,
             # rows the walk read: byte-model rows (bytes) or teacher distributions (tokens)
             "rows_expanded": sum(j.expanded for j in jobs.values()),
-            "byte_rows_cached": len(self.bytes.rows),
-            **{k: v - before[k] for k, v in self.bytes.stats.items()},
             "decision_rule": self.S.decision_rule,
+            "teacher_contexts": self.walk_stats["teacher_contexts"],
+            "batches": self.walk_stats["teacher_calls"],
         }
-        # teacher contexts of both the byte model (document and root rows) and the walk
-        self.last_stats["teacher_contexts"] += self.walk_stats["teacher_contexts"]
-        self.last_stats["batches"] += self.walk_stats["teacher_calls"]
+        if self.walk == "bytes":
+            self.last_stats["byte_rows_cached"] = len(self.byte_model.rows)
+            for k, v in self.byte_model.stats.items():
+                self.last_stats[k] = self.last_stats.get(k, 0) + v - before[k]
         return out
+
+    def _new_job(self, key: tuple[int, ...]) -> _RowJob:
+        """The row after the student tokens ``key``: its roots are the text after the last
+        added token in ``key`` (the frame: the teacher's ids of the text up to it)."""
+        last = max((j for j, t in enumerate(key) if t in self.S.added_ids), default=-1)
+        if last < 0:
+            return _RowJob(key, self.S.roots(key), lkey=key)
+        frame = b"".join(self.S.bytes_of(t) for t in key[: last + 1])
+        lkey = key[last + 1 :]
+        return _RowJob(
+            key,
+            self.S.roots(lkey),
+            lkey=lkey,
+            frame=tuple(
+                self.T.tokenizer.encode(frame.decode("utf-8"), add_special_tokens=False).ids
+            ),
+            frame_bytes=frame,
+        )
 
     def check_text(self, text: str) -> str:
         """The teacher-normalized ``text``, or `UnscorableTextError` saying why the
-        general scorer cannot score it (an added token inside it, bytes that do not
-        survive the teacher's encode/decode). Cheap: no model, no enumeration."""
+        general scorer cannot score it (bytes that do not survive the teacher's
+        encode/decode; an added token inside it that the other tokenizer lacks, the
+        end-of-text token, or any added token for the byte walk). Cheap: no model, no
+        enumeration."""
         x = self.T.normalize(text)
-        for content in (*self.T.added_by_content, *self.S.added_contents):
-            if content in x:
+        parts = self.T.split_added(x)
+        specials = [p for p in parts if isinstance(p, int)]
+        for t in specials:
+            content = self.T.token_bytes[t].decode("utf-8")
+            if self.walk == "bytes":
                 raise UnscorableTextError(
-                    f"text contains the added token {content!r}; the general scorer "
-                    "does not support added tokens inside texts yet"
+                    f"text contains the added token {content!r}; the byte walk does not "
+                    "support added tokens inside texts (walk='tokens' does)"
                 )
-        if self.T.decode_bytes(self.T.encode_plain(x)) != x.encode("utf-8"):
-            raise UnscorableTextError("text does not survive the teacher's encode/decode")
+            if t == self.teacher_eos:
+                raise UnscorableTextError(f"text contains the end-of-text token {content!r}")
+            if t not in self.special_map:
+                raise UnscorableTextError(
+                    f"text contains the teacher's added token {content!r}, which the "
+                    "student does not have"
+                )
+        if specials and self.S.prefix_mode != "none":
+            raise UnscorableTextError(
+                "texts with added tokens need a student that adds no prefix space "
+                f"({self.S.name} prepends one)"
+            )
+        for content in self.S.added_by_content:
+            if content in x and content not in self.T.added_by_content:
+                raise UnscorableTextError(
+                    f"text contains the student's added token {content!r}, which the "
+                    "teacher does not have"
+                )
+        got = [i for i in self.S.encode(x) if i in self.S.added_ids]
+        if got != [self.special_map[t] for t in specials]:
+            raise UnscorableTextError("the student splits the text's added tokens differently")
+        for part in parts:
+            if isinstance(part, str) and self.T.decode_bytes(
+                self.T.encode_plain(part)
+            ) != part.encode("utf-8"):
+                raise UnscorableTextError("text does not survive the teacher's encode/decode")
         return x
 
     def _roots(
         self, teacher: Any, jobs: list[_RowJob]
     ) -> Iterator[tuple[_RowJob, int, bytes, float]]:
-        """Start of both walks: every row's roots weighted by the byte model (relative to
+        """Start of the byte walk: every row's roots weighted by the byte model (relative to
         the heaviest, ``log_shift``), with their local offsets and the starting mass.
         Yields ``(job, root index, root, weight)`` for every root of every row the
         teacher can produce."""
-        self.bytes.ensure(teacher, [r for job in jobs for r in job.roots], closed=True)
+        self.byte_model.ensure(teacher, [r for job in jobs for r in job.roots], closed=True)
         for job in jobs:
-            lps = [self.bytes.log_prefix(r) for r in job.roots]
+            lps = [self.byte_model.log_prefix(r) for r in job.roots]
             job.log_shift = max(lps)
             if job.log_shift == -math.inf:
                 continue  # the teacher never produces this prefix: an all-zero row
             for k, (r, lp) in enumerate(zip(job.roots, lps, strict=True)):
-                q, n = self.S.local_offset(r)
-                if job.key[:n] != self.S.stable_tokens(r):
-                    q, n = 0, 0  # this root's stable tokens disagree with the key
-                job.local.append((q, n))
+                self._add_local(job, r)
                 w = math.exp(lp - job.log_shift)
                 job.start += w
                 yield job, k, r, w
+
+    def _add_local(self, job: _RowJob, r: bytes) -> None:
+        """Record where decisions on branches of root ``r`` start (`StudentView.local_offset`)."""
+        q, n = self.S.local_offset(r)
+        if job.lkey[:n] != self.S.stable_tokens(r):
+            q, n = 0, 0  # this root's stable tokens disagree with the key
+        job.local.append((q, n))
 
     def _run(self, teacher: Any, jobs: list[_RowJob]) -> None:
         """The byte walk: level-by-level enumeration of all rows together (one teacher
@@ -1034,7 +1131,7 @@ class GeneralScorer:
                 elif self.mode == "fast":
                     self._prune(job)
             active = [job for job in active if job.frontier]
-            self.bytes.ensure(teacher, {y for job in active for y, _, _ in job.frontier})
+            self.byte_model.ensure(teacher, {y for job in active for y, _, _ in job.frontier})
             for job in active:
                 frontier, job.frontier = job.frontier, []
                 for y, w, k in frontier:
@@ -1064,7 +1161,7 @@ class GeneralScorer:
         if _utf8_split(y[q:]) is None:  # (y[:q] is whole characters)
             job.unmapped += w  # no valid text starts with y: the student cannot see it
             return True
-        key = job.key
+        key = job.lkey
         i = len(key) - n
         toks = self.S.stable_tokens(y[q:])
         m = min(len(toks), i)
@@ -1077,12 +1174,12 @@ class GeneralScorer:
         return True
 
     def _expand(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
-        row = self.bytes.row(y)
+        row = self.byte_model.row(y)
         job.expanded += 1
         if row[EOS_COL] > 0.0:
-            self._end(job, y, w * float(row[EOS_COL]), k, special=False)
+            self._end(job, y, w * float(row[EOS_COL]), k, self.S.eos_id)
         if row[UNMAPPED_COL] > 0.0:
-            self._end(job, y, w * float(row[UNMAPPED_COL]), k, special=True)
+            self._end(job, y, w * float(row[UNMAPPED_COL]), k, None)
         for b in np.flatnonzero(row[:256]):
             self._place(job, y + bytes((int(b),)), w * float(row[b]), k)
 
@@ -1091,14 +1188,18 @@ class GeneralScorer:
         """The token walk (see the module docstring): level by level, every open node
         of every row gets one teacher distribution (one batched call per level), and all
         its next tokens are decided at once by walking the teacher's byte trie."""
-        for job, k, r, w in self._roots(teacher, jobs):
-            qt, ctx = self.TV.stable_split(r) if self.TV is not None else (0, ())
-            job.contexts.append(tuple(ctx))
-            job.heads.append(r[:qt])
-            if w > 0.0 and not self._decide(job, r, w, k):
-                # node weights are P_T(context + sigma) relative to exp(log_shift); the
-                # context's comes with its first teacher call
-                job.nodes.append(_Node(k, (), b"", math.nan))
+        for job in jobs:
+            job.log_shift = math.nan  # set by the row's first root node
+            for k, r in enumerate(job.roots):
+                self._add_local(job, r)
+                qt, ctx = self.TV.stable_split(r) if self.TV is not None else (0, ())
+                job.contexts.append((*job.frame, *ctx))
+                job.heads.append(r[:qt])
+                # a root inconsistent with the row's prefix (another Metaspace reading)
+                # carries no mass the row counts; the others start a node whose weight,
+                # P_T(context) relative to exp(log_shift), comes with its teacher call
+                if not self._decide(job, r, 0.0, k):
+                    job.nodes.append(_Node(k, (), b"", math.nan))
         while True:
             active = [job for job in jobs if job.nodes]
             if not active:
@@ -1110,10 +1211,29 @@ class GeneralScorer:
                 work.extend((job, node) for node in job.nodes)
                 job.nodes = []
             for chunk, probs, cum, path_lp in self._node_probs(teacher, work):
+                for (job, node), lp in zip(chunk, path_lp, strict=True):
+                    if not node.sigma and (math.isnan(job.log_shift) or lp > job.log_shift):
+                        self._shift(job, lp)  # weights stay relative to the heaviest root
                 for (job, node), p, c, lp in zip(chunk, probs, cum, path_lp, strict=True):
                     if not node.sigma:
-                        node.w = math.exp(lp - job.log_shift)
+                        node.w = math.exp(lp - job.log_shift) if lp > -math.inf else 0.0
                     self._expand_node(job, node, p, c)
+
+    @staticmethod
+    def _shift(job: _RowJob, log_shift: float) -> None:
+        """Make ``log_shift`` the job's reference weight, rescaling what it holds."""
+        if not math.isnan(job.log_shift) and job.log_shift > -math.inf:
+            f = math.exp(job.log_shift - log_shift)
+            for g in job.mass:
+                job.mass[g] *= f
+            job.excluded *= f
+            job.unmapped *= f
+            job.cut *= f
+            job.pruned *= f
+            job.start *= f
+            for n in job.nodes:
+                n.w *= f
+        job.log_shift = log_shift
 
     def _prune_nodes(self, job: _RowJob) -> None:
         """Fast mode: drop nodes below the floor, keep the ``beam`` heaviest (root nodes,
@@ -1185,13 +1305,18 @@ class GeneralScorer:
         head = job.heads[k]
         u = job.roots[k][len(head) :]  # the root's bytes after its head
         y = head + node.z
+        if not node.sigma:  # the root's mass (an upper bound): the fast mode's scale
+            job.start += node.w * self._consistent_mass(u, p, cum)
         if len(node.z) >= len(u):  # node.z starts with u: the texts start with the root
             pe = float(p[self.teacher_eos])
             if pe > 0.0:
-                self._end(job, y, node.w * pe, k, special=False)
-            ps = float(p[self.teacher_specials].sum()) if self.teacher_specials.size else 0.0
-            if ps > 0.0:
-                self._end(job, y, node.w * ps, k, special=True)
+                self._end(job, y, node.w * pe, k, self.S.eos_id)
+            for t, sid in self.special_map.items():
+                if p[t] > 0.0:
+                    self._end(job, y, node.w * float(p[t]), k, sid)
+            pu = float(p[self.teacher_unmapped].sum()) if self.teacher_unmapped.size else 0.0
+            if pu > 0.0:
+                self._end(job, y, node.w * pu, k, None)
             self._descend(job, node, y, b"", p, cum)
             return
         # inside the root: tokens ending within u (or at its end) are nodes to expand;
@@ -1203,6 +1328,15 @@ class GeneralScorer:
                 if pv > 0.0:
                     job.nodes.append(_Node(k, (*node.sigma, v), node.z + rem[:j], node.w * pv))
         self._descend(job, node, y, rem, p, cum)
+
+    def _consistent_mass(self, u: bytes, p: np.ndarray, cum: np.ndarray) -> float:
+        """Mass of the next tokens whose bytes agree with ``u`` (all of it for an empty
+        ``u``): tokens that are proper prefixes of ``u`` or start with it."""
+        if not u:
+            return 1.0
+        lo, hi = self.trie.range(u)
+        inside = sum(float(p[v]) for j in range(1, len(u)) for v in self.trie.exact.get(u[:j], ()))
+        return inside + float(cum[hi] - cum[lo])
 
     def _descend(
         self, job: _RowJob, node: _Node, y: bytes, beta: bytes, p: np.ndarray, cum: np.ndarray
@@ -1241,8 +1375,10 @@ class GeneralScorer:
                         job.nodes.append(_Node(node.k, (*node.sigma, v), node.z + b, w * pv))
                 stack.append(b)
 
-    def _end(self, job: _RowJob, y: bytes, p: float, k: int, special: bool) -> None:
-        """The text ends after ``y`` (or a special the student lacks follows it)."""
+    def _end(self, job: _RowJob, y: bytes, p: float, k: int, end_id: int | None) -> None:
+        """The text (segment) ends after ``y``, followed by the student token ``end_id``
+        (its end of text, or an added token), or by a teacher special the student lacks
+        (None: unmapped)."""
         q, n = job.local[k]
         try:
             text = y[q:].decode("utf-8")
@@ -1253,20 +1389,31 @@ class GeneralScorer:
             q = n = 0  # normalization of the rest alone may differ: encode the whole text
             text = y.decode("utf-8")
         ids = self.S.encode(text)
-        i = len(job.key) - n
-        if len(ids) < i or ids[:i] != job.key[n:]:
+        i = len(job.lkey) - n
+        if len(ids) < i or ids[:i] != job.lkey[n:]:
             job.excluded += p
-        elif special:
+        elif end_id is None:
             job.unmapped += p
         else:
-            job.mass[ids[i] if len(ids) > i else self.S.eos_id] += p
+            job.mass[ids[i] if len(ids) > i else end_id] += p
 
     # ------------------------------------------------------------------ assembly
+    def _text_logprob(self, text: str, encoding_lp: float) -> float:
+        """log P(the text is exactly ``text``): under the byte model (byte walk; for a
+        teacher without non-canonical mass, log P_T(canonical encoding + EOS)), or
+        log P(the student encoding is exactly this one) (token walk; the same for an
+        injective student)."""
+        if self.walk == "tokens":
+            return float(encoding_lp)
+        tb = text.encode("utf-8")
+        eos = float(self.byte_model.row(tb)[EOS_COL])
+        return self.byte_model.log_prefix(tb) + math.log(max(eos, 1e-300))
+
     def _document(
         self,
         text: str,
         ids: tuple[int, ...],
-        byte_doc: PreparedDocument,
+        teacher_ids: Sequence[int],
         jobs: dict[tuple[int, ...], _RowJob],
         top_k: int | None,
     ) -> ScoredDocument:
@@ -1313,7 +1460,7 @@ class GeneralScorer:
         return ScoredDocument(
             text=text,
             student_ids=np.asarray(ids, dtype=np.int64),
-            teacher_ids=np.asarray(byte_doc.teacher_ids, dtype=np.int64),
+            teacher_ids=np.asarray(teacher_ids, dtype=np.int64),
             topk_ids=topk_ids,
             topk_logprobs=topk_lp,
             logprobs=dense if top_k is None else None,
@@ -1325,10 +1472,7 @@ class GeneralScorer:
             regime=regime,
             prefix_logprob=prefix_lp,
             stats={
-                # log P(the text is exactly this) under the byte model; for a teacher
-                # without non-canonical mass, log P_T(canonical encoding + EOS)
-                "text_logprob": self.bytes.log_prefix(text.encode("utf-8"))
-                + math.log(max(float(self.bytes.row(text.encode("utf-8"))[EOS_COL]), 1e-300)),
+                "text_logprob": self._text_logprob(text, prefix_lp[L] + target[L]),
                 "decision_rule": self.S.decision_rule,
                 "rows_expanded": expanded,
                 "max_unaccounted": float(unacc.max()),

@@ -417,7 +417,7 @@ def test_clear_errors(world):
     T = world.T
     with pytest.raises(TokenizerError, match="empty vocabulary"):
         GeneralScorer(T, Tokenizer(__import__("tokenizers").models.BPE()))
-    with pytest.raises(TokenizerError, match="empty vocabulary"):
+    with pytest.raises(TokenizerError, match="not a byte-level BPE"):
         GeneralScorer(Tokenizer(__import__("tokenizers").models.BPE()), byte_student())
     with pytest.raises(TokenizerError, match="student_eos_token"):
         GeneralScorer(T, other_byte_bpe("qwen2", eos=False))
@@ -435,8 +435,12 @@ def test_clear_errors(world):
         sc.score(world.teacher, ["ab"], top_k=0)
     with pytest.raises(UnscorableTextError, match="teacher"):
         sc.score(world.teacher, ["ab é"], top_k=None)  # no symbol for é's bytes
-    with pytest.raises(UnscorableTextError, match="added token"):
+    with pytest.raises(UnscorableTextError, match="end-of-text token"):
         sc.score(world.teacher, [f"ab{EOS}"], top_k=None)
+    with pytest.raises(UnscorableTextError, match="byte walk does not support added tokens"):
+        GeneralScorer(T, byte_student(), walk="bytes").check_text(f"ab{EOS}")
+    with pytest.raises(ValueError, match="walk"):
+        GeneralScorer(T, byte_student(), walk="chars")
 
 
 def test_student_end_of_text_token(world):
@@ -508,3 +512,51 @@ def _max_roots(sc: GeneralScorer, r: Any) -> int:
     """The largest number of roots among the rows of a scored document."""
     ids = list(r.student_ids)
     return max(len(sc.S.roots(ids[:i])) for i in range(len(ids) + 1))
+
+
+SEP = "<|sep|>"
+
+
+@pytest.fixture(scope="module")
+def sep_world() -> World:
+    """The tiny teacher with one more added token (a chat-template-like separator) over
+    plain strings and strings ``a + SEP + b``."""
+    T = tiny_teacher_tokenizer("qwen2")
+    T.add_special_tokens([SEP])
+    short = all_strings(2)
+    strings = list(dict.fromkeys([*all_strings(3), *(a + SEP + b for a in short for b in short)]))
+    w = np.exp(np.random.default_rng(11).normal(0.0, 1.5, len(strings)))
+    return _world(T, dict(zip(strings, (w / w.sum()).tolist(), strict=True)))
+
+
+@pytest.mark.parametrize("name", ["bpe-gpt2", "bpe-llama3", "sp-metaspace-never", "bytes"])
+def test_token_walk_texts_with_added_tokens(sep_world, name):
+    """Texts holding an added token both tokenizers have (as chat templates do): rows
+    after it continue from the teacher's ids up to it, rows before it give the
+    teacher's mass on it to the student's token of the same content; every row equals
+    the enumerated truth. A student without the token, or that prepends a space to each
+    segment, is refused per text with the reason."""
+    S = STUDENTS[name]()
+    S.add_special_tokens([SEP])
+    sep_id = S.token_to_id(SEP)
+    docs = [SEP, "a" + SEP, SEP + "1", "ab" + SEP + " a", "1 " + SEP + "b", *all_strings(3)[::7]]
+    docs += [s for s in sep_world.dist if SEP in s][::13]
+    sc = GeneralScorer(sep_world.T, S, max_depth=8)
+    results = sc.score(sep_world.teacher, docs, top_k=None)
+    assert _check_against_truth(results, student_truth(S, sep_world.dist)) < TOL
+    before_sep = [
+        float(np.exp(r.logprobs[i, sep_id]))
+        for r in results
+        for i in range(len(r.student_ids))
+        if r.student_ids[i] == sep_id
+    ]
+    assert before_sep and all(p > 0.0 for p in before_sep)
+    for r in results[:12]:  # telescoping through the added token
+        assert abs(r.target_logprobs.sum() - _alias_logprob(S, sep_world.dist, r.text)) < 1e-9
+    lacking = STUDENTS[name]()
+    with pytest.raises(UnscorableTextError, match="student does not have"):
+        GeneralScorer(sep_world.T, lacking).check_text("a" + SEP)
+    prefixed = STUDENTS["sp-metaspace-first"]()
+    prefixed.add_special_tokens([SEP])
+    with pytest.raises(UnscorableTextError, match="prefix space"):
+        GeneralScorer(sep_world.T, prefixed).check_text("a" + SEP + "b")
