@@ -29,7 +29,7 @@ Mixing configs is an integrity problem for training, so a difference fails the a
 **Quality statistics** count only target rows (``loss_mask`` True; all rows are counted
 separately):
 
-- top-k mass ``1 - tail_mass`` (mean, p5, p50) and the tail mass;
+- top-k mass ``1 - tail_mass - unaccounted_mass`` (mean, p5, p50) and the tail mass;
 - entropy in nats of the row's distribution *as stored*: the ``k`` top-k probabilities
   (from the quantised log-probs) plus the tail as ONE bin,
   ``H = -sum_j p_j ln p_j - t ln t``; a lower bound of the full distribution's entropy
@@ -211,7 +211,8 @@ class Stats:
         tail = cols["tail_mass"][m].astype(np.float64)
         if np.isnan(tail).any():
             raise _BadRows("NaN tail mass")
-        topk = 1.0 - tail
+        # mass of the stored top-k entries (general-scorer rows also leave unaccounted mass)
+        topk = 1.0 - tail - cols["unaccounted_mass"][m].astype(np.float64)
         self.topk_mass_sum += float(topk.sum())
         _hist_add(self.hists["topk_mass"], "topk_mass", topk)
         # entropy over the k stored probabilities plus the tail as one bin (nats)

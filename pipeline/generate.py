@@ -239,9 +239,13 @@ class GenerateStep:
                 results = self.scorer.score_prepared(
                     self.teacher, [b[3] for b in batch], cfg.scoring.top_k
                 )
-            else:
+            else:  # only the rows that will be stored (the enumeration costs per row)
+                masks = [
+                    self._loss_mask(rec, chunk, np.asarray(self.scorer.S.encode(chunk.text)))
+                    for rec, _, chunk, _ in batch
+                ]
                 results = self.scorer.score(
-                    self.teacher, [b[2].text for b in batch], cfg.scoring.top_k
+                    self.teacher, [b[2].text for b in batch], cfg.scoring.top_k, rows=masks
                 )
             for (rec, c, chunk, _), r in zip(batch, results, strict=True):
                 seq = Sequence_(rec.doc_id, c, r, self._loss_mask(rec, chunk, r.student_ids))
@@ -284,7 +288,10 @@ class GenerateStep:
             "target_rows": int(sum(int(s.loss_mask.sum()) for s in seqs)),
             # mean probability mass inside the stored top-k, over target rows
             "mean_topk_mass": float(
-                sum(float((1.0 - s.scored.tail_mass)[s.loss_mask].sum()) for s in seqs)
+                sum(
+                    float((1.0 - s.scored.tail_mass - s.scored.unaccounted_mass)[s.loss_mask].sum())
+                    for s in seqs
+                )
                 / max(1, sum(int(s.loss_mask.sum()) for s in seqs))
             ),
             "skipped": sorted(skipped, key=lambda s: s["index"]),

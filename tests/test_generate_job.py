@@ -335,3 +335,63 @@ def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, c
         total = np.exp(lp).sum(1) + np.asarray(r["tail_mass"]) + np.asarray(r["unaccounted_mass"])
         assert np.abs(total - 1).max() < 5e-3  # quantised log-probs: 0.1% per entry
         assert set(r["regime"]) <= {1, 2} and all(r["loss_mask"])
+
+
+def test_general_scorer_scores_chats_and_only_the_target_rows(tiny_teacher_dir, tmp_path):
+    """Chat records (added tokens from the chat template, which the student has too)
+    are scored by the general scorer, not skipped; only the rows the loss mask keeps are
+    computed (the rest are stored empty, all unaccounted), and the kept rows are the
+    same as when every row is computed."""
+    from pipeline.scoring import GeneralScorer
+    from pipeline.teacher import HFTeacher
+    from tests.tiny_assets import trained_byte_bpe
+
+    other = tmp_path / "other.json"
+    trained_byte_bpe(300, seed_text="completely different text, 12 and 345. " * 50).save(str(other))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    chats = [
+        {
+            "id": f"c{i}",
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ],
+        }
+        for i, (q, a) in enumerate([("Say hi.", "Hi there."), ("2 + 2?", "It is 4.")])
+    ]
+    (inp / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    out = tmp_path / "out"
+    args = _args(
+        tiny_teacher_dir,
+        inp,
+        out,
+        "input.messages_field=messages",
+        "input.loss_on=assistant",
+        f"student.tokenizer={other}",
+        "scoring.scorer=general",
+        "scoring.top_k=8",
+        "scoring.general.max_depth=4",
+        "scoring.general.min_prob=0.01",
+    )
+    assert main(["--show", "0", "--executor", "local", *args]) == 0
+    m = json.loads((out / "chat.manifest.json").read_text())
+    assert m["documents"] == 2 and m["skipped"] == []
+    rows = read_table(str(out / "chat.parquet")).to_pylist()
+    stu = load_tokenizer(str(other))
+    teacher = HFTeacher(str(tiny_teacher_dir), device="cpu", max_batch_tokens=512)
+    full = GeneralScorer(load_tokenizer(tiny_teacher_dir), stu, "fast", max_depth=4, min_prob=0.01)
+    for r in rows:
+        mask = np.asarray(r["loss_mask"])
+        unacc = np.asarray(r["unaccounted_mass"])
+        assert 0 < mask.sum() < len(mask)
+        assert np.all(unacc[~mask] == 1.0) and np.any(unacc[mask] < 1.0)
+        stored = np.exp(decode_topk_logprobs(np.reshape(r["topk_logprob_dq"], (-1, 8))))
+        assert np.all(stored[~mask].sum(1) == 0.0)  # rows not computed: nothing stored
+        text = stu.decode(r["input_ids"], skip_special_tokens=False)
+        assert "<|im_start|>" in text
+        (doc,) = full.score(teacher, [text], top_k=8)
+        assert list(doc.student_ids) == r["input_ids"]
+        want = decode_topk_logprobs(np.reshape(r["topk_logprob_dq"], (-1, 8)))[mask]
+        np.testing.assert_allclose(np.exp(want), np.exp(doc.topk_logprobs[mask]), atol=2e-3)
+        np.testing.assert_allclose(unacc[mask], doc.unaccounted_mass[mask], atol=1e-6)

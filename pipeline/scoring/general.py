@@ -965,11 +965,22 @@ class GeneralScorer:
 
     # ------------------------------------------------------------------ scoring
     def score(
-        self, teacher: Any, texts: Sequence[str], top_k: int | None = 64
+        self,
+        teacher: Any,
+        texts: Sequence[str],
+        top_k: int | None = 64,
+        rows: Sequence[np.ndarray | None] | None = None,
     ) -> list[ScoredDocument]:
-        """Score ``texts``; rows as in `ScoredDocument` (``top_k=None``: dense rows)."""
+        """Score ``texts``; rows as in `ScoredDocument` (``top_k=None``: dense rows).
+
+        ``rows``: per text, a boolean mask over its ``L + 1`` rows (or None: all): only
+        those rows are computed (a job that trains on some positions only, e.g. assistant
+        turns, saves the rest); the others come back empty with ``unaccounted_mass`` 1
+        and the approximate regime."""
         if top_k is not None and top_k < 1:
             raise ValueError("top_k must be >= 1 or None")
+        if rows is not None and len(rows) != len(texts):
+            raise ValueError(f"rows has {len(rows)} masks for {len(texts)} texts")
         self.S.clear_cache()
         self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
         norm = [self.check_text(text) for text in texts]
@@ -983,14 +994,21 @@ class GeneralScorer:
             teacher_ids = [self.T.tokenizer.encode(x, add_special_tokens=False).ids for x in norm]
         jobs: dict[tuple[int, ...], _RowJob] = {}
         student_ids: list[tuple[int, ...]] = []
-        for text, x in zip(texts, norm, strict=True):
+        for d, (text, x) in enumerate(zip(texts, norm, strict=True)):
             ids = self.S.encode(x)
             if x != text and ids != self.S.encode(text):
                 raise UnscorableTextError(
                     "the teacher's normalization changes the student's encoding of the text"
                 )
+            want = None if rows is None or rows[d] is None else np.asarray(rows[d], dtype=bool)
+            if want is not None and want.shape != (len(ids) + 1,):
+                raise ValueError(
+                    f"rows[{d}] has shape {want.shape}; the text has {len(ids) + 1} rows"
+                )
             xb = x.encode("utf-8")
             for i in range(len(ids) + 1):
+                if want is not None and not want[i]:
+                    continue
                 key = ids[:i]
                 job = jobs.get(key)
                 if job is None:
@@ -1060,7 +1078,7 @@ class GeneralScorer:
                     "support added tokens inside texts (walk='tokens' does)"
                 )
             if t == self.teacher_eos:
-                raise UnscorableTextError(f"text contains the end-of-text token {content!r}")
+                raise UnscorableTextError(f"text contains the end-of-text added token {content!r}")
             if t not in self.special_map:
                 raise UnscorableTextError(
                     f"text contains the teacher's added token {content!r}, which the "
@@ -1426,7 +1444,11 @@ class GeneralScorer:
         regime = np.full(L + 1, int(Regime.LOSSLESS), dtype=np.uint8)
         expanded = 0
         for i in range(L + 1):
-            job = jobs[ids[:i]]
+            job = jobs.get(ids[:i])
+            if job is None:  # a row not asked for: not computed, all of it unaccounted
+                regime[i] = int(Regime.APPROXIMATE)
+                unacc[i] = 1.0
+                continue
             expanded += job.expanded
             lost = job.cut + job.pruned
             z = sum(job.mass.values()) + lost
