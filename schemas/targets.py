@@ -30,7 +30,9 @@ Version 1 (row convention: ``row i`` of a sequence predicts ``input_ids[i]`` giv
   (``input_ids[i]``; the student EOS for row ``L``) -- all ALM-style losses need.
 - ``regime`` (list<uint8>): ``L + 1`` codes: 0 exact, 1 lossless, 2 approximate.
 - ``unaccounted_mass`` / ``noncanonical_mass`` / ``unmapped_mass`` (list<float32>):
-  ``L + 1`` each, see `pipeline.scoring.ScoredDocument`.
+  ``L + 1`` each, see `pipeline.scoring.ScoredDocument`. The general scorer computes
+  only the rows ``loss_mask`` keeps: the others are stored empty (no top-k entry, tail
+  0, ``unaccounted_mass`` 1, regime approximate); the subset-exact scorer fills them all.
 
 Row ``i`` is the target for the student's logits at the position whose input is
 ``input_ids[i - 1]`` (row 0: after the start of text). A trainer that feeds
