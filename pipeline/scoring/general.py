@@ -81,7 +81,17 @@ continuation, and all rows equal the enumerated truth.
 Roots. Usually ``s_1..s_i`` stand for one text prefix. Metaspace with
 ``prepend_scheme="first"|"always"`` is not injective (``" a"`` and ``"a"`` both encode
 to ``▁a``), so a row may have two roots, weighted by their byte-model prefix
-probabilities (`StudentView.roots`).
+probabilities (byte walk) or by the teacher's own probability of their contexts and
+tokens (token walk) (`StudentView.roots`).
+
+Added tokens (token walk). A text may hold added tokens that both tokenizers have
+(chat templates). BPE and pre-tokenization restart after an added token, so a row whose
+student prefix holds one is computed on the text after the last one (the root), with
+the teacher's ids of everything up to it in front of every context (the frame); a
+teacher added token that follows a branch ends its segment and is followed by the
+student's token of the same content (end of text: the student's EOS; a teacher special
+the student lacks: unmapped). Students that prepend a space per segment (Metaspace
+with a prefix, a Prepend normalizer) are refused for such texts.
 
 Modes. ``lossless``: enumerate until decided or ``max_depth`` continuation bytes; the
 mass of branches still undecided there is the row's unaccounted mass. ``fast``:
@@ -878,8 +888,9 @@ class GeneralScorer:
             teacher's ``max_batch_tokens``).
 
     ``tail_mass`` is the row's mass outside the stored top-k, so top-k + tail +
-    ``unaccounted_mass`` = 1. Texts are normalized once with the teacher's normalizer. Texts containing added
-    tokens are refused (not supported yet), as are texts the teacher cannot encode.
+    ``unaccounted_mass`` = 1. Texts are normalized once with the teacher's normalizer.
+    `check_text` says which texts are refused and why (texts the teacher cannot encode;
+    added tokens, except those both tokenizers have with the token walk).
     After `score`, ``last_stats`` holds the call's cost counters.
     """
 
