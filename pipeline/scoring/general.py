@@ -830,7 +830,7 @@ class _RowJob:
     frame: tuple[int, ...] = ()  # teacher ids of the text up to that added token
     frame_bytes: bytes = b""  # and its bytes
     log_shift: float = 0.0  # weights are relative to exp(log_shift) (max root prefix prob)
-    start: float = 0.0  # starting mass (sum of root weights)
+    start: float = 0.0  # starting mass: the fast mode's scale (see the walks)
     # per root: (byte offset q, token count n) of `StudentView.local_offset`; a branch
     # from root k is decided on its bytes from q against key[n:]
     local: list[tuple[int, int]] = field(default_factory=list)
@@ -1334,8 +1334,8 @@ class GeneralScorer:
         head = job.heads[k]
         u = job.roots[k][len(head) :]  # the root's bytes after its head
         y = head + node.z
-        if not node.sigma:  # the root's mass (an upper bound): the fast mode's scale
-            job.start += node.w * self._consistent_mass(u, p, cum)
+        if not u and not node.sigma:
+            job.start += node.w  # every text from this root's context starts with it
         if len(node.z) >= len(u):  # node.z starts with u: the texts start with the root
             pe = float(p[self.teacher_eos])
             if pe > 0.0:
@@ -1351,21 +1351,17 @@ class GeneralScorer:
         # inside the root: tokens ending within u (or at its end) are nodes to expand;
         # tokens running past its end are branches; the rest do not start with the root
         rem = u[len(node.z) :]
+        # the row's starting mass (the fast mode's scale) gathers, over the nodes inside
+        # the root, the mass of their next tokens that reach its end: every token
+        # sequence of a text starting with the root crosses that end exactly once
+        lo, hi = self.trie.range(rem)
+        job.start += node.w * float(cum[hi] - cum[lo])
         for j in range(1, len(rem) + 1):
             for v in self.trie.exact.get(rem[:j], ()):
                 pv = float(p[v])
                 if pv > 0.0:
                     job.nodes.append(_Node(k, (*node.sigma, v), node.z + rem[:j], node.w * pv))
         self._descend(job, node, y, rem, p, cum)
-
-    def _consistent_mass(self, u: bytes, p: np.ndarray, cum: np.ndarray) -> float:
-        """Mass of the next tokens whose bytes agree with ``u`` (all of it for an empty
-        ``u``): tokens that are proper prefixes of ``u`` or start with it."""
-        if not u:
-            return 1.0
-        lo, hi = self.trie.range(u)
-        inside = sum(float(p[v]) for j in range(1, len(u)) for v in self.trie.exact.get(u[:j], ()))
-        return inside + float(cum[hi] - cum[lo])
 
     def _descend(
         self, job: _RowJob, node: _Node, y: bytes, beta: bytes, p: np.ndarray, cum: np.ndarray

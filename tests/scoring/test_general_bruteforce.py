@@ -435,7 +435,7 @@ def test_clear_errors(world):
         sc.score(world.teacher, ["ab"], top_k=0)
     with pytest.raises(UnscorableTextError, match="teacher"):
         sc.score(world.teacher, ["ab é"], top_k=None)  # no symbol for é's bytes
-    with pytest.raises(UnscorableTextError, match="end-of-text token"):
+    with pytest.raises(UnscorableTextError, match="end-of-text added token"):
         sc.score(world.teacher, [f"ab{EOS}"], top_k=None)
     with pytest.raises(UnscorableTextError, match="byte walk does not support added tokens"):
         GeneralScorer(T, byte_student(), walk="bytes").check_text(f"ab{EOS}")
