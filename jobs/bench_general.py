@@ -41,11 +41,11 @@ the TV); the dense assembly is negligible next to the enumeration. Torch runs on
 ``--threads`` threads (default 1). Nothing is random: the sp-bpe training is
 deterministic, so two runs give the same numbers (up to the timings).
 
-The general scorer is slow (SmolLM2, one CPU thread, token walk: about 0.4-0.5 s per
-row at its default setting beam 16, 2.2-2.5 s for the default reference beam 64; the
-byte walk 1.3-1.6 s at beam 16), hence the small defaults (two documents cut to 80
-bytes, 160 rows over the three students: a full run takes about 15 minutes, half of it
-in the reference); a quick trial::
+The general scorer is slow (SmolLM2, one CPU thread, token walk: 0.35-0.48 s per row
+at its default setting beam 16, 1.7-2.6 s for the default reference beam 64; the byte
+walk 1.5-2.1 s at beam 16), hence the small defaults (two documents cut to 80 bytes,
+160 rows over the three students: a full run takes about 14 minutes, half of it in the
+reference); a quick trial::
 
     python -m jobs.bench_general --docs 1 --max-bytes 60 \\
         --settings '[{"beam": 8, "min_prob": 0.01}]' \\
