@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,31 @@ class ByteLevelBPE:
             if c in self.added_by_content:
                 return self.added_by_content[c]
         return None
+
+    def end_of_text(self, eos_token: str | None = None) -> str:
+        """Content of the end-of-text token: ``eos_token`` when given (it must be an
+        added token), else the first of ``DOC_END_TOKENS`` this tokenizer has."""
+        if eos_token is None:
+            eos_token = next((c for c in DOC_END_TOKENS if c in self.added_by_content), None)
+            if eos_token is None:
+                raise TokenizerError(
+                    f"{self.name} has no end-of-text token among {DOC_END_TOKENS}; "
+                    "pass eos_token= explicitly"
+                )
+        if eos_token not in self.added_by_content:
+            raise TokenizerError(
+                f"eos_token {eos_token!r} is not an added token of the {self.name}"
+            )
+        return eos_token
+
+    def added_map(self, other_by_content: Mapping[str, int]) -> dict[int, int]:
+        """Added-token id -> the other tokenizer's id of the same content (ids the other
+        lacks are left out), in id order."""
+        return {
+            i: other_by_content[self.token_bytes[i].decode("utf-8")]
+            for i in sorted(self.added_ids)
+            if self.token_bytes[i].decode("utf-8") in other_by_content
+        }
 
     # ----- text processing --------------------------------------------------------
     def normalize(self, text: str) -> str:

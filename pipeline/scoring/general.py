@@ -934,15 +934,7 @@ class GeneralScorer:
             or (eos_token is not None and eos_token != byte_model.eos_token)
         ):
             raise ValueError("byte_model was built for another teacher tokenizer or EOS token")
-        if eos_token is None:
-            eos_token = next((c for c in DOC_END_TOKENS if c in T.added_by_content), None)
-            if eos_token is None:
-                raise TokenizerError(
-                    f"teacher has no end-of-text token among {DOC_END_TOKENS}; "
-                    "pass eos_token= explicitly"
-                )
-        if eos_token not in T.added_by_content:
-            raise TokenizerError(f"eos_token {eos_token!r} is not an added token of the teacher")
+        eos_token = T.end_of_text(eos_token)
         self._bytes = byte_model  # the byte walk's (built on first use)
         self.T = T
         self.eos_token = eos_token
@@ -951,9 +943,7 @@ class GeneralScorer:
         # teacher added tokens other than end of text: the student's token of the same
         # content (the token walk lets texts hold them), else no student token (unmapped)
         self.special_map = {
-            i: self.S.added_by_content[c]
-            for c, i in T.added_by_content.items()
-            if i != self.teacher_eos and c in self.S.added_by_content
+            i: s for i, s in T.added_map(self.S.added_by_content).items() if i != self.teacher_eos
         }
         self.teacher_unmapped = np.asarray(
             sorted(T.added_ids - {self.teacher_eos} - set(self.special_map)), dtype=np.int64

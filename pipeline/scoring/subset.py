@@ -43,7 +43,6 @@ import torch
 from pipeline.scoring.common import Regime, ScoredDocument, SubsetRegimeError
 from pipeline.scoring.unicode import completion_representatives
 from pipeline.tokenization import (
-    DOC_END_TOKENS,
     ByteLevelBPE,
     TokenizerError,
     UnscorableTextError,
@@ -304,25 +303,10 @@ class SubsetExactScorer:
         self.trie["bucket_col"] = np.asarray(bucket_col, np.int64)
 
     def _map_specials(self, eos_token: str | None) -> None:
-        t_spec = sorted(self.T.added_ids)
         s_by_content = self.S.added_by_content
-        mapped_t, mapped_s, unmapped = [], [], []
-        for t in t_spec:
-            content = self.T.token_bytes[t].decode("utf-8")
-            if content in s_by_content:
-                mapped_t.append(t)
-                mapped_s.append(s_by_content[content])
-            else:
-                unmapped.append(t)
-        if eos_token is None:
-            eos_token = next((c for c in DOC_END_TOKENS if c in self.T.added_by_content), None)
-            if eos_token is None:
-                raise TokenizerError(
-                    "teacher has no end-of-text token among "
-                    f"{DOC_END_TOKENS}; pass eos_token= explicitly"
-                )
-        if eos_token not in self.T.added_by_content:
-            raise TokenizerError(f"eos_token {eos_token!r} is not an added token of the teacher")
+        t2s = self.T.added_map(s_by_content)
+        unmapped = [t for t in sorted(self.T.added_ids) if t not in t2s]
+        eos_token = self.T.end_of_text(eos_token)
         if eos_token not in s_by_content:
             raise TokenizerError(
                 f"the student has no token {eos_token!r} to carry end-of-text mass"
@@ -330,10 +314,10 @@ class SubsetExactScorer:
         self.eos_token = eos_token
         self.teacher_eos = self.T.added_by_content[eos_token]
         self.student_eos = s_by_content[eos_token]
-        self.special_t = np.asarray(mapped_t, np.int64)
-        self.special_s = np.asarray(mapped_s, np.int64)
+        self.special_t = np.asarray(list(t2s), np.int64)
+        self.special_s = np.asarray(list(t2s.values()), np.int64)
         self.unmapped_t = np.asarray(unmapped, np.int64)
-        self.t2s_special = dict(zip(mapped_t, mapped_s, strict=True))
+        self.t2s_special = t2s
 
     def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         cache = self._device_cache.get(device)
