@@ -132,9 +132,9 @@ import math
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -175,6 +175,8 @@ REGEX_LOOKAHEAD = 2  # characters after a boundary the regex matcher may read (c
 # Fast mode, token walk: trie branches below this share of ``min_prob`` are dropped
 # (unaccounted) without deciding them; most trie branches weigh far less than that.
 DECIDE_FLOOR = 0.01
+
+_T = TypeVar("_T")
 
 _UNDECIDED = -1
 _EXCLUDED = -2
@@ -1158,14 +1160,19 @@ class GeneralScorer:
             depth += 1
 
     def _prune(self, job: _RowJob) -> None:
+        job.frontier = self._keep(job, job.frontier, lambda n: n[1])
+
+    def _keep(self, job: _RowJob, items: list[_T], weight: Callable[[_T], float]) -> list[_T]:
+        """Fast mode: the items at or above the row's floor, at most ``beam`` of them
+        (heaviest first); the weight of the others is added to ``job.pruned``."""
         floor = self.min_prob * job.start
-        keep = [n for n in job.frontier if n[1] >= floor]
-        job.pruned += sum(n[1] for n in job.frontier if n[1] < floor)
+        keep = [x for x in items if weight(x) >= floor]
+        job.pruned += sum(weight(x) for x in items if weight(x) < floor)
         if len(keep) > self.beam:
-            keep.sort(key=lambda n: -n[1])
-            job.pruned += sum(n[1] for n in keep[self.beam :])
+            keep.sort(key=lambda x: -weight(x))
+            job.pruned += sum(weight(x) for x in keep[self.beam :])
             keep = keep[: self.beam]
-        job.frontier = keep
+        return keep
 
     def _place(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
         """Account a branch that has just been reached, or queue it for expansion."""
@@ -1258,14 +1265,8 @@ class GeneralScorer:
         """Fast mode: drop nodes below the floor, keep the ``beam`` heaviest (root nodes,
         whose weight is not known yet, always stay)."""
         roots = [n for n in job.nodes if not n.sigma]
-        floor = self.min_prob * job.start
-        keep = [n for n in job.nodes if n.sigma and n.w >= floor]
-        job.pruned += sum(n.w for n in job.nodes if n.sigma and n.w < floor)
-        if len(keep) > self.beam:
-            keep.sort(key=lambda n: -n.w)
-            job.pruned += sum(n.w for n in keep[self.beam :])
-            keep = keep[: self.beam]
-        job.nodes = roots + keep
+        rest = [n for n in job.nodes if n.sigma]
+        job.nodes = roots + self._keep(job, rest, lambda n: n.w)
 
     def _node_probs(
         self, teacher: Any, work: list[tuple[_RowJob, _Node]]
