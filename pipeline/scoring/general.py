@@ -178,8 +178,6 @@ DECIDE_FLOOR = 0.01
 
 _T = TypeVar("_T")
 
-_UNDECIDED = -1
-_EXCLUDED = -2
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
