@@ -239,6 +239,10 @@ class GenerateStep:
                 results = self.scorer.score_prepared(
                     self.teacher, [b[3] for b in batch], cfg.scoring.top_k
                 )
+                masks = [
+                    self._loss_mask(rec, chunk, r.student_ids)
+                    for (rec, _, chunk, _), r in zip(batch, results, strict=True)
+                ]
             else:  # only the rows that will be stored (the enumeration costs per row)
                 masks = [
                     self._loss_mask(rec, chunk, np.asarray(self.scorer.S.encode(chunk.text)))
@@ -247,8 +251,8 @@ class GenerateStep:
                 results = self.scorer.score(
                     self.teacher, [b[2].text for b in batch], cfg.scoring.top_k, rows=masks
                 )
-            for (rec, c, chunk, _), r in zip(batch, results, strict=True):
-                seq = Sequence_(rec.doc_id, c, r, self._loss_mask(rec, chunk, r.student_ids))
+            for (rec, c, _, _), r, mask in zip(batch, results, masks, strict=True):
+                seq = Sequence_(rec.doc_id, c, r, mask)
                 scored.append((rec.index, seq))
                 tokens_done += len(r.student_ids)
             batch.clear()
