@@ -115,8 +115,9 @@ class RayConfig(_Strict):
     node_wait_seconds: float = Field(
         300.0,
         ge=0,
-        description="how long to wait for a node of accelerator_type to join "
-        "(autoscaling clusters start them on demand) before failing",
+        description="how long to wait for a node of accelerator_type to join, or for "
+        "the first actor to start (autoscaling clusters start nodes on demand), before "
+        "failing",
     )
     max_retries: int = Field(
         3, ge=0, description="attempts per shard after infrastructure failures"

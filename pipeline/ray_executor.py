@@ -7,9 +7,15 @@ has no GPU. Actors are named ``xtok-worker-<i>`` and their tasks ``xtok-shard-<s
 progress as Ray metrics (`RayMetrics`), and each shard writes
 ``<output>/logs/<shard>.log``. Each actor takes whole input shards from a driver-side queue; a
 shard is done when its manifest is committed (the actor returns only the manifest).
+Shards go only to actors that have started (`__ray_ready__`): an actor waiting for
+resources (``ray.num_actors`` above what the cluster holds, or nodes an autoscaler has
+yet to add) takes work once it starts, and never holds a shard while it waits.
 When an actor or its node dies, its shard goes back to the queue (up to
 ``ray.max_retries`` times) and a replacement actor is started if resources allow.
-Application errors in a shard (bugs, not bad records) are not retried.
+An actor that fails to start is replaced (up to ``ray.max_retries`` times in all); when
+none can start, or none has started after ``ray.node_wait_seconds`` (no node has room
+for one), the run fails with the reason. Application errors in a shard
+(bugs, not bad records) are not retried.
 """
 
 from __future__ import annotations
@@ -208,7 +214,7 @@ def _actor_options(cfg: JobConfig) -> tuple[dict[str, Any], int]:
         capacity = sum(int(r.get("CPU", 0) // per_cpu) for r in nodes)
     if acc:
         opts["accelerator_type"] = acc
-    return opts, max(1, capacity)
+    return opts, capacity
 
 
 def run_ray(
@@ -228,7 +234,7 @@ def run_ray(
         return []
     ensure_ray(cfg)
     opts, capacity = _actor_options(cfg)
-    n_actors = min(len(todo), cfg.ray.num_actors or capacity)
+    n_actors = min(len(todo), cfg.ray.num_actors or max(1, capacity))
     threads = max(1, int(opts.get("num_cpus", 1)))
     cfg_dict = cfg.model_dump(mode="json")
 
@@ -236,8 +242,30 @@ def run_ray(
         name = f"xtok-worker-{next(_actor_numbers)}"
         return ShardWorker.options(name=name, **opts).remote(cfg_dict, threads, name)  # type: ignore[attr-defined]
 
-    actors = [new_actor() for _ in range(n_actors)]
-    log.info("started %d actors with %s for %d shards", n_actors, opts, len(todo))
+    if capacity == 0:
+        log.warning(
+            "no node of the cluster has room for an actor with %s now; waiting up to "
+            "ray.node_wait_seconds=%.0fs for one to start",
+            opts,
+            cfg.ray.node_wait_seconds,
+        )
+    elif cfg.ray.num_actors and cfg.ray.num_actors > capacity:
+        log.warning(
+            "ray.num_actors=%d but the cluster holds %d actors with %s now: the others "
+            "start when resources free up or nodes join",
+            cfg.ray.num_actors,
+            capacity,
+            opts,
+        )
+    starting: dict[Any, Any] = {}  # ready future -> actor not started yet
+
+    def start_actor() -> None:
+        actor = new_actor()
+        starting[actor.__ray_ready__.remote()] = actor
+
+    for _ in range(n_actors):
+        start_actor()
+    log.info("starting %d actors with %s for %d shards", n_actors, opts, len(todo))
     if progress is not None:
         progress.publish()
     queue = list(todo)
@@ -245,9 +273,27 @@ def run_ray(
     running: dict[Any, tuple[Any, str]] = {}  # future -> (actor, shard)
     done: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
-    idle = list(actors)
+    idle: list[Any] = []  # started actors without a shard
+    start_failures: list[str] = []
+    started = False  # some actor has started (a pool that never does fails at the deadline)
+    deadline = time.monotonic() + cfg.ray.node_wait_seconds
     last_line = time.monotonic()
     while queue or running:
+        if (
+            queue
+            and not (idle or running)
+            and (not starting or (not started and time.monotonic() > deadline))
+        ):
+            why = (
+                f"no actor could start: {start_failures[-1]}"
+                if start_failures
+                else f"no actor started within ray.node_wait_seconds="
+                f"{cfg.ray.node_wait_seconds:.0f}s: no node has room for an actor with {opts}"
+            )
+            for url in queue:
+                failed[url] = why
+            log.error("%s", why)
+            break
         while queue and idle:
             actor = idle.pop()
             url = queue.pop(0)
@@ -255,22 +301,40 @@ def run_ray(
                 url, attempts.get(url, 0) + 1
             )
             running[fut] = (actor, url)
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=PUBLISH_SECONDS)
+        waiting = list(running) + (list(starting) if queue else [])
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=PUBLISH_SECONDS)
         if not ready:
             snap = progress.publish() if progress is not None else None
             if time.monotonic() - last_line >= HEARTBEAT_SECONDS:
                 last_line = time.monotonic()
                 log.info(
-                    "%d shards running, %d queued, %d committed this run%s",
+                    "%d shards running, %d queued, %d committed this run%s%s",
                     len(running),
                     len(queue),
                     len(done),
                     f" ({snap['shards_done']}/{snap['shards_total']} shards in all)"
                     if snap
                     else "",
+                    f"; {len(starting)} actors waiting to start" if starting else "",
                 )
             continue
         fut = ready[0]
+        if fut in starting:
+            actor = starting.pop(fut)
+            try:
+                ray.get(fut)
+            except (RayTaskError, *INFRA_ERRORS) as err:
+                reason = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+                start_failures.append(reason)
+                log.error("an actor failed to start: %s", reason)
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+                if len(start_failures) <= cfg.ray.max_retries:
+                    start_actor()
+                continue
+            started = True
+            idle.append(actor)
+            continue
         actor, url = running.pop(fut)
         try:
             m = ray.get(fut)
@@ -290,7 +354,7 @@ def run_ray(
                 append_shard_log(cfg, output_name(url), f"shard failed: {failed[url]}")
             with contextlib.suppress(Exception):
                 ray.kill(actor)
-            idle.append(new_actor())
+            start_actor()
             continue
         except RayTaskError as err:
             failed[url] = str(err.cause if hasattr(err, "cause") else err).splitlines()[0]
@@ -301,7 +365,7 @@ def run_ray(
         on_done(m)
         last_line = time.monotonic()
         idle.append(actor)
-    for a in idle:
+    for a in [*idle, *starting.values()]:
         with contextlib.suppress(Exception):
             ray.kill(a)
     if failed:

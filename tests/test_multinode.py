@@ -18,7 +18,7 @@ from ray.util.state import list_actors, list_tasks
 
 from pipeline.config import ConfigError, load_config
 from pipeline.executors import Progress, finalize, plan
-from pipeline.ray_executor import run_ray
+from pipeline.ray_executor import ShardFailed, run_ray
 from pipeline.shards import read_table
 
 pytestmark = pytest.mark.integration
@@ -139,6 +139,72 @@ def test_killed_actor_shard_is_redone(cluster, tiny_teacher_dir, tmp_path):
     assert not t.is_alive()
     assert "err" not in result, result.get("err")
     _check_exactly_once(out)
+
+
+def _live_workers(address):
+    return list_actors(
+        address=address,
+        filters=[("class_name", "=", "ShardWorker"), ("state", "!=", "DEAD")],
+    )
+
+
+def test_actors_beyond_capacity_take_no_shard_while_they_wait(
+    cluster, tiny_teacher_dir, tmp_path, caplog
+):
+    """``ray.num_actors=3`` where the cluster holds two GPU actors: the third waits for
+    resources and must not hold a shard meanwhile (it used to stall the run). Killed
+    while it waits, it is replaced; it is gone when the run ends."""
+    c, _ = cluster
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path), out, "ray.num_actors=3")
+    with caplog.at_level("INFO", logger="pipeline.ray_executor"):
+        t, result = _start_and_wait_for_a_commit(cfg, out)
+        pending = list_actors(
+            address=c.address,
+            filters=[("class_name", "=", "ShardWorker"), ("state", "=", "PENDING_CREATION")],
+        )
+        assert len(pending) == 1
+        ray.kill(ray.get_actor(pending[0].name))
+        t.join(timeout=300)
+    assert not t.is_alive(), "the run stalled"
+    assert "err" not in result, result.get("err")
+    assert len(result["new"]) == N_SHARDS
+    assert len({m["actor"] for m in result["new"]}) == 2  # only the started ones worked
+    assert "ray.num_actors=3 but the cluster holds 2 actors" in caplog.text
+    assert "an actor failed to start" in caplog.text
+    _check_exactly_once(out)
+    deadline = time.time() + 20  # the replacement, still waiting, is killed with the run
+    while _live_workers(c.address) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _live_workers(c.address)
+
+
+def test_an_actor_no_node_can_hold_fails_the_run_after_the_wait(
+    cluster, tiny_teacher_dir, tmp_path, caplog
+):
+    """Two GPUs per actor on nodes of one GPU: no actor ever starts; the run fails with
+    the reason after ``ray.node_wait_seconds`` instead of waiting forever."""
+    c, _ = cluster
+    cfg = _cfg(
+        tiny_teacher_dir,
+        _corpus(tmp_path),
+        tmp_path / "out",
+        "ray.num_gpus_per_actor=2",
+        "ray.node_wait_seconds=3",
+    )
+    t0 = time.perf_counter()
+    with (
+        caplog.at_level("WARNING", logger="pipeline.ray_executor"),
+        pytest.raises(ShardFailed, match=r"no actor started within ray.node_wait_seconds=3s"),
+    ):
+        _run(cfg)
+    assert "no node of the cluster has room for an actor" in caplog.text
+    assert time.perf_counter() - t0 < 60
+    assert not list((tmp_path / "out").glob("*.manifest.json"))
+    deadline = time.time() + 20
+    while _live_workers(c.address) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _live_workers(c.address)
 
 
 @pytest.fixture()
