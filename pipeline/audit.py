@@ -51,14 +51,16 @@ import fnmatch
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import io as xio
 from pipeline.executors import _PER_SHARD, _reasons
@@ -366,16 +368,32 @@ class ShardAudit:
         return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
 
 
-def _hash_file(url: str, storage_options: dict[str, Any] | None) -> tuple[int, str]:
-    """(bytes, sha256) of a whole file, read once in 8 MiB blocks."""
+@contextlib.contextmanager
+def _fetched(
+    url: str, storage_options: dict[str, Any] | None
+) -> Iterator[tuple[int, str, str | None]]:
+    """``(bytes, sha256, local copy)`` of a whole file, read once in 8 MiB blocks. A
+    file on another filesystem (an object store) is copied to a temporary local file
+    (under ``TMPDIR``) as it is hashed, and the Parquet checks read the copy: one
+    download per shard instead of two. Local files are read in place (copy None)."""
     fs, path = xio.filesystem(url, storage_options)
     h = hashlib.sha256()
     n = 0
-    with fs.open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-            n += len(block)
-    return n, h.hexdigest()
+    if isinstance(fs, LocalFileSystem):
+        with fs.open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+                n += len(block)
+        yield n, h.hexdigest(), None
+        return
+    with tempfile.TemporaryDirectory(prefix="xtok-audit-") as tmp:
+        copy = os.path.join(tmp, "shard.parquet")
+        with fs.open(path, "rb") as f, open(copy, "wb") as out:
+            while block := f.read(8 << 20):
+                h.update(block)
+                out.write(block)
+                n += len(block)
+        yield n, h.hexdigest(), copy
 
 
 def _bad_columns(pf: Any, g: int) -> str:
@@ -409,16 +427,34 @@ def audit_shard(
     a.check("manifest", ref.problem is None, ref.problem or "")
     a.provenance = provenance_of(m)
     a.skipped = _reasons([m]) if isinstance(m.get("skipped"), list) else {}
-    try:
-        size, digest = _hash_file(ref.url, storage_options)
-    except FileNotFoundError:
-        a.check("size", False, f"data file {ref.url} is missing")
-        a.seconds = time.perf_counter() - t0
-        return a
-    except Exception as err:
-        a.check("size", False, f"cannot read {ref.url}: {err}")
-        a.seconds = time.perf_counter() - t0
-        return a
+    with contextlib.ExitStack() as stack:
+        try:
+            size, digest, copy = stack.enter_context(_fetched(ref.url, storage_options))
+        except FileNotFoundError:
+            a.check("size", False, f"data file {ref.url} is missing")
+            a.seconds = time.perf_counter() - t0
+            return a
+        except Exception as err:
+            a.check("size", False, f"cannot read {ref.url}: {err}")
+            a.seconds = time.perf_counter() - t0
+            return a
+        _check_contents(a, ref, storage_options, size, digest, copy, use_threads)
+    a.seconds = time.perf_counter() - t0
+    return a
+
+
+def _check_contents(
+    a: ShardAudit,
+    ref: ShardRef,
+    storage_options: dict[str, Any] | None,
+    size: int,
+    digest: str,
+    copy: str | None,
+    use_threads: bool,
+) -> None:
+    """`audit_shard`'s checks of a fetched data file (``copy``: its local copy)."""
+    m = ref.manifest
+    assert m is not None
     a.bytes = size
     a.check(
         "size",
@@ -435,11 +471,10 @@ def audit_shard(
         else f"file sha256 {digest[:16]}..., the manifest says {str(m.get('sha256'))[:16]}...",
     )
     try:
-        pf, groups = _open_shard(ShardInfo(ref.name, ref.url, m), storage_options)
+        pf, groups = _open_shard(ShardInfo(ref.name, ref.url, m), storage_options, copy)
     except ShardError as err:
         a.check("parquet", False, str(err))
-        a.seconds = time.perf_counter() - t0
-        return a
+        return
     try:
         a.check("parquet", True)
         meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
@@ -469,8 +504,7 @@ def audit_shard(
                     raise _BadRows(f"row group {g} does not decode: {err}") from err
         except _BadRows as err:
             a.check("pages", False, str(err))
-            a.seconds = time.perf_counter() - t0
-            return a
+            return
         a.check("pages", True)
         a.stats = st
         wrong = []
@@ -492,9 +526,7 @@ def audit_shard(
         with contextlib.suppress(Exception):
             pf.close(force=True)
     with contextlib.suppress(Exception):  # footer only; its failure is already a check above
-        a.columns = column_bytes(ref.url, storage_options)
-    a.seconds = time.perf_counter() - t0
-    return a
+        a.columns = column_bytes(copy, None) if copy else column_bytes(ref.url, storage_options)
 
 
 # ---------------------------------------------------------------------------- locating

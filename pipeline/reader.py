@@ -144,10 +144,11 @@ def open_run(run: str, storage_options: dict[str, Any] | None = None) -> Run:
 
 
 def _open_shard(
-    shard: ShardInfo, storage_options: dict[str, Any] | None
+    shard: ShardInfo, storage_options: dict[str, Any] | None, copy: str | None = None
 ) -> tuple[pq.ParquetFile, list[int]]:
-    """Open a shard's Parquet file after checking size, schema version and row counts."""
-    fs, path = xio.filesystem(shard.url, storage_options)
+    """Open a shard's Parquet file after checking size, schema version and row counts.
+    ``copy``: a local copy of the file to read instead (messages still name ``shard.url``)."""
+    fs, path = xio.filesystem(copy or shard.url, None if copy else storage_options)
     try:
         size = fs.size(path)
     except FileNotFoundError as err:

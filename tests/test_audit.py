@@ -456,24 +456,35 @@ def test_ray_executor_gives_the_same_summary(run, ray_local, tmp_path):
 
 @pytest.mark.integration
 def test_audit_of_a_run_on_s3_matches_the_local_audit(run, moto_s3, tmp_path):
-    """Through fsspec (s3fs on a real S3 server): the run, its report, and inspect."""
+    """Through fsspec (s3fs on a real S3 server, behind a loopback proxy that counts what
+    it serves): the run, its report, and inspect. Each shard is downloaded once."""
     import s3fs
 
-    opts = moto_s3["options"]
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    from tests.test_s3_faults import FaultProxy
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **moto_s3["options"])
+    proxy = FaultProxy((moto_s3["host"], moto_s3["port"]))
+    opts = {**moto_s3["options"], "endpoint_url": proxy.endpoint}
     prefix = f"{moto_s3['bucket']}/audit-run"
     fs.put(f"{run['dir']}/", f"{prefix}/", recursive=True)
     _, local = _audit(run["dir"], tmp_path / "local")
-    rc = audit_main(
-        [
-            f"s3://{prefix}",
-            "--storage-options",
-            json.dumps(opts),
-            "--out",
-            f"s3://{prefix}-report",
-            "--quiet",
-        ]
-    )
+    try:
+        rc = audit_main(
+            [
+                f"s3://{prefix}",
+                "--storage-options",
+                json.dumps(opts),
+                "--out",
+                f"s3://{prefix}-report",
+                "--quiet",
+            ]
+        )
+        for data in sorted(Path(run["dir"]).glob("*.parquet")):
+            got = proxy.bytes_sent("GET", f"/{prefix}/{data.name}")
+            assert got == data.stat().st_size, (data.name, got)  # read once, whole
+    finally:
+        proxy.stop()
+    opts = moto_s3["options"]
     remote = json.loads(fs.cat(f"{prefix}-report/summary.json"))
     assert rc == 0 and remote["ok"]
     assert fs.cat(f"{prefix}-report/topk_mass.png").startswith(PNG_SIGNATURE)

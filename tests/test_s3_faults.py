@@ -49,6 +49,7 @@ class FaultProxy:
     timeout: float = 10.0
     faults: list[Fault] = field(default_factory=list)
     log: list[tuple[str, str, str]] = field(default_factory=list)
+    body_bytes: list[tuple[str, str, int]] = field(default_factory=list)  # answered whole
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -74,6 +75,11 @@ class FaultProxy:
     def outcomes(self, method: str, key: str) -> list[str]:
         with self._lock:
             return [o for m, t, o in self.log if m == method and key in t]
+
+    def bytes_sent(self, method: str, key: str) -> int:
+        """Response body bytes of the whole answers to ``method`` requests for ``key``."""
+        with self._lock:
+            return sum(n for m, t, n in self.body_bytes if m == method and t.split("?")[0] == key)
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,6 +175,10 @@ class FaultProxy:
                 _reset(client)
                 return
             self._record(method, target, status)
+            with self._lock:
+                self.body_bytes.append(
+                    (method, target, len(response) - response.index(b"\r\n\r\n") - 4)
+                )
             client.sendall(response)
         except (OSError, ValueError):
             pass
