@@ -245,6 +245,24 @@ class ByteLevelBPE:
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         return b"".join(self.token_bytes[i] for i in ids)
 
+    def encode_exact(self, segment: str) -> list[int]:
+        """`encode_plain`, checked to decode back to ``segment``'s bytes; else
+        `UnscorableTextError` naming the characters the vocab has no symbol for."""
+        ids = self.encode_plain(segment)
+        if self.decode_bytes(ids) != segment.encode("utf-8"):
+            lost = sorted(
+                {
+                    ch
+                    for ch in segment
+                    if self.decode_bytes(self.encode_plain(ch)) != ch.encode("utf-8")
+                }
+            )
+            raise UnscorableTextError(
+                f"text does not survive the {self.name}'s encode/decode; characters "
+                f"without a symbol in its vocab: {lost[:10]!r}"
+            )
+        return ids
+
     def token_repr(self, i: int) -> str:
         """A readable rendering of one token (for demos and audits)."""
         b = self.token_bytes.get(int(i))

@@ -45,7 +45,6 @@ from pipeline.scoring.unicode import completion_representatives
 from pipeline.tokenization import (
     ByteLevelBPE,
     TokenizerError,
-    UnscorableTextError,
     load_tokenizer,
     to_byte_level,
 )
@@ -390,21 +389,7 @@ class SubsetExactScorer:
                 canonical.append(part)
                 seg_t.append(None)
             else:
-                ids = self.T.encode_plain(part)
-                got = self.T.decode_bytes(ids)
-                if got != part.encode("utf-8"):
-                    lost = sorted(
-                        {
-                            ch
-                            for ch in part
-                            if self.T.encode_plain(ch) == []
-                            or self.T.decode_bytes(self.T.encode_plain(ch)) != ch.encode()
-                        }
-                    )
-                    raise UnscorableTextError(
-                        f"text does not survive the teacher's encode/decode; characters "
-                        f"without a symbol in its vocab: {lost[:10]!r}"
-                    )
+                ids = self.T.encode_exact(part)
                 canonical.extend(ids)
                 seg_t.append(ids)
         hf_ids = self.T.tokenizer.encode(text, add_special_tokens=False).ids
