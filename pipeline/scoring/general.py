@@ -845,6 +845,17 @@ class _RowJob:
     nodes: list[_Node] = field(default_factory=list)  # token walk: to expand next
 
 
+@dataclass(frozen=True)
+class _ContextPath:
+    """A bare teacher context (a `TeacherTree` without local nodes): the token walk asks
+    for the distribution after it."""
+
+    context: tuple[int, ...]
+    tokens: tuple[int, ...] = (-1,)
+    parents: tuple[int, ...] = (-1,)
+    num_nodes: int = 1
+
+
 @dataclass
 class _Node:
     """A node of the token walk: teacher tokens ``sigma`` after root ``k``'s context,
@@ -1268,19 +1279,7 @@ class GeneralScorer:
         node's context + tokens, their cumulative sums in trie order (computed on the
         teacher's device) and log P_T(context + tokens), one merged prefix tree (one
         teacher call) at a time."""
-        docs = [
-            PreparedDocument(
-                text="",
-                teacher_ids=[],
-                student_ids=[],
-                covers=[],
-                complete=[],
-                tokens=[-1],
-                parents=[-1],
-                context=[*job.contexts[node.k], *node.sigma],
-            )
-            for job, node in work
-        ]
+        docs = [_ContextPath((*job.contexts[node.k], *node.sigma)) for job, node in work]
         mbt = int(getattr(teacher, "max_batch_tokens", 1024))
         cap = self.max_batch_nodes or max(2, mbt - len(getattr(teacher, "start_ids", [0])) + 1)
         trees, where = merge_context_trees(docs, cap)

@@ -35,7 +35,7 @@ import bisect
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -1017,8 +1017,22 @@ def normalized_exp(
     return expo, norm, torch.log(norm) + m.squeeze(1).to(dtype)
 
 
+class TeacherTree(Protocol):
+    """What `merge_context_trees` reads of a document: its context path and its local
+    nodes (``tokens``/``parents``, node 0 the end of the context)."""
+
+    @property
+    def context(self) -> Sequence[int]: ...
+    @property
+    def tokens(self) -> Sequence[int]: ...
+    @property
+    def parents(self) -> Sequence[int]: ...
+    @property
+    def num_nodes(self) -> int: ...
+
+
 def merge_context_trees(
-    docs: Sequence[PreparedDocument], max_nodes: int
+    docs: Sequence[TeacherTree], max_nodes: int
 ) -> tuple[list[tuple[list[int], list[int]]], list[tuple[int, list[int]]]]:
     """Merge the teacher trees of ``docs`` (context path + local nodes) into prefix trees
     of at most ``max_nodes`` nodes each (root included), deduplicating nodes by
@@ -1035,7 +1049,7 @@ def merge_context_trees(
     parents: list[int] = [-1]
     index: dict[tuple[int, int], int] = {}
 
-    def insert(doc: PreparedDocument) -> tuple[list[int], list[tuple[int, int]]]:
+    def insert(doc: TeacherTree) -> tuple[list[int], list[tuple[int, int]]]:
         added: list[tuple[int, int]] = []
 
         def node(parent: int, tok: int) -> int:
