@@ -21,6 +21,20 @@ from pipeline.scoring.subset import DEFAULT_PROBES, _decompositions, check_subse
 from pipeline.scoring.unicode import completion_representatives
 from pipeline.tokenization import DOC_END_TOKENS, ByteLevelBPE, load_tokenizer
 
+# Every way to finish a GPT-2/Qwen2 contraction ('s 't 're 've 'm 'll 'd, any letter
+# case) once its apostrophe is in the prefix: probes for boundaries that a contraction
+# can still move.
+CONTRACTION_TAILS: tuple[str, ...] = tuple(
+    sorted(
+        {
+            "".join(c.upper() if (mask >> i) & 1 else c for i, c in enumerate(con[k:]))
+            for con in ("s", "t", "re", "ve", "m", "ll", "d")
+            for k in range(len(con))
+            for mask in range(2 ** (len(con) - k))
+        }
+    )
+)
+
 
 class SequentialSubsetScorer:
     """Reference implementation of the subset-exact scorer (same `score` contract)."""
@@ -73,6 +87,8 @@ class SequentialSubsetScorer:
         for t, r in base:
             out.append(t + r)
             out.extend(t + z for z in self.probes)
+            if "'" in t[-2:]:
+                out.extend(t + z for z in CONTRACTION_TAILS)
         return out
 
     def _valid(self, ctx: tuple[int, ...], prefix: bytes, rest: str) -> bool:

@@ -8,8 +8,9 @@ Three phases per batch of documents:
    (teacher token sequences ``E`` with ``D(E) = s_1..s_i`` that are a prefix of some
    canonical encoding). They are found locally: the teacher encoding of the text since
    the last stable pre-token boundary, plus probe continuations where trailing
-   whitespace (regex look-ahead) or a split UTF-8 character lets a later character
-   change the split. All covers of a document form a prefix tree of teacher contexts.
+   whitespace (regex look-ahead), an apostrophe near the end (a contraction may still
+   complete: `CONTRACTIONS`) or a split UTF-8 character lets a later character change
+   the split. All covers of a document form a prefix tree of teacher contexts.
 2. Teacher phase: one batched forward over the prefix trees of many documents (tree
    attention mask) gives ``p_T(. | E)`` for every tree node; path sums give the cover
    weights ``w_E = P_T(E)``.
@@ -32,6 +33,7 @@ to compute next-byte rows from the last safe boundary instead of the start of th
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +56,34 @@ from pipeline.tokenization import (
 # space in Qwen/Llama-3 regexes, a letter and punctuation do in GPT-2's; a newline
 # joins whitespace runs. Together they cover every class the regexes distinguish.
 DEFAULT_PROBES: tuple[str, ...] = ("", "1", "a", ".", "\n", "'")
+# GPT-2/Qwen2 contractions (Qwen2 matches them case-insensitively): an apostrophe's
+# pre-token depends on up to CONTRACTION_REACH characters after it ("x'l" -> x ' l in
+# GPT-2, but "x'll" -> x 'll), so boundaries that close such a character are not fixed.
+CONTRACTIONS: tuple[str, ...] = ("s", "t", "re", "ve", "m", "ll", "d")
+CONTRACTION_REACH = 3
+
+
+def _near_apostrophe(text: str, end: int) -> bool:
+    """Whether a contraction starting before character ``end`` may reach past it."""
+    return "'" in text[max(0, end - CONTRACTION_REACH + 1) : end]
+
+
+def _contraction_completions(w: str) -> list[str]:
+    """Continuations of ``w`` that complete a contraction started in its last
+    characters (every letter case: Qwen2 matches them case-insensitively)."""
+    out: list[str] = []
+    for j in range(max(0, len(w) - CONTRACTION_REACH + 1), len(w)):
+        if w[j] != "'":
+            continue
+        u = w[j + 1 :].lower()
+        for con in CONTRACTIONS:
+            if len(con) > len(u) and con.startswith(u):
+                rest = con[len(u) :]
+                out.extend(
+                    "".join(cs) for cs in itertools.product(*((ch, ch.upper()) for ch in rest))
+                )
+    return out
+
 
 # Teacher ids summed together in the teacher's dtype before float64 accumulation.
 BUCKET = 64
@@ -932,10 +962,14 @@ class _Segment:
     def _window_start(self, c: int) -> int:
         """Start of the text whose teacher encoding can still change: a pre-token start
         at or before the pre-token holding byte c-1, not preceded by whitespace (regex
-        look-ahead after whitespace can move earlier boundaries)."""
+        look-ahead after whitespace can move earlier boundaries) nor by an apostrophe
+        in its last two characters (a contraction reaching past the start)."""
         p = bisect.bisect_right(self.piece_starts, c - 1) - 1
         b = self.piece_starts[p]
-        while p > 0 and self.text[self.char_at_byte[b] - 1].isspace():
+        while p > 0 and (
+            self.text[self.char_at_byte[b] - 1].isspace()
+            or _near_apostrophe(self.text, self.char_at_byte[b])
+        ):
             p -= 1
             b = self.piece_starts[p]
         return b
@@ -949,10 +983,11 @@ class _Segment:
         probes = self.sc.probes
         if ce is not None:
             w = text[cb:ce]
-            if not w[-1].isspace():
+            if not w[-1].isspace() and not _near_apostrophe(text, ce):
                 return [(w, True)]
             nxt = text[ce] if ce < len(text) else ""
-            return [(w + z, z == "") for z in dict.fromkeys(("", *probes, nxt))]
+            zs = ("", *probes, nxt, *_contraction_completions(w))
+            return [(w + z, z == "") for z in dict.fromkeys(zs)]
         # c falls inside a multi-byte character: complete it every way that can change
         # the pre-token split (one character per regex class), then probe as above.
         ci = max(k for k in (self.char_at_byte.get(x) for x in range(c - 3, c)) if k is not None)
@@ -976,7 +1011,12 @@ class _Segment:
         encoding of the prefix as a complete text)."""
         c = self.s_end[k]
         ce = self.char_at_byte.get(c)
-        if ce is not None and c in self.t_at_byte and not self.text[ce - 1].isspace():
+        if (
+            ce is not None
+            and c in self.t_at_byte
+            and not self.text[ce - 1].isspace()
+            and not _near_apostrophe(self.text, ce)
+        ):
             return [(self.t_at_byte[c], (), True)]  # R3: the canonical prefix is the only one
         b = self._window_start(c)
         m_b = self.t_at_byte[b]
