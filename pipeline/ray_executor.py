@@ -11,7 +11,10 @@ Shards go only to actors that have started (`__ray_ready__`): an actor waiting f
 resources (``ray.num_actors`` above what the cluster holds, or nodes an autoscaler has
 yet to add) takes work once it starts, and never holds a shard while it waits.
 When an actor or its node dies, its shard goes back to the queue (up to
-``ray.max_retries`` times) and a replacement actor is started if resources allow.
+``ray.max_retries`` times) and a replacement actor is started if resources allow. A
+shard whose storage still fails after the client's own retries (a `StorageError`: an
+object store out for longer than botocore waits) goes back too, after
+``STORAGE_RETRY_SECONDS`` times its attempt number (up to ``ray.max_retries`` times).
 An actor that fails to start is replaced (up to ``ray.max_retries`` times in all); when
 none can start, or none has started after ``ray.node_wait_seconds`` (no node has room
 for one), the run fails with the reason. Application errors in a shard
@@ -40,6 +43,7 @@ from ray.exceptions import (
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.executors import Progress, append_shard_log, process_logged, register_metrics
+from pipeline.io import StorageError
 from pipeline.shards import output_name
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,9 @@ ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's custom resource for `accelerat
 # the driver re-publishes its progress this often, commits or not.
 PUBLISH_SECONDS = 5.0
 HEARTBEAT_SECONDS = 60.0  # a driver log line while no shard commits
+# A shard whose storage still fails after the client's own retries (botocore's) is
+# retried after this many seconds times its attempt number (up to ray.max_retries).
+STORAGE_RETRY_SECONDS = 15.0
 _actor_numbers = itertools.count()  # actor names stay unique within a driver process
 
 
@@ -270,6 +277,7 @@ def run_ray(
         progress.publish()
     queue = list(todo)
     attempts: dict[str, int] = {}
+    not_before: dict[str, float] = {}  # shards to retry after a storage error: when
     running: dict[Any, tuple[Any, str]] = {}  # future -> (actor, shard)
     done: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
@@ -294,14 +302,23 @@ def run_ray(
                 failed[url] = why
             log.error("%s", why)
             break
-        while queue and idle:
+        while idle:
+            now = time.monotonic()
+            due = [u for u in queue if not_before.get(u, 0.0) <= now]
+            if not due:
+                break
+            url = due[0]
+            queue.remove(url)
             actor = idle.pop()
-            url = queue.pop(0)
             fut = actor.process.options(name=f"xtok-shard-{output_name(url)}").remote(
                 url, attempts.get(url, 0) + 1
             )
             running[fut] = (actor, url)
         waiting = list(running) + (list(starting) if queue else [])
+        if not waiting:  # only shards waiting to be retried, and idle actors
+            wake = min(not_before.get(u, 0.0) for u in queue)
+            time.sleep(min(PUBLISH_SECONDS, max(0.0, wake - time.monotonic())))
+            continue
         ready, _ = ray.wait(waiting, num_returns=1, timeout=PUBLISH_SECONDS)
         if not ready:
             snap = progress.publish() if progress is not None else None
@@ -357,9 +374,27 @@ def run_ray(
             start_actor()
             continue
         except RayTaskError as err:
-            failed[url] = str(err.cause if hasattr(err, "cause") else err).splitlines()[0]
-            log.error("shard %s failed: %s", url, failed[url])
+            cause = getattr(err, "cause", None)
+            reason = str(cause if cause is not None else err).splitlines()[0]
             idle.append(actor)
+            if isinstance(cause, StorageError):  # storage still failing after the client's
+                attempts[url] = attempts.get(url, 0) + 1  # own retries: try again later
+                if attempts[url] <= cfg.ray.max_retries:
+                    delay = STORAGE_RETRY_SECONDS * attempts[url]
+                    log.warning(
+                        "shard %s: storage error (%s); attempt %d/%d in %.0fs",
+                        url,
+                        reason,
+                        attempts[url],
+                        cfg.ray.max_retries,
+                        delay,
+                    )
+                    not_before[url] = time.monotonic() + delay
+                    queue.append(url)
+                    continue
+                reason = f"storage failed {attempts[url]} times: {reason}"
+            failed[url] = reason
+            log.error("shard %s failed: %s", url, failed[url])
             continue
         done.append(m)
         on_done(m)

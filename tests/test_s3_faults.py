@@ -373,3 +373,45 @@ def test_a_part_that_keeps_failing_aborts_the_upload_and_publishes_nothing(
     bucket, _, sub = prefix.partition("/")
     pending = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=sub)
     assert not pending.get("Uploads")
+
+
+@pytest.mark.timeout(300)
+def test_a_shard_whose_storage_stays_down_is_retried_by_the_ray_executor(
+    moto_s3, proxy, prefix, ray_local, tiny_teacher_dir, tmp_path, monkeypatch, caplog
+):
+    """The object store refuses one shard's data file for longer than botocore retries
+    (capped at 2 attempts here): the Ray executor puts the shard back and a later
+    attempt commits it; the other shard is untouched and the run completes."""
+    from jobs.generate import main
+    from pipeline import ray_executor
+    from tests.tiny_assets import tiny_job_args
+
+    monkeypatch.setattr(ray_executor, "STORAGE_RETRY_SECONDS", 0.5)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(2):
+        (inp / f"p{k}.jsonl").write_text(
+            "".join(
+                json.dumps({"id": f"p{k}-{i}", "text": f"Text {i} of {k}."}) + "\n"
+                for i in range(3)
+            )
+        )
+    opts = _opts(moto_s3, proxy, **CAPPED)
+    data_key = f"/{prefix}/out/p0{DATA_SUFFIX}"
+    proxy.fail(lambda m, t: m == "PUT" and t.split("?")[0] == data_key, 503, 2)
+    args = tiny_job_args(
+        tiny_teacher_dir,
+        f"{inp}/*.jsonl",
+        f"s3://{prefix}/out",
+        f"output.storage_options={json.dumps(opts)}",
+    )
+    with caplog.at_level("WARNING", logger="pipeline.ray_executor"):
+        assert main(args) == 0
+    assert proxy.outcomes("PUT", data_key) == ["503", "503", "200"]  # 2 refused, then whole
+    assert "storage error" in caplog.text and "attempt 1/3" in caplog.text
+    fs = _direct(moto_s3)
+    index = json.loads(fs.cat_file(f"{prefix}/out/index.json"))
+    assert [s["name"] for s in index["shards"]] == ["p0", "p1"]
+    m = json.loads(fs.cat_file(f"{prefix}/out/p0{MANIFEST_SUFFIX}"))
+    assert m["sha256"] == sha256(fs.cat_file(data_key.lstrip("/")))
+    assert "(attempt 2)" in fs.cat_file(f"{prefix}/out/logs/p0.log").decode()
