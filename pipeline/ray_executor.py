@@ -296,7 +296,8 @@ def run_ray(
                 f"no actor could start: {start_failures[-1]}"
                 if start_failures
                 else f"no actor started within ray.node_wait_seconds="
-                f"{cfg.ray.node_wait_seconds:.0f}s: no node has room for an actor with {opts}"
+                f"{cfg.ray.node_wait_seconds:.0f}s: no node has room for an actor with {opts} "
+                "(or starting one takes longer: raise ray.node_wait_seconds)"
             )
             for url in queue:
                 failed[url] = why
