@@ -375,7 +375,8 @@ def _fetched(
     """``(bytes, sha256, local copy)`` of a whole file, read once in 8 MiB blocks. A
     file on another filesystem (an object store) is copied to a temporary local file
     (under ``TMPDIR``) as it is hashed, and the Parquet checks read the copy: one
-    download per shard instead of two. Local files are read in place (copy None)."""
+    download per shard instead of three (hash, pages, footer). Local files are read in
+    place (copy None)."""
     fs, path = xio.filesystem(url, storage_options)
     h = hashlib.sha256()
     n = 0
