@@ -324,6 +324,7 @@ def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, c
     with caplog.at_level(logging.INFO):
         assert main(["--show", "0", "--executor", "local", *args]) == 0
     assert "scorer: general (fast mode, tokens walk; not a truncated-merge pair" in caplog.text
+    assert "the general scorer is far costlier than the subset-exact one" in caplog.text
     m = json.loads((out / "g.manifest.json").read_text())
     assert m["scorer"] == "general-fast" and m["scorer_params"]["max_depth"] == 3
     assert [(k["doc_id"], "added token" in k["reason"]) for k in m["skipped"]] == [("bad", True)]
