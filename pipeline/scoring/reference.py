@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.scoring.common import Regime, ScoredDocument
 from pipeline.scoring.subset import DEFAULT_PROBES, _decompositions, check_subset_pair
 from pipeline.scoring.unicode import completion_representatives
-from pipeline.tokenization import DOC_END_TOKENS, ByteLevelBPE, load_tokenizer
+from pipeline.tokenization import ByteLevelBPE, load_tokenizer
 
 # Every way to finish a GPT-2/Qwen2 contraction ('s 't 're 've 'm 'll 'd, any letter
 # case) once its apostrophe is in the prefix: probes for boundaries that a contraction
@@ -61,12 +61,8 @@ class SequentialSubsetScorer:
             self.D[t, : len(d)] = d
             self.lens[t] = len(d)
         self.is_bpe = self.lens > 0
-        self.spec_t2s = {}
-        for a in self.T.added:
-            if a.content in self.S.added_by_content:
-                self.spec_t2s[a.id] = self.S.added_by_content[a.content]
-        eos = eos_token or next(c for c in DOC_END_TOKENS if c in self.T.added_by_content)
-        self.student_eos = self.S.added_by_content[eos]
+        self.spec_t2s = self.T.added_map(self.S.added_by_content)
+        self.student_eos = self.S.added_by_content[self.T.end_of_text(eos_token)]
         self.teacher_calls = 0
 
     # -- validity: is ctx a prefix of the canonical encoding of some continuation? -------
