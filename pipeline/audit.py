@@ -380,20 +380,20 @@ def _fetched(
     fs, path = xio.filesystem(url, storage_options)
     h = hashlib.sha256()
     n = 0
-    if isinstance(fs, LocalFileSystem):
-        with fs.open(path, "rb") as f:
+    with contextlib.ExitStack() as stack:
+        copy = None
+        if not isinstance(fs, LocalFileSystem):
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="xtok-audit-"))
+            copy = os.path.join(tmp, "shard.parquet")
+        with (
+            fs.open(path, "rb") as f,
+            open(copy, "wb") if copy else contextlib.nullcontext() as out,
+        ):
             while block := f.read(8 << 20):
                 h.update(block)
                 n += len(block)
-        yield n, h.hexdigest(), None
-        return
-    with tempfile.TemporaryDirectory(prefix="xtok-audit-") as tmp:
-        copy = os.path.join(tmp, "shard.parquet")
-        with fs.open(path, "rb") as f, open(copy, "wb") as out:
-            while block := f.read(8 << 20):
-                h.update(block)
-                out.write(block)
-                n += len(block)
+                if out is not None:
+                    out.write(block)
         yield n, h.hexdigest(), copy
 
 
