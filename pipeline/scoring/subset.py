@@ -63,9 +63,13 @@ CONTRACTIONS: tuple[str, ...] = ("s", "t", "re", "ve", "m", "ll", "d")
 CONTRACTION_REACH = 3
 
 
-def _near_apostrophe(text: str, end: int) -> bool:
-    """Whether a contraction starting before character ``end`` may reach past it."""
-    return "'" in text[max(0, end - CONTRACTION_REACH + 1) : end]
+def _closed_before(text: str, end: int) -> bool:
+    """Whether no continuation of ``text`` past character ``end`` (>= 1) can move the
+    pre-token boundaries before it: the character before is not whitespace (regex
+    look-ahead) and no contraction starting before it may reach past it."""
+    return (
+        not text[end - 1].isspace() and "'" not in text[max(0, end - CONTRACTION_REACH + 1) : end]
+    )
 
 
 def _contraction_completions(w: str) -> list[str]:
@@ -966,10 +970,7 @@ class _Segment:
         in its last two characters (a contraction reaching past the start)."""
         p = bisect.bisect_right(self.piece_starts, c - 1) - 1
         b = self.piece_starts[p]
-        while p > 0 and (
-            self.text[self.char_at_byte[b] - 1].isspace()
-            or _near_apostrophe(self.text, self.char_at_byte[b])
-        ):
+        while p > 0 and not _closed_before(self.text, self.char_at_byte[b]):
             p -= 1
             b = self.piece_starts[p]
         return b
@@ -983,7 +984,7 @@ class _Segment:
         probes = self.sc.probes
         if ce is not None:
             w = text[cb:ce]
-            if not w[-1].isspace() and not _near_apostrophe(text, ce):
+            if _closed_before(text, ce):
                 return [(w, True)]
             nxt = text[ce] if ce < len(text) else ""
             zs = ("", *probes, nxt, *_contraction_completions(w))
@@ -1011,12 +1012,7 @@ class _Segment:
         encoding of the prefix as a complete text)."""
         c = self.s_end[k]
         ce = self.char_at_byte.get(c)
-        if (
-            ce is not None
-            and c in self.t_at_byte
-            and not self.text[ce - 1].isspace()
-            and not _near_apostrophe(self.text, ce)
-        ):
+        if ce is not None and c in self.t_at_byte and _closed_before(self.text, ce):
             return [(self.t_at_byte[c], (), True)]  # R3: the canonical prefix is the only one
         b = self._window_start(c)
         m_b = self.t_at_byte[b]
