@@ -7,9 +7,10 @@ has no GPU. Actors are named ``xtok-worker-<i>`` and their tasks ``xtok-shard-<s
 progress as Ray metrics (`RayMetrics`), and each shard writes
 ``<output>/logs/<shard>.log``. Each actor takes whole input shards from a driver-side queue; a
 shard is done when its manifest is committed (the actor returns only the manifest).
-Shards go only to actors that have started (`__ray_ready__`): an actor waiting for
-resources (``ray.num_actors`` above what the cluster holds, or nodes an autoscaler has
-yet to add) takes work once it starts, and never holds a shard while it waits.
+Shards go at once to the actors the live nodes have room for; any other actor (beyond
+that capacity with ``ray.num_actors``, or a replacement waiting for a node an autoscaler
+has yet to add) takes work only once it has started (`__ray_ready__`), and never holds a
+shard while it waits.
 When an actor or its node dies, its shard goes back to the queue (up to
 ``ray.max_retries`` times) and a replacement actor is started if resources allow. A
 shard whose storage still fails after the client's own retries (a `StorageError`: an
@@ -270,7 +271,10 @@ def run_ray(
         actor = new_actor()
         starting[actor.__ray_ready__.remote()] = actor
 
-    for _ in range(n_actors):
+    # actors the live nodes have room for now will start: shards may wait on them (as
+    # they go out at once); any others take work only once they have started
+    early = [new_actor() for _ in range(min(n_actors, capacity))]
+    for _ in range(n_actors - len(early)):
         start_actor()
     log.info("starting %d actors with %s for %d shards", n_actors, opts, len(todo))
     if progress is not None:
@@ -281,9 +285,9 @@ def run_ray(
     running: dict[Any, tuple[Any, str]] = {}  # future -> (actor, shard)
     done: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
-    idle: list[Any] = []  # started actors without a shard
+    idle: list[Any] = early  # actors without a shard (started, or within capacity)
     start_failures: list[str] = []
-    started = False  # some actor has started (a pool that never does fails at the deadline)
+    started = bool(early)  # a pool that never starts fails at the deadline
     deadline = time.monotonic() + cfg.ray.node_wait_seconds
     last_line = time.monotonic()
     while queue or running:
