@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -39,12 +40,12 @@ def cluster():
     c.shutdown()
 
 
-def _corpus(tmp_path):
+def _corpus(tmp_path, repeat=1):
     d = tmp_path / "in"
     d.mkdir()
     for s in range(N_SHARDS):
         recs = [
-            {"id": f"s{s}-d{k}", "text": f"Document {k} of shard {s}. " * (3 + k)}
+            {"id": f"s{s}-d{k}", "text": f"Document {k} of shard {s}. " * (3 + k) * repeat}
             for k in range(DOCS_PER_SHARD)
         ]
         (d / f"part-{s:03d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -74,7 +75,8 @@ def _check_exactly_once(out):
     ids = []
     for s in index["shards"]:
         m = json.loads((out / s["manifest"]).read_text())
-        ids += [r["doc_id"] for r in read_table(str(out / s["file"]), manifest=m).to_pylist()]
+        t = read_table(str(out / s["file"]), manifest=m).select(["doc_id", "chunk"])
+        ids += [r["doc_id"] for r in t.to_pylist() if r["chunk"] == 0]  # long docs: chunks
     want = [f"s{s}-d{k}" for s in range(N_SHARDS) for k in range(DOCS_PER_SHARD)]
     assert ids == want  # no gap, no duplicate, in order
     assert index["totals"]["documents"] == len(want)
@@ -107,18 +109,34 @@ def _start_and_wait_for_a_commit(cfg, out):
     return t, result
 
 
-def test_gpu_actors_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teacher_dir, tmp_path):
+def _live_workers(address, state=None):
+    """ShardWorker actors not dead (or in ``state``)."""
+    where = ("state", "=", state) if state else ("state", "!=", "DEAD")
+    return list_actors(address=address, filters=[("class_name", "=", "ShardWorker"), where])
+
+
+def test_gpu_actors_spread_over_nodes_and_survive_a_node_loss(
+    cluster, tiny_teacher_dir, tmp_path, caplog
+):
     c, workers = cluster
-    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path), tmp_path / "out")
     out = tmp_path / "out"
-    t, result = _start_and_wait_for_a_commit(cfg, out)
-    c.remove_node(workers[0])  # a worker node dies mid-run ...
-    c.add_node(num_cpus=1, num_gpus=1)  # ... and a replacement joins (spot instance)
-    t.join(timeout=600)
+    # shards long enough that the node dies in the middle of one
+    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path, repeat=8), out)
+    with caplog.at_level("WARNING", logger="pipeline.ray_executor"):
+        t, result = _start_and_wait_for_a_commit(cfg, out)
+        # one actor pinned to each GPU node (both were given a shard as they were created)
+        deadline = time.time() + 60
+        while len(alive := _live_workers(c.address, "ALIVE")) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert sorted(a.node_id for a in alive) == sorted(w.node_id for w in workers)
+        c.remove_node(workers[0])  # a worker node dies mid-run ...
+        c.add_node(num_cpus=1, num_gpus=1)  # ... and a replacement joins (spot instance)
+        t.join(timeout=600)
     assert not t.is_alive()
     assert "err" not in result, result.get("err")
-    nodes = {m["ray_node_id"] for m in result["new"]}
-    assert len(nodes) >= 2  # actors ran on more than one node
+    assert re.search(r"worker lost \(\w+\); attempt 1/3", caplog.text)  # died holding a shard
+    redone = [m for m in result["new"] if m["attempt"] > 1]
+    assert redone and all(m["ray_node_id"] != workers[0].node_id for m in redone)
     _check_exactly_once(out)
     # a rerun is a no-op
     assert _run(cfg) == []
@@ -139,13 +157,6 @@ def test_killed_actor_shard_is_redone(cluster, tiny_teacher_dir, tmp_path):
     assert not t.is_alive()
     assert "err" not in result, result.get("err")
     _check_exactly_once(out)
-
-
-def _live_workers(address):
-    return list_actors(
-        address=address,
-        filters=[("class_name", "=", "ShardWorker"), ("state", "!=", "DEAD")],
-    )
 
 
 def test_actors_beyond_capacity_take_no_shard_while_they_wait(
