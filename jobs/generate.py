@@ -16,7 +16,8 @@ Outputs (``output.path``): one ``<input name>.parquet`` per input shard and its
 in the same output path is refused unless ``--overwrite``.
 
 Overrides are ``section.key=value`` (YAML values), e.g. ``scoring.top_k=32``,
-``input.paths=[s3://bucket/corpus/*.jsonl.zst]``, ``ray.num_actors=8``.
+``input.paths=[s3://bucket/corpus/*.jsonl.zst]``, ``ray.num_actors=8``;
+``--help-config`` lists every key with its default.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--executor", choices=["ray", "local"], default="ray", help="ray (default) or in-process"
+    )
+    p.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with its type, default and meaning, and exit",
     )
     p.add_argument(
         "--show",
@@ -102,6 +108,11 @@ def demo_inputs(n_docs: int = 200, n_shards: int = 4) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.help_config:
+        from pipeline.config import config_reference
+
+        print("\n".join(config_reference()))
+        return 0
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -29,28 +29,42 @@ class InputConfig(_Strict):
     paths: list[str] = Field(
         default_factory=list, description="URLs or globs (local, s3://, gs://, memory://)"
     )
-    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
-    text_field: str = "text"
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = Field(
+        "auto", description="auto: from the file suffix (.jsonl[.zst|.gz], .json, .parquet)"
+    )
+    text_field: str = Field("text", description="field holding plain text records")
     messages_field: str | None = Field(
         None, description="chat field: a list of {role, content}; uses the teacher's chat template"
     )
-    id_field: str | None = "id"
+    id_field: str | None = Field(
+        "id", description="document id field (None or missing: <shard>:<record index>)"
+    )
     loss_on: Literal["all", "assistant"] = Field(
         "all", description="rows that are training targets (loss_mask)"
     )
     limit: int | None = Field(None, ge=1, description="records per input shard (for smoke runs)")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the input filesystem"
+    )
 
 
 class TeacherConfig(_Strict):
     model: str | None = Field(
         None, description="HF model id or local dir; None = embedded SmolLM2-135M-Instruct"
     )
-    revision: str | None = None
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_tokens: int = Field(2048, ge=16)
-    temperature: float = Field(1.0, gt=0)
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    device: str = Field(
+        "auto", description="auto: cuda when torch sees a GPU, else cpu; or cpu, cuda:1, ..."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="model weights; auto: bfloat16 on cuda, else float32"
+    )
+    max_batch_tokens: int = Field(
+        2048, ge=16, description="teacher tokens per forward pass (padded batch size)"
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="teacher logits are divided by it before the log-softmax"
+    )
     max_context: int | None = Field(
         None,
         ge=16,
@@ -62,14 +76,20 @@ class StudentConfig(_Strict):
     tokenizer: str | None = Field(
         None, description="tokenizer.json, HF dir or id; None = the teacher's BPE cut to `merges`"
     )
-    merges: int | None = Field(8000, ge=0)
+    merges: int | None = Field(
+        8000, ge=0, description="with tokenizer=None: merges of the teacher's BPE kept"
+    )
 
 
 class GeneralScorerConfig(_Strict):
     """Parameters of the general scorer (any student tokenizer; see
     `pipeline.scoring.GeneralScorer`)."""
 
-    mode: Literal["fast", "lossless"] = "fast"
+    mode: Literal["fast", "lossless"] = Field(
+        "fast",
+        description="lossless: enumerate until each row is decided (up to max_depth); "
+        "fast: prune by beam and min_prob (the pruned mass is stored per row)",
+    )
     walk: Literal["tokens", "bytes"] = Field(
         "tokens",
         description="tokens: enumerate whole teacher tokens (one teacher distribution "
@@ -89,17 +109,22 @@ class ScoringConfig(_Strict):
         "truncated merge list, else general",
     )
     general: GeneralScorerConfig = Field(default_factory=GeneralScorerConfig)
-    top_k: int = Field(64, ge=1, le=4096)
+    top_k: int = Field(64, ge=1, le=4096, description="student tokens stored per row")
     chunk_overlap: int = Field(
-        64, ge=0, description="student tokens of context repeated at the start of a chunk"
+        64,
+        ge=0,
+        description="teacher tokens of context repeated at the start of the next chunk of "
+        "a long document (their rows are not targets again)",
     )
 
 
 class OutputConfig(_Strict):
-    path: str = "./out"
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    zstd_level: int = Field(3, ge=1, le=22)
-    row_group_rows: int = Field(512, ge=1)
+    path: str = Field("./out", description="directory or URL the shards are written to")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the output filesystem"
+    )
+    zstd_level: int = Field(3, ge=1, le=22, description="Parquet zstd compression level")
+    row_group_rows: int = Field(512, ge=1, description="sequences per Parquet row group")
 
 
 class RayConfig(_Strict):
@@ -109,9 +134,15 @@ class RayConfig(_Strict):
     num_actors: int | None = Field(
         None, ge=1, description="default: one per GPU, else one per CPU (at most one per shard)"
     )
-    num_gpus_per_actor: float = Field(1.0, ge=0)
-    num_cpus_per_actor: float = Field(1.0, ge=0)
-    accelerator_type: str | None = None
+    num_gpus_per_actor: float = Field(
+        1.0, ge=0, description="GPUs each actor reserves (on clusters with GPUs)"
+    )
+    num_cpus_per_actor: float = Field(
+        1.0, ge=0, description="CPUs each actor reserves (its torch threads on CPU)"
+    )
+    accelerator_type: str | None = Field(
+        None, description="run only on nodes of this type, e.g. A100 (Ray accelerator_type)"
+    )
     node_wait_seconds: float = Field(
         300.0,
         ge=0,
@@ -121,6 +152,13 @@ class RayConfig(_Strict):
     )
     max_retries: int = Field(
         3, ge=0, description="attempts per shard after infrastructure failures"
+    )
+    storage_retry_seconds: float = Field(
+        15.0,
+        ge=0,
+        description="a shard whose storage still fails after the client's own retries "
+        "(an object store out for a while) is retried after this many seconds times its "
+        "attempt number",
     )
 
 
@@ -150,6 +188,24 @@ class JobConfig(_Strict):
             "scoring": self.scoring.model_dump(),
         }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_reference(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """One line per config key: ``section.key: type = default  description`` (nested
+    sections in order), for ``--help-config``."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(config_reference(ann, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        kind = getattr(ann, "__name__", None) if isinstance(ann, type) else None
+        kind = kind or str(ann).replace("typing.", "")
+        line = f"{key}: {kind} = {json.dumps(default)}"
+        lines.append(f"{line}  ({field.description})" if field.description else line)
+    return lines
 
 
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:

@@ -15,7 +15,7 @@ When an actor or its node dies, its shard goes back to the queue (up to
 ``ray.max_retries`` times) and a replacement actor is started if resources allow. A
 shard whose storage still fails after the client's own retries (a `StorageError`: an
 object store out for longer than botocore waits) goes back too, after
-``STORAGE_RETRY_SECONDS`` times its attempt number (up to ``ray.max_retries`` times).
+``ray.storage_retry_seconds`` times its attempt number (up to ``ray.max_retries`` times).
 An actor that fails to start is replaced (up to ``ray.max_retries`` times in all); when
 none can start, or none has started after ``ray.node_wait_seconds`` (no node has room
 for one), the run fails with the reason. Application errors in a shard
@@ -55,9 +55,6 @@ ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's custom resource for `accelerat
 # the driver re-publishes its progress this often, commits or not.
 PUBLISH_SECONDS = 5.0
 HEARTBEAT_SECONDS = 60.0  # a driver log line while no shard commits
-# A shard whose storage still fails after the client's own retries (botocore's) is
-# retried after this many seconds times its attempt number (up to ray.max_retries).
-STORAGE_RETRY_SECONDS = 15.0
 _actor_numbers = itertools.count()  # actor names stay unique within a driver process
 
 
@@ -385,7 +382,7 @@ def run_ray(
             if isinstance(cause, StorageError):  # storage still failing after the client's
                 attempts[url] = attempts.get(url, 0) + 1  # own retries: try again later
                 if attempts[url] <= cfg.ray.max_retries:
-                    delay = STORAGE_RETRY_SECONDS * attempts[url]
+                    delay = cfg.ray.storage_retry_seconds * attempts[url]
                     log.warning(
                         "shard %s: storage error (%s); attempt %d/%d in %.0fs",
                         url,

@@ -154,6 +154,34 @@ def test_bad_records_are_skipped_counted_and_named(ray_local, tiny_teacher_dir, 
     ]
 
 
+def test_help_config_lists_every_key_with_default_and_meaning(capsys):
+    from pipeline.config import GeneralScorerConfig, JobConfig
+
+    assert main(["--help-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = [line.split(":", 1)[0] for line in lines]
+    sections = JobConfig.model_fields
+    want = [
+        f"{sec}.{k}"
+        for sec, f in sections.items()
+        for k in f.annotation.model_fields  # type: ignore[union-attr]
+        if k != "general"
+    ] + [f"scoring.general.{k}" for k in GeneralScorerConfig.model_fields]
+    assert sorted(keys) == sorted(want)
+    by_key = dict(zip(keys, lines, strict=True))
+    assert by_key["ray.storage_retry_seconds"].startswith("ray.storage_retry_seconds: float = 15.0")
+    assert "scoring.general.beam: int = 16" in by_key["scoring.general.beam"]
+    assert all("(" in line for line in lines), [x for x in lines if "(" not in x]  # all explained
+    # every key it lists takes its listed default as an override, and has that default
+    for line in lines:
+        key, rest = line.split(": ", 1)
+        default = rest.split(" = ", 1)[1].split("  (", 1)[0]
+        value: object = load_config(None, [f"{key}={default}"]).model_dump(mode="json")
+        for part in key.split("."):
+            value = value[part]  # type: ignore[index]
+        assert json.dumps(value) == default, key
+
+
 def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="unknown_key"):

@@ -377,16 +377,14 @@ def test_a_part_that_keeps_failing_aborts_the_upload_and_publishes_nothing(
 
 @pytest.mark.timeout(300)
 def test_a_shard_whose_storage_stays_down_is_retried_by_the_ray_executor(
-    moto_s3, proxy, prefix, ray_local, tiny_teacher_dir, tmp_path, monkeypatch, caplog
+    moto_s3, proxy, prefix, ray_local, tiny_teacher_dir, tmp_path, caplog
 ):
     """The object store refuses one shard's data file for longer than botocore retries
     (capped at 2 attempts here): the Ray executor puts the shard back and a later
     attempt commits it; the other shard is untouched and the run completes."""
     from jobs.generate import main
-    from pipeline import ray_executor
     from tests.tiny_assets import tiny_job_args
 
-    monkeypatch.setattr(ray_executor, "STORAGE_RETRY_SECONDS", 0.5)
     inp = tmp_path / "in"
     inp.mkdir()
     for k in range(2):
@@ -404,6 +402,7 @@ def test_a_shard_whose_storage_stays_down_is_retried_by_the_ray_executor(
         f"{inp}/*.jsonl",
         f"s3://{prefix}/out",
         f"output.storage_options={json.dumps(opts)}",
+        "ray.storage_retry_seconds=0.5",
     )
     with caplog.at_level("WARNING", logger="pipeline.ray_executor"):
         assert main(args) == 0
