@@ -85,13 +85,13 @@ def plan(cfg: JobConfig, overwrite: bool = False) -> Plan:
                 f"{out} holds a run with a different config (hash {previous.get('config_hash')} vs "
                 f"{current['config_hash']}); rerun with --overwrite to replace it, or choose another output.path"
             )
+    preflight(cfg)  # a refused tokenizer pair leaves the output path as it was
     xio.write_json_atomic(run_cfg_url, current, so)
     xio.write_bytes_atomic(
         xio.join(out, "config.yaml"),
         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode(),
         so,
     )
-    preflight(cfg)
     result = Plan(shards, names)
     if not overwrite:
         for s in shards:

@@ -329,10 +329,27 @@ def choose_scorer(cfg: JobConfig, t_tok: Any, s_tok: Any) -> tuple[str, str]:
 
     g = cfg.scoring.general
     try:  # tokenizers only: validates the student and its end-of-text token
-        GeneralScorer(t_tok, s_tok, **g.model_dump())
+        rule = GeneralScorer(t_tok, s_tok, **g.model_dump()).S.decision_rule
     except (TokenizerError, ValueError) as err:
         raise ConfigError(f"the general scorer cannot use this pair: {err}") from err
-    return "general", f"{g.mode} mode, {g.walk} walk; {reason or 'scoring.scorer=general'}"
+    if rule.startswith("none"):
+        why = (
+            "no pre-token boundary of the student tokenizer is stable (no pre-tokenizer "
+            "with a vocabulary piece that holds a space after another character, or a "
+            "pre-tokenizer regex the general scorer does not know), so each row is "
+            "decided only at the end of the text"
+        )
+        if g.mode == "fast":
+            raise ConfigError(
+                f"the general scorer cannot use this student in fast mode: {why}; rows "
+                "would be left wholly unaccounted (scoring.general.mode=lossless is exact "
+                "but exponential in the document length)"
+            )
+        log.warning("general scorer, lossless mode: %s; cost grows exponentially", why)
+    return "general", (
+        f"{g.mode} mode, {g.walk} walk, student decision rule {rule}; "
+        f"{reason or 'scoring.scorer=general'}"
+    )
 
 
 def tokenizer_pair(cfg: JobConfig) -> tuple[Any, Any]:

@@ -182,7 +182,7 @@ def test_help_config_lists_every_key_with_default_and_meaning(capsys):
         assert json.dumps(value) == default, key
 
 
-def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys):
+def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="unknown_key"):
         load_config(None, ["scoring.unknown_key=1"])
@@ -216,6 +216,23 @@ def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys)
         == 2
     )
     assert "not a truncated-merge" in capsys.readouterr().err
+    assert not any(out.iterdir())  # a refused run leaves nothing that claims output.path
+    # a student whose pieces may join a word to the next space (no pre-tokenizer): no
+    # row is decided before the end of text, so fast mode is refused and lossless warned
+    from tests.scoring.general_assets import sentencepiece_bpe
+
+    crossing = tmp_path / "crossing.json"
+    sentencepiece_bpe("legacy", cross_space=True).save(str(crossing))
+    base = _args(tiny_teacher_dir, tmp_path / "in", out, f"student.tokenizer={crossing}")
+    assert main(["--show", "0", *base]) == 2
+    assert "cannot use this student in fast mode: no pre-token boundary" in capsys.readouterr().err
+    cfg = load_config(None, [*base, "scoring.general.mode=lossless"])
+    with caplog.at_level("WARNING", logger="pipeline.generate"):
+        from pipeline.generate import choose_scorer, tokenizer_pair
+
+        kind, why = choose_scorer(cfg, *tokenizer_pair(cfg))
+    assert kind == "general" and "student decision rule none" in why
+    assert "cost grows exponentially" in caplog.text
 
 
 def test_chat_records_get_assistant_only_loss_mask(ray_local, tiny_teacher_dir, tmp_path):
@@ -351,7 +368,10 @@ def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, c
     )
     with caplog.at_level(logging.INFO):
         assert main(["--show", "0", "--executor", "local", *args]) == 0
-    assert "scorer: general (fast mode, tokens walk; not a truncated-merge pair" in caplog.text
+    assert (
+        "scorer: general (fast mode, tokens walk, student decision rule regex; not a "
+        "truncated-merge pair" in caplog.text
+    )
     assert "the general scorer is far costlier than the subset-exact one" in caplog.text
     m = json.loads((out / "g.manifest.json").read_text())
     assert m["scorer"] == "general-fast" and m["scorer_params"]["max_depth"] == 3

@@ -66,9 +66,15 @@ encoding decides. Stable boundaries by pre-tokenizer:
 - Metaspace with ``split=True``: before every space at ``q >= 1`` (a new piece starts
   at every ``▁`` whatever follows).
 - Byte-level BPE without merges: every byte boundary (every byte is a token).
-- No pre-tokenizer, Metaspace with ``split=False`` (SentencePiece "legacy" layouts such
-  as Llama-2's Prepend + Replace normalizer) or an unknown regex: no stable boundary;
-  only end of text decides. Correct, but exponential in the rest of the text.
+- No pre-tokenizer or Metaspace with ``split=False`` (SentencePiece "legacy" layouts
+  such as Llama-2's Prepend + Replace normalizer), when every vocabulary token's spaces
+  lead it (as in vocabularies SentencePiece trains, which split at whitespace): before
+  every space at ``q >= 1`` whose previous character is not a space ("word-start"). No
+  merge can join a character to a following space, so BPE over the whole text equals
+  BPE over its pieces split there.
+- Those layouts with a token holding a space after another character, or an unknown
+  regex: no stable boundary; only end of text decides. Correct, but exponential in the
+  rest of the text (in ``fast`` mode such rows end up wholly unaccounted).
 - An NFC normalizer additionally needs an ASCII character at index ``>= q + r`` (regex,
   ``r`` = the characters it reads after ``q``) or ``>= q`` (others) in an NFC-normalized
   ``y``: NFC never composes an ASCII character with what precedes it, so no
@@ -543,6 +549,14 @@ def _flatten(component: Any, key: str) -> list[dict[str, Any]]:
     return [component]
 
 
+def _spaces_only_lead(vocab: dict[str, int], spaces: tuple[str, ...]) -> bool:
+    """Whether every token's spaces form a prefix of it (no token holds a space after
+    another character): then no BPE merge joins a character to a following space, so a
+    text splits before each space run into pieces BPE encodes independently."""
+    lead = "".join(spaces)
+    return not any(c in s.lstrip(lead) for s in vocab for c in spaces)
+
+
 class StudentView:
     """An arbitrary student tokenizer as the general scorer sees it: encodings of
     complete texts, stable tokens of a text prefix (the decision rule, see the module
@@ -636,6 +650,13 @@ class StudentView:
             raise TokenizerError(f"{name}: pre-tokenizer {kinds} is not supported")
         if self.rule == "none" and self.byte_level and not model.get("merges"):
             self.rule = "every-char"
+        if (
+            self.rule == "none"
+            and kinds in ([], ["Metaspace"])
+            and self.space_char
+            and _spaces_only_lead(vocab, (" ", self.space_char))
+        ):
+            self.rule = "word-start"
         self.lookahead = REGEX_LOOKAHEAD if self.rule == "regex" else 0
 
         # The bytes each token stands for (None: no byte form, e.g. specials, unk).
@@ -779,6 +800,9 @@ class StudentView:
             cands: Iterable[int] = range(n, 0, -1)
         elif self.rule == "metaspace":
             cands = (q for q in range(n - 1, 0, -1) if s[q] in (" ", self.space_char))
+        elif self.rule == "word-start":
+            sp = (" ", self.space_char)
+            cands = (q for q in range(n - 1, 0, -1) if s[q] in sp and s[q - 1] not in sp)
         else:  # regex
             pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(s)
             char_at_byte = {}

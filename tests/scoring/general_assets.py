@@ -5,8 +5,8 @@
   and a choice of regex (GPT-2 built-in, Qwen2, Llama-3);
 - `sentencepiece_bpe`: (b) a SentencePiece-style BPE with ``▁``, byte fallback
   (``<0xNN>``; "1" and "é" have no piece) and the Llama-2 specials layout, either the
-  "legacy" layout (Prepend + Replace normalizer, no pre-tokenizer) or a Metaspace
-  pre-tokenizer;
+  "legacy" layout (Prepend + Replace normalizer, no pre-tokenizer; with or without a
+  piece that crosses a space) or a Metaspace pre-tokenizer;
 - `byte_student`: (c) the 256 single bytes (shuffled ids) + EOS.
 
 Plus a teacher with all 256 byte symbols for texts with a two-byte character ("é").
@@ -81,20 +81,24 @@ def other_byte_bpe(pattern: str = "gpt2", eos: bool = True) -> Tokenizer:
     return build_byte_level_bpe(vocab, OTHER_MERGES, pattern=regex, added_tokens=[EOS] * eos)
 
 
-def sentencepiece_bpe(style: str = "legacy", prepend_scheme: str = "first") -> Tokenizer:
+def sentencepiece_bpe(
+    style: str = "legacy", prepend_scheme: str = "first", cross_space: bool = True, split=True
+) -> Tokenizer:
     """(b) SentencePiece-style BPE. ``style="legacy"``: Llama-2's tokenizer.json layout
     (normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer: a token may cross a
     space). ``style="metaspace"``: Metaspace pre-tokenizer (split at every ``▁``) with
     ``prepend_scheme`` ("first"/"always": NOT injective, " a" and "a" both give ``▁a``;
-    "never": injective)."""
+    "never": injective; ``split=False``: one piece, as legacy). ``cross_space=False`` leaves out the merge "a▁", so, as in
+    vocabularies SentencePiece trains (Llama-2's), spaces lead every piece they are in."""
+    merges = [m for m in SP_MERGES if cross_space or "▁" not in (m[0] + m[1]).lstrip("▁")]
     vocab = {s: i for i, s in enumerate(SP_SPECIALS)}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
     for s in ("▁", "a", "b"):
         vocab[s] = len(vocab)
-    for a, b in SP_MERGES:
+    for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    tok = Tokenizer(BPE(vocab=vocab, merges=list(SP_MERGES), unk_token="<unk>", byte_fallback=True))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if style == "legacy":
         tok.normalizer = normalizers.Sequence(
@@ -103,7 +107,7 @@ def sentencepiece_bpe(style: str = "legacy", prepend_scheme: str = "first") -> T
         steps.append(decoders.Strip(" ", 1, 0))
     elif style == "metaspace":
         tok.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="▁", prepend_scheme=prepend_scheme, split=True
+            replacement="▁", prepend_scheme=prepend_scheme, split=split
         )
         if prepend_scheme != "never":
             steps.append(decoders.Strip(" ", 1, 0))
@@ -129,9 +133,11 @@ STUDENTS = {
     "bpe-qwen2": lambda: other_byte_bpe("qwen2"),
     "bpe-llama3": lambda: other_byte_bpe("llama3"),
     "sp-legacy": lambda: sentencepiece_bpe("legacy"),
+    "sp-llama2": lambda: sentencepiece_bpe("legacy", cross_space=False),
     "sp-metaspace-first": lambda: sentencepiece_bpe("metaspace", "first"),
     "sp-metaspace-always": lambda: sentencepiece_bpe("metaspace", "always"),
     "sp-metaspace-never": lambda: sentencepiece_bpe("metaspace", "never"),
+    "sp-metaspace-nosplit": lambda: sentencepiece_bpe("metaspace", cross_space=False, split=False),
     "bytes": byte_student,
 }
 
