@@ -119,7 +119,7 @@ def preflight(cfg: JobConfig) -> None:
         log.warning(
             "the general scorer is far costlier than the subset-exact one and leaves part "
             "of each row unaccounted (stored per row as unaccounted_mass): measured with "
-            "SmolLM2 at the default setting, 24-49x the time and 0.34-0.37 of the mass "
+            "SmolLM2 at the default setting, 26-45x the time and 0.33-0.37 of the mass "
             "per row (README, general scorer table); a student that is the teacher's BPE "
             "with a truncated merge list is scored exactly at about 1x"
         )

@@ -653,7 +653,7 @@ class StudentView:
         if (
             self.rule == "none"
             and kinds in ([], ["Metaspace"])
-            and self.space_char
+            and self.space_char in vocab  # else an unknown space may fuse with an unknown
             and _spaces_only_lead(vocab, (" ", self.space_char))
         ):
             self.rule = "word-start"
