@@ -67,7 +67,8 @@ encoding decides. Stable boundaries by pre-tokenizer:
   at every ``▁`` whatever follows).
 - Byte-level BPE without merges: every byte boundary (every byte is a token).
 - No pre-tokenizer or Metaspace with ``split=False`` (SentencePiece "legacy" layouts
-  such as Llama-2's Prepend + Replace normalizer), when every vocabulary token's spaces
+  such as Llama-2's Prepend + Replace normalizer; Gemma's Replace normalizer, whose
+  Split(" ") then never matches), when every vocabulary token's spaces
   lead it (as in vocabularies SentencePiece trains, which split at whitespace): before
   every space at ``q >= 1`` whose previous character is not a space ("word-start"). No
   merge can join a character to a following space, so BPE over the whole text equals
@@ -564,7 +565,8 @@ class StudentView:
 
     Supported: BPE models (byte-level or with ``▁`` and ``byte_fallback``), normalizers
     NFC / Prepend / Replace(" " -> replacement), pre-tokenizers none, ByteLevel,
-    Split(regex) + ByteLevel, Metaspace. Anything else raises `TokenizerError`. For a
+    Split(regex) + ByteLevel, Metaspace, and Gemma's Split(" ") after a Replace(" ", "▁")
+    normalizer (which leaves it nothing to split). Anything else raises `TokenizerError`. For a
     ``▁`` student a literal "▁" in a text cannot be told from a space: such documents
     are refused, and branches that contain one stay undecided until end of text.
     """
@@ -616,6 +618,14 @@ class StudentView:
                 raise TokenizerError(f"{name}: normalizer {n!r} is not supported")
 
         pres = _flatten(spec.get("pre_tokenizer"), "pretokenizers")
+        if (
+            self.space_char
+            and [p.get("type") for p in pres] == ["Split"]
+            and (pres[0].get("pattern") or {}).get("String") == " "
+            and not pres[0].get("invert")
+        ):
+            # Gemma's layout: Replace(" ", "▁") leaves no " " for this Split to match
+            pres = []
         kinds = [p.get("type") for p in pres]
         self.byte_level = "ByteLevel" in kinds
         self.rule = "none"

@@ -1,11 +1,12 @@
-"""A student made by SentencePiece itself: BPE trained with Llama-2's options (byte
-fallback, digits split, whitespace-only pieces, no whitespace clean-up) and converted by
-transformers, in the two tokenizer.json layouts Llama-2-family checkpoints ship with:
-Metaspace(split=False), as transformers 5 converts it, and the older Prepend("▁") +
-Replace(" ", "▁") normalizer without a pre-tokenizer. SentencePiece never puts a space
-after another character inside a piece, so the general scorer has a stable boundary
-before every word ("word-start"); checked against continuations of real text, and on
-the brute-force world its lossless rows equal the enumerated truth."""
+"""Students made by SentencePiece itself: BPE trained with Llama-2's and Gemma's options
+(byte fallback, digits split, whitespace-only pieces, no whitespace clean-up) and
+converted by transformers, in the tokenizer.json layouts those checkpoints ship with:
+Llama's Metaspace(split=False) as transformers 5 converts it, Llama-2's older
+Prepend("▁") + Replace(" ", "▁") normalizer without a pre-tokenizer, and Gemma's
+Replace(" ", "▁") normalizer with a Split(" ") that then never matches. SentencePiece
+never puts a space after another character inside a piece, so the general scorer has a
+stable boundary before every word ("word-start"); checked against continuations of real
+text, and on the brute-force world its lossless rows equal the enumerated truth."""
 
 from __future__ import annotations
 
@@ -36,18 +37,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONTINUATIONS = ("", " ", "  x", "\n", "\n\n ", "1", "12 ", "'s", "é", "\U0001f600", "ab", "a b")
 
 
-@pytest.fixture(scope="module")
-def spm_students(tmp_path_factory) -> dict[str, Tokenizer]:
-    import transformers
+LAYOUTS = ("llama-metaspace", "llama-prepend-replace", "gemma")
 
-    d = tmp_path_factory.mktemp("spm")
-    corpus = d / "corpus.txt"
+
+def _train(folder, **options) -> None:
+    folder.mkdir()
+    corpus = folder / "corpus.txt"
     # real English plus the world's alphabet, so pieces over a, b, space and 1 exist
     world = [" ".join(all_strings(3)[1:]), "ab ba aab bba a1 b 11 ab  ab"]
     corpus.write_text("\n".join(generated_texts(200) + world * 20), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(corpus),
-        model_prefix=str(d / "tokenizer"),
+        model_prefix=str(folder / "tokenizer"),
         vocab_size=1200,
         model_type="bpe",
         byte_fallback=True,
@@ -56,13 +57,23 @@ def spm_students(tmp_path_factory) -> dict[str, Tokenizer]:
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
         eos_piece=EOS,
         minloglevel=2,
+        **options,
     )
-    converted = transformers.LlamaTokenizer.from_pretrained(str(d)).backend_tokenizer
+
+
+@pytest.fixture(scope="module")
+def spm_students(tmp_path_factory) -> dict[str, Tokenizer]:
+    import transformers
+
+    d = tmp_path_factory.mktemp("spm")
+    _train(d / "llama", unk_id=0, bos_id=1, eos_id=2)
+    # Gemma: <pad> <eos> <bos> <unk> first (GemmaConverter expects them), no dummy prefix
+    _train(d / "gemma", pad_id=0, eos_id=1, bos_id=2, unk_id=3, add_dummy_prefix=False)
+    gemma = transformers.GemmaTokenizer.from_pretrained(str(d / "gemma")).backend_tokenizer
+    assert json.loads(gemma.to_str())["pre_tokenizer"]["type"] == "Split"
+    converted = transformers.LlamaTokenizer.from_pretrained(str(d / "llama")).backend_tokenizer
     spec = json.loads(converted.to_str())
     assert spec["pre_tokenizer"]["type"] == "Metaspace" and not spec["pre_tokenizer"]["split"]
     spec["pre_tokenizer"] = None
@@ -73,10 +84,14 @@ def spm_students(tmp_path_factory) -> dict[str, Tokenizer]:
             {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
         ],
     }
-    return {"metaspace-nosplit": converted, "prepend-replace": Tokenizer.from_str(json.dumps(spec))}
+    return {
+        "llama-metaspace": converted,
+        "llama-prepend-replace": Tokenizer.from_str(json.dumps(spec)),
+        "gemma": gemma,
+    }
 
 
-@pytest.mark.parametrize("layout", ["metaspace-nosplit", "prepend-replace"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_stable_boundaries_before_words_hold_on_real_text(spm_students, layout):
     tok = spm_students[layout]
     vocab = tok.get_vocab()
@@ -102,7 +117,7 @@ def test_stable_boundaries_before_words_hold_on_real_text(spm_students, layout):
     assert decided > 300  # most prefixes of real text have a word before them
 
 
-@pytest.mark.parametrize("layout", ["metaspace-nosplit", "prepend-replace"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_lossless_rows_equal_enumerated_truth(spm_students, layout):
     S = spm_students[layout]
     assert all(S.token_to_id(c) is not None for c in ALPHABET if c != " ")
