@@ -174,9 +174,9 @@ def show_targets(cfg, p, manifests, n: int) -> None:  # type: ignore[no-untyped-
     import numpy as np
 
     from pipeline import io as xio
-    from pipeline.assets import smollm2_dir
+    from pipeline.generate import tokenizer_pair
     from pipeline.shards import read_table
-    from pipeline.tokenization import ByteLevelBPE, load_tokenizer, truncate_merges
+    from pipeline.tokenization import TokenPrinter
     from schemas.targets import decode_topk_logprobs
 
     first = p.shards[0]
@@ -184,12 +184,7 @@ def show_targets(cfg, p, manifests, n: int) -> None:  # type: ignore[no-untyped-
     table = read_table(xio.join(cfg.output.path, m["file"]), cfg.output.storage_options, m)
     if table.num_rows == 0:
         return
-    t_tok = load_tokenizer(cfg.teacher.model or smollm2_dir())
-    S = ByteLevelBPE(
-        load_tokenizer(cfg.student.tokenizer)
-        if cfg.student.tokenizer
-        else truncate_merges(t_tok, cfg.student.merges or 0)
-    )
+    S = TokenPrinter(tokenizer_pair(cfg)[1])
     row = table.slice(0, 1).to_pylist()[0]
     ids = row["input_ids"]
     k = cfg.scoring.top_k

@@ -801,12 +801,12 @@ def load_run_config(
 
 
 def student_tokenizer(cfg: Any, provenance: dict[str, Any]) -> Any:
-    """The student tokenizer of a run (a `ByteLevelBPE`), checked against the tokenizer
-    hash recorded in the shard."""
+    """The student tokenizer of a run (a `TokenPrinter`: any student), checked against
+    the tokenizer hash recorded in the shard."""
     from pipeline.generate import tokenizer_pair
-    from pipeline.tokenization import ByteLevelBPE
+    from pipeline.tokenization import TokenPrinter
 
-    S = ByteLevelBPE(tokenizer_pair(cfg)[1], "student")
+    S = TokenPrinter(tokenizer_pair(cfg)[1])
     want = provenance.get("student_tokenizer_sha256")
     if want is not None and S.fingerprint != want:
         raise AuditError(

@@ -271,6 +271,45 @@ class ByteLevelBPE:
         return b.decode("utf-8", errors="backslashreplace")
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenPrinter:
+    """Readable tokens and decoded bytes of ids for any student tokenizer (demos,
+    audits): byte-level BPEs through `ByteLevelBPE`; others (SentencePiece-style pieces
+    with ``▁`` for a space and ``<0xNN>`` byte-fallback pieces) from the piece strings."""
+
+    def __init__(self, tokenizer: Tokenizer, name: str = "student") -> None:
+        self.tokenizer = tokenizer
+        self.fingerprint = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+        try:
+            self.byte_level: ByteLevelBPE | None = ByteLevelBPE(tokenizer, name)
+        except TokenizerError:
+            self.byte_level = None
+
+    def token_bytes(self, i: int) -> bytes | None:
+        if self.byte_level is not None:
+            return self.byte_level.token_bytes.get(int(i))
+        piece = self.tokenizer.id_to_token(int(i))
+        if piece is None:
+            return None
+        byte = _BYTE_PIECE.fullmatch(piece)
+        if byte:
+            return bytes((int(byte[1], 16),))
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def token_repr(self, i: int) -> str:
+        """A readable rendering of one token."""
+        b = self.token_bytes(i)
+        if b is None:
+            return f"<id {i}>"
+        return b.decode("utf-8", errors="backslashreplace")
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The bytes the ids stand for (an id without bytes shows as ``<id N>``)."""
+        return b"".join(self.token_bytes(i) or f"<id {i}>".encode() for i in ids)
+
+
 # ------------------------------------------------------------------------------------
 # Loading
 

@@ -386,6 +386,37 @@ def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, c
         assert set(r["regime"]) <= {1, 2} and all(r["loss_mask"])
 
 
+def test_sentencepiece_student_targets_print_and_inspect(tiny_teacher_dir, tmp_path, capsys):
+    """A SentencePiece-style student (``▁`` pieces, byte fallback for "1"): the job's
+    closing print-out and the audit's per-document view decode its pieces (both read
+    tokens as byte-level BPE before, and the job crashed after committing)."""
+    from pipeline.audit import inspect_document
+    from tests.scoring.general_assets import sentencepiece_bpe
+
+    student = tmp_path / "sp.json"
+    sentencepiece_bpe("metaspace", "never").save(str(student))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "s.jsonl").write_text(json.dumps({"id": "d0", "text": "ba ab1"}) + "\n")
+    out = tmp_path / "out"
+    args = _args(
+        tiny_teacher_dir,
+        tmp_path / "in",
+        out,
+        f"student.tokenizer={student}",
+        "scoring.top_k=4",
+        "scoring.general.max_depth=3",
+    )
+    assert main(["--show", "3", "--executor", "local", *args]) == 0
+    shown = capsys.readouterr().out
+    assert "=== d0: top targets at the first 3 target rows" in shown
+    tok = load_tokenizer(str(student))
+    assert tok.encode("ba ab1", add_special_tokens=False).tokens == ["ba", "▁ab", "<0x31>"]
+    assert "'ba ab'" in shown  # the context of the last row shown, "▁" printed as a space
+    view = inspect_document(str(out / "s.parquet"), "d0")
+    assert "text: 'ba ab1'" in view  # the byte-fallback piece "<0x31>" decoded to "1"
+    assert "[0]'ba' [1]' ab' [2]'1'" in view
+
+
 def test_general_scorer_scores_chats_and_only_the_target_rows(tiny_teacher_dir, tmp_path):
     """Chat records (added tokens from the chat template, which the student has too)
     are scored by the general scorer, not skipped; only the rows the loss mask keeps are
