@@ -167,7 +167,9 @@ def test_actors_beyond_capacity_take_no_shard_while_they_wait(
     while it waits, it is replaced; it is gone when the run ends."""
     c, _ = cluster
     out = tmp_path / "out"
-    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path), out, "ray.num_actors=3")
+    # shards long enough that some are still queued when the waiting actor is killed (the
+    # driver watches waiting actors only while shards are queued)
+    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path, repeat=8), out, "ray.num_actors=3")
     with caplog.at_level("INFO", logger="pipeline.ray_executor"):
         t, result = _start_and_wait_for_a_commit(cfg, out)
         pending = list_actors(
