@@ -329,10 +329,10 @@ def choose_scorer(cfg: JobConfig, t_tok: Any, s_tok: Any) -> tuple[str, str]:
 
     g = cfg.scoring.general
     try:  # tokenizers only: validates the student and its end-of-text token
-        rule = GeneralScorer(t_tok, s_tok, **g.model_dump()).S.decision_rule
+        student = GeneralScorer(t_tok, s_tok, **g.model_dump()).S
     except (TokenizerError, ValueError) as err:
         raise ConfigError(f"the general scorer cannot use this pair: {err}") from err
-    if rule.startswith("none"):
+    if student.rule == "none":
         why = (
             "no pre-token boundary of the student tokenizer is stable (no pre-tokenizer "
             "with a vocabulary piece that holds a space after another character, or a "
@@ -347,7 +347,7 @@ def choose_scorer(cfg: JobConfig, t_tok: Any, s_tok: Any) -> tuple[str, str]:
             )
         log.warning("general scorer, lossless mode: %s; cost grows exponentially", why)
     return "general", (
-        f"{g.mode} mode, {g.walk} walk, student decision rule {rule}; "
+        f"{g.mode} mode, {g.walk} walk, student decision rule {student.decision_rule}; "
         f"{reason or 'scoring.scorer=general'}"
     )
 

@@ -271,7 +271,8 @@ class ByteLevelBPE:
         return b.decode("utf-8", errors="backslashreplace")
 
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# A SentencePiece byte-fallback piece ("<0x0A>") and the byte it stands for.
+BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class TokenPrinter:
@@ -293,7 +294,7 @@ class TokenPrinter:
         piece = self.tokenizer.id_to_token(int(i))
         if piece is None:
             return None
-        byte = _BYTE_PIECE.fullmatch(piece)
+        byte = BYTE_FALLBACK_PIECE.fullmatch(piece)
         if byte:
             return bytes((int(byte[1], 16),))
         return piece.replace("\u2581", " ").encode("utf-8")

@@ -136,7 +136,6 @@ from __future__ import annotations
 import codecs
 import json
 import math
-import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -157,6 +156,7 @@ from pipeline.scoring.subset import (
 from pipeline.scoring.unicode import _codepoint_range, completion_representatives
 from pipeline.scoring.vocab_trie import VocabTrie
 from pipeline.tokenization import (
+    BYTE_FALLBACK_PIECE,
     DOC_END_TOKENS,
     GPT2_PATTERN,
     LLAMA3_PATTERN,
@@ -184,8 +184,6 @@ REGEX_LOOKAHEAD = 2  # characters after a boundary the regex matcher may read (c
 DECIDE_FLOOR = 0.01
 
 _T = TypeVar("_T")
-
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _utf8_split(y: bytes) -> tuple[str, bytes] | None:
@@ -679,7 +677,7 @@ class StudentView:
                     self.token_bytes[i] = bytes(inv[c] for c in s)
                 except KeyError as err:
                     raise TokenizerError(f"{name}: token {s!r} is not byte-level") from err
-            elif fallback and _BYTE_TOKEN.fullmatch(s):
+            elif fallback and BYTE_FALLBACK_PIECE.fullmatch(s):
                 self.token_bytes[i] = bytes((int(s[3:5], 16),))
             else:
                 t = s.replace(self.space_char, " ") if self.space_char else s
