@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="print decoded top targets at this many positions (0: none)",
     )
-    return p.parse_args(argv)
+    # overrides may come before, between or after the flags
+    return p.parse_intermixed_args(argv)
 
 
 def demo_inputs(n_docs: int = 200, n_shards: int = 4) -> list[str]:
@@ -116,16 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from pipeline import redact
     from pipeline.config import ConfigError, load_config
     from pipeline.executors import Progress, finalize, plan, run_local
 
+    redact.install()  # credentials given in storage_options never reach a log line
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+        redact.remember(cfg.model_dump(mode="json"))
         if not cfg.input.paths and args.config is None:
             cfg.input.paths = demo_inputs()
         p = plan(cfg, overwrite=args.overwrite)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact.redact(str(err))}", file=sys.stderr)
         return 2
     log.info(
         "%d input shards, %d already committed, %d to do -> %s",
@@ -139,16 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     manifests = dict(p.done)
     try:
         if args.executor == "local":
-            new = run_local(cfg, p.todo, progress.shard_done)
+            new = run_local(cfg, p.todo, progress.shard_done, progress=progress)
         else:
             from pipeline.ray_executor import run_ray
 
             new = run_ray(cfg, p.todo, progress.shard_done, progress=progress)
     except ConfigError as err:  # found only once the cluster is seen (accelerator type)
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact.redact(str(err))}", file=sys.stderr)
         return 2
     except Exception as err:
-        log.error("%s", err)
+        log.error("%s: %s", type(err).__name__, err)
+        print(f"error: {redact.redact(str(err))}", file=sys.stderr)
         return 1
     by_input = {m["input"]: m for m in new}
     manifests.update(by_input)
@@ -164,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokens/s             {stats['student_tokens_per_second']}")
     print(f"bytes/student token  {stats['bytes_per_student_token']}")
     print(f"mean top-k mass      {stats['mean_topk_mass']} (target rows)")
+    if stats["documents"] == 0:
+        print(
+            f"error: no document was scored: all {stats['skipped']} records of the "
+            f"{stats['shards']} input shards were skipped ({stats['skipped_by_reason']}); "
+            "see the shard logs under <output.path>/logs/",
+            file=sys.stderr,
+        )
+        return 1
     if args.show:
         show_targets(cfg, p, manifests, args.show)
     return 0

@@ -177,17 +177,40 @@ class JobConfig(_Strict):
             raise ValueError("loss_on=assistant needs input.messages_field (chat records)")
         return v
 
-    def target_hash(self) -> str:
-        """Hash of everything that changes the targets (guards resume)."""
+    def target_settings(self) -> dict[str, Any]:
+        """Every setting that can change a stored number, flattened (``teacher.dtype``):
+        the input selection and fields, the whole teacher (its weights, dtype and device
+        class, and ``max_batch_tokens``, which sets the default ``max_context`` and so the
+        chunking, and which documents share a forward), the student and the scoring.
+        Not: storage options, the output location and format, Ray placement."""
         keep = {
-            "input": self.input.model_dump(exclude={"storage_options"}),
-            "teacher": self.teacher.model_dump(
-                include={"model", "revision", "temperature", "max_context"}
-            ),
-            "student": self.student.model_dump(),
-            "scoring": self.scoring.model_dump(),
+            "input": self.input.model_dump(mode="json", exclude={"storage_options"}),
+            # the device class (cuda:0 and cuda:1 compute alike)
+            "teacher": {
+                **self.teacher.model_dump(mode="json"),
+                "device": self.teacher.device.split(":")[0],
+            },
+            "student": self.student.model_dump(mode="json"),
+            "scoring": self.scoring.model_dump(mode="json"),
         }
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        return flatten(keep)
+
+    def target_hash(self) -> str:
+        """Hash of `target_settings` (guards resume: a rerun with another value is
+        refused, naming the keys that differ)."""
+        blob = json.dumps(self.target_settings(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "storage_options":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def config_reference(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:

@@ -37,6 +37,30 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ShardProgress:
+    """Where a shard stands, after each scoring batch."""
+
+    records_total: int
+    text_chars_total: int  # characters of the shard's documents (the work to do)
+    records: int = 0  # records read
+    text_chars: int = 0  # characters of text scored
+    student_tokens: int = 0
+    sequences: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        """Share of the shard's text scored (student tokens follow text length)."""
+        return self.text_chars / self.text_chars_total if self.text_chars_total else 1.0
+
+    def eta_seconds(self) -> float | None:
+        """Seconds left at this shard's rate so far."""
+        f = self.fraction
+        return self.seconds * (1 - f) / f if f > 0 else None
+
+
+@dataclass
 class Chunk:
     text: str
     start: int  # char offset of the chunk in the document
@@ -108,6 +132,12 @@ class GenerateStep:
             if self.kind == "subset"
             else s_tok.token_to_id(self.scorer.eos_token),
             "config_hash": cfg.target_hash(),
+            # resolved where they run: a CPU/GPU or float32/bfloat16 mix in one run is
+            # visible to the audit's consistency check
+            "teacher_dtype": str(self.teacher.dtype).removeprefix("torch."),
+            "teacher_device": self.teacher.device.type,
+            "max_context": self.max_context,
+            "max_batch_tokens": self.teacher.max_batch_tokens,
         }
         self.ready = True
 
@@ -219,9 +249,13 @@ class GenerateStep:
 
     # ------------------------------------------------------------------ the shard
     def process_shard(
-        self, url: str, progress: Callable[[int, int], None] | None = None
+        self, url: str, progress: Callable[[ShardProgress], None] | None = None
     ) -> dict[str, Any]:
-        """Score one input shard and commit its output; returns the manifest."""
+        """Score one input shard and commit its output; returns the manifest.
+
+        ``progress`` is called after every scoring batch (about ``4 x
+        teacher.max_batch_tokens`` context-tree nodes: a few teacher forwards), also
+        inside a long document, with the shard's `ShardProgress`."""
         if not self.ready:
             self.setup()
         cfg = self.cfg
@@ -231,10 +265,12 @@ class GenerateStep:
         scored: list[tuple[int, Sequence_]] = []  # (record index, sequence)
         batch: list[tuple[Document, int, Chunk, PreparedDocument | None]] = []
         batch_nodes = 4 * cfg.teacher.max_batch_tokens
-        tokens_done = 0
+        state = ShardProgress(
+            records_total=len(shard.records),
+            text_chars_total=sum(len(r.text) for r in shard.records if isinstance(r, Document)),
+        )
 
         def flush(records_seen: int) -> None:
-            nonlocal tokens_done
             if self.kind == "subset":
                 results = self.scorer.score_prepared(
                     self.teacher, [b[3] for b in batch], cfg.scoring.top_k
@@ -251,27 +287,38 @@ class GenerateStep:
                 results = self.scorer.score(
                     self.teacher, [b[2].text for b in batch], cfg.scoring.top_k, rows=masks
                 )
-            for (rec, c, _, _), r, mask in zip(batch, results, masks, strict=True):
+            for (rec, c, chunk, _), r, mask in zip(batch, results, masks, strict=True):
                 seq = Sequence_(rec.doc_id, c, r, mask)
                 scored.append((rec.index, seq))
-                tokens_done += len(r.student_ids)
+                state.student_tokens += len(r.student_ids)
+                state.sequences += 1
+                # the document's characters this chunk adds (chunks overlap)
+                state.text_chars += chunk.start + len(chunk.text) - chunk.masked_until
             batch.clear()
+            state.records = records_seen
+            state.batches += 1
+            state.seconds = time.perf_counter() - t0
             if progress is not None:
-                progress(tokens_done, records_seen)
+                progress(state)
 
+        size = 0
         for n_seen, rec in enumerate(shard.records, 1):
             if isinstance(rec, Skip):
-                skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": rec.reason})
+                skipped.append(rec.as_dict())
                 continue
             try:
                 pieces = self.prepared_chunks(rec.text)
             except (UnscorableTextError, ValueError) as err:
-                skipped.append({"index": rec.index, "doc_id": rec.doc_id, "reason": str(err)})
+                skip = Skip(rec.index, "unscorable text", str(err), rec.doc_id, rec.line)
+                skipped.append(skip.as_dict())
+                state.text_chars_total -= len(rec.text)
                 continue
-            batch.extend((rec, c, chunk, prep) for c, (chunk, prep) in enumerate(pieces))
-            size = sum(b[3].num_nodes if b[3] is not None else 3 * len(b[2].text) for b in batch)
-            if size >= batch_nodes:
-                flush(n_seen)
+            for c, (chunk, prep) in enumerate(pieces):
+                batch.append((rec, c, chunk, prep))
+                size += prep.num_nodes if prep is not None else 3 * len(chunk.text)
+                if size >= batch_nodes:  # a long document reports progress as it goes
+                    flush(n_seen - 1 if c + 1 < len(pieces) else n_seen)
+                    size = 0
         if batch:
             flush(len(shard.records))
         scored.sort(key=lambda x: (x[0], x[1].chunk))

@@ -43,7 +43,13 @@ from ray.exceptions import (
 )
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.executors import Progress, append_shard_log, process_logged, register_metrics
+from pipeline.executors import (
+    HEARTBEAT_SECONDS,
+    Progress,
+    append_shard_log,
+    process_logged,
+    register_metrics,
+)
 from pipeline.io import StorageError
 from pipeline.shards import output_name
 
@@ -54,7 +60,6 @@ ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's custom resource for `accelerat
 # Ray drops a gauge not set for two metric report intervals (10 s each by default), so
 # the driver re-publishes its progress this often, commits or not.
 PUBLISH_SECONDS = 5.0
-HEARTBEAT_SECONDS = 60.0  # a driver log line while no shard commits
 _actor_numbers = itertools.count()  # actor names stay unique within a driver process
 
 
@@ -107,19 +112,24 @@ class RayMetrics:
 register_metrics(RayMetrics.create)
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=0, max_concurrency=2)
 class ShardWorker:
     """One `GenerateStep` per actor (``xtok-worker-<i>``); logs go to the Ray worker log
-    and, per shard, to ``<output>/logs/<shard>.log``."""
+    and, per shard, to ``<output>/logs/<shard>.log``. Two threads: one runs `process`
+    (the driver sends one shard at a time), the other answers `progress` meanwhile."""
 
     def __init__(self, cfg: dict[str, Any], threads: int, name: str = "xtok-worker") -> None:
         import torch
 
+        from pipeline import redact
         from pipeline.generate import GenerateStep
 
         torch.set_num_threads(max(1, threads))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        redact.remember(cfg)
+        redact.install()
         self.name = name
+        self.current: tuple[str, dict[str, Any]] | None = None  # (shard, progress)
         self.step = GenerateStep(JobConfig.model_validate(cfg))
         # live token count while a shard runs (the driver only sees whole shards)
         self.tokens = _metric(
@@ -135,15 +145,37 @@ class ShardWorker:
         node = ray.get_runtime_context().get_node_id()
         seen = [0]
 
-        def count(tokens: int, records: int) -> None:
+        def count(shard: str, state: dict[str, Any]) -> None:
+            tokens = state["student_tokens"]
             if tokens > seen[0]:
                 self.tokens.inc(tokens - seen[0])
                 seen[0] = tokens
+            self.current = (shard, state)
 
-        m = process_logged(
-            self.step, url, {"ray node": node, "actor": self.name}, attempt, on_batch=count
-        )
+        try:
+            m = process_logged(
+                self.step, url, {"ray node": node, "actor": self.name}, attempt, on_batch=count
+            )
+        finally:
+            self.current = None
         return {**m, "ray_node_id": node, "actor": self.name, "attempt": attempt}
+
+    def progress(self) -> tuple[str, dict[str, Any]] | None:
+        """(shard, its latest `ShardProgress` fields) while a shard runs, else None."""
+        return self.current
+
+
+def _poll_progress(progress: Progress, actors: list[Any]) -> None:
+    """Ask the running actors where their shards stand (`ShardWorker.progress`)."""
+    refs = [a.progress.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+    for ref in ready:
+        try:
+            got = ray.get(ref)
+        except Exception:  # an actor that died answers nothing; its shard is requeued
+            continue
+        if got is not None:
+            progress.running[got[0]] = got[1]
 
 
 def ensure_ray(cfg: JobConfig) -> None:
@@ -323,17 +355,18 @@ def run_ray(
             continue
         ready, _ = ray.wait(waiting, num_returns=1, timeout=PUBLISH_SECONDS)
         if not ready:
-            snap = progress.publish() if progress is not None else None
+            if progress is not None:
+                progress.publish()
             if time.monotonic() - last_line >= HEARTBEAT_SECONDS:
                 last_line = time.monotonic()
+                if progress is not None:
+                    _poll_progress(progress, [a for a, _ in running.values()])
+                    progress.heartbeat(force=True, queued=len(queue))
                 log.info(
-                    "%d shards running, %d queued, %d committed this run%s%s",
+                    "%d shards running, %d queued, %d committed this run%s",
                     len(running),
                     len(queue),
                     len(done),
-                    f" ({snap['shards_done']}/{snap['shards_total']} shards in all)"
-                    if snap
-                    else "",
                     f"; {len(starting)} actors waiting to start" if starting else "",
                 )
             continue
@@ -345,11 +378,22 @@ def run_ray(
             except (RayTaskError, *INFRA_ERRORS) as err:
                 reason = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
                 start_failures.append(reason)
-                log.error("an actor failed to start: %s", reason)
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
                 if len(start_failures) <= cfg.ray.max_retries:
+                    log.warning(
+                        "an actor failed to start (%s); starting another (%d/%d)",
+                        reason,
+                        len(start_failures),
+                        cfg.ray.max_retries,
+                    )
                     start_actor()
+                else:
+                    log.error(
+                        "an actor failed to start (%s); %d failures, no more replacements",
+                        reason,
+                        len(start_failures),
+                    )
                 continue
             started = True
             idle.append(actor)
@@ -359,18 +403,21 @@ def run_ray(
             m = ray.get(fut)
         except INFRA_ERRORS as err:
             attempts[url] = attempts.get(url, 0) + 1
-            log.warning(
-                "shard %s: worker lost (%s); attempt %d/%d",
-                url,
-                type(err).__name__,
-                attempts[url],
-                cfg.ray.max_retries,
+            name = output_name(url)
+            if progress is not None:
+                progress.running.pop(name, None)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            line = (
+                f"worker lost ({type(err).__name__}: {first}) during attempt "
+                f"{attempts[url]}; attempt {attempts[url]}/{cfg.ray.max_retries} of the retries"
             )
+            log.warning("shard %s: %s", url, line)
             if attempts[url] <= cfg.ray.max_retries:
                 queue.append(url)
+                append_shard_log(cfg, name, f"shard {name}: {line}; requeued")
             else:
                 failed[url] = f"worker lost {attempts[url]} times: {err}"
-                append_shard_log(cfg, output_name(url), f"shard failed: {failed[url]}")
+                append_shard_log(cfg, name, f"shard failed: {failed[url]}", "ERROR")
             with contextlib.suppress(Exception):
                 ray.kill(actor)
             start_actor()
@@ -393,10 +440,18 @@ def run_ray(
                     )
                     not_before[url] = time.monotonic() + delay
                     queue.append(url)
+                    append_shard_log(
+                        cfg,
+                        output_name(url),
+                        f"shard {output_name(url)}: storage error after the client's retries "
+                        f"({reason}); attempt {attempts[url]}/{cfg.ray.max_retries} of the "
+                        f"retries in {delay:.0f}s",
+                    )
                     continue
                 reason = f"storage failed {attempts[url]} times: {reason}"
             failed[url] = reason
             log.error("shard %s failed: %s", url, failed[url])
+            append_shard_log(cfg, output_name(url), f"shard failed: {reason}", "ERROR")
             continue
         done.append(m)
         on_done(m)

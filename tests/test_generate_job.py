@@ -60,7 +60,7 @@ def _args(tiny_teacher_dir, inp, out, *extra):
 
 
 def test_end_to_end_equals_in_process_scorer_and_resumes(
-    ray_local, tiny_teacher_dir, corpus, tmp_path
+    ray_local, tiny_teacher_dir, corpus, tmp_path, capsys
 ):
     out = tmp_path / "out"
     assert (
@@ -91,13 +91,18 @@ def test_end_to_end_equals_in_process_scorer_and_resumes(
         np.testing.assert_allclose(got, w.topk_logprobs, atol=1e-3 + 1e-6)  # quantised to 1e-3 nats
         np.testing.assert_allclose(r["target_logprob"], w.target_logprobs, atol=1e-5)
         assert all(r["loss_mask"])
-    # a rerun of the same config is a no-op
+    # a rerun of the same config is a no-op: it leaves the run's record (stats.json with
+    # the real run's tokens/s and placement, config.yaml, run_config.json) as it was
+    record = ("stats.json", "config.yaml", "run_config.json", "index.json")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    kept = {f: (out / f).read_bytes() for f in record}
+    assert json.loads(kept["stats.json"])["student_tokens_per_second"] > 0
     assert (
         main(["--show", "0", *_args(tiny_teacher_dir, corpus, out, "teacher.max_context=512")]) == 0
     )
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
-    assert json.loads((out / "stats.json").read_text())["shards_this_run"] == 0
+    assert {f: (out / f).read_bytes() for f in record} == kept
+    assert "0 this run" in capsys.readouterr().out
     # a different config is refused without --overwrite, and accepted with it
     assert main(["--show", "0", *_args(tiny_teacher_dir, corpus, out, "scoring.top_k=8")]) == 2
     assert (
@@ -120,8 +125,59 @@ def test_a_resumed_run_redoes_only_uncommitted_shards(
     a_before = (out / "a.parquet").stat().st_mtime_ns
     assert main(["--show", "0", *_args(tiny_teacher_dir, corpus, out)]) == 0
     assert (out / "a.parquet").stat().st_mtime_ns == a_before
-    assert json.loads((out / "stats.json").read_text())["shards_this_run"] == 1
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["shards_this_run"] == 1
     assert json.loads((out / "index.json").read_text())["totals"]["documents"] == len(TEXTS)
+    # both invocations are on record, with where each shard ran
+    assert [r["shards"] for r in stats["runs"]] == [3, 1]
+    assert set(stats["runs"][0]["ray_node_of_shard"]) == {"a", "b", "c"}
+    assert set(stats["ray_node_of_shard"]) == {"a", "b", "c"}
+
+
+def test_the_resume_guard_covers_every_setting_that_changes_the_targets(
+    ray_local, tiny_teacher_dir, corpus, tmp_path, capsys
+):
+    """teacher.max_batch_tokens (the default max_context, so the chunking), teacher.dtype
+    and teacher.device change stored numbers: a rerun with another value used to say
+    "already committed" and redo a missing shard with the new value. It is refused,
+    naming the keys, and leaves the run's files as they were; the resolved values are in
+    the provenance, and the audit sees a shard made with another dtype."""
+    out = tmp_path / "out"
+    args = _args(tiny_teacher_dir, corpus, out, "teacher.dtype=float32")
+    assert main(["--show", "0", *args]) == 0
+    m = json.loads((out / "a.manifest.json").read_text())
+    assert (m["teacher_dtype"], m["teacher_device"], m["max_context"]) == ("float32", "cpu", 256)
+    assert m["max_batch_tokens"] == 512
+    (out / "b.manifest.json").unlink()
+    kept = {f: (out / f).read_bytes() for f in ("config.yaml", "run_config.json")}
+    for change, named in [
+        ("teacher.max_batch_tokens=1024", "teacher.max_batch_tokens: 512 -> 1024"),
+        ("teacher.dtype=bfloat16", "teacher.dtype: 'float32' -> 'bfloat16'"),
+        ("teacher.device=auto", "teacher.device: 'cpu' -> 'auto'"),
+    ]:
+        capsys.readouterr()
+        assert main(["--show", "0", *args, change]) == 2, change
+        assert named in capsys.readouterr().err
+        assert {f: (out / f).read_bytes() for f in kept} == kept
+        assert not (out / "b.manifest.json").exists()
+    # the same settings resume
+    assert main(["--show", "0", *args]) == 0 and (out / "b.manifest.json").exists()
+    # a shard made in bfloat16 mixed into the run: the audit's consistency check names it
+    other = tmp_path / "bf16"
+    assert (
+        main(["--show", "0", *_args(tiny_teacher_dir, corpus, other, "teacher.dtype=bfloat16")])
+        == 0
+    )
+    for f in ("c.parquet", "c.manifest.json"):
+        (out / f).write_bytes((other / f).read_bytes())
+    from pipeline.audit import RunAudit, audit_shard, locate
+
+    source = locate(str(out))
+    audit = RunAudit(source)
+    for ref in source.shards:
+        audit.add(audit_shard(ref))
+    diff = audit.consistency()["differences"]["c"]
+    assert diff["teacher_dtype"] == {"expected": "float32", "found": "bfloat16"}
 
 
 def test_bad_records_are_skipped_counted_and_named(ray_local, tiny_teacher_dir, tmp_path):

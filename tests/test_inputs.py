@@ -6,7 +6,9 @@ executor can read it. A ``gs://`` URL without gcsfs is a clear config error."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import io
 import json
 import uuid
 from typing import Any
@@ -21,7 +23,7 @@ from jobs.generate import main
 from pipeline import io as xio
 from pipeline.config import ConfigError, InputConfig, load_config
 from pipeline.executors import plan
-from pipeline.records import Document, Skip, read_shard
+from pipeline.records import Document, InputError, Skip, read_shard
 from pipeline.shards import read_table
 from pipeline.tokenization import load_tokenizer, truncate_merges
 from tests.tiny_assets import tiny_job_args
@@ -197,8 +199,130 @@ def test_jsonl_zst(tiny_teacher_dir, tmp_path):
     assert m["records_in"] == len(TEXTS) + 1 and m["documents"] == len(TEXTS)
     # a file that is not zstd is a clear storage error, not a crash in the decoder
     (inp / "bad.jsonl.zst").write_bytes(b'{"text": "plain"}\n')
-    with pytest.raises(xio.StorageError, match="not valid zstd"):
+    with pytest.raises(InputError, match="not valid zstd"):
         read_shard(str(inp / "bad.jsonl.zst"), InputConfig())
+    # concatenated frames (``zstd a >> b``) are read whole
+    two = inp / "two.jsonl.zst"
+    two.write_bytes(
+        zstandard.ZstdCompressor().compress(lines[0] + b"\n")
+        + zstandard.ZstdCompressor().compress(lines[2] + b"\n")
+    )
+    assert [d[0] for d in _docs(read_shard(str(two), InputConfig()).records)] == ["z0", "z1"]
+
+
+def _news(n: int) -> list[bytes]:
+    return [
+        json.dumps(
+            {"id": f"n{i}", "text": f"Report {i}: " + "the council met again. " * 40}
+        ).encode()
+        + b"\n"
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("n_docs", [10, 150])
+def test_truncated_or_damaged_inputs_fail_their_shard_and_the_run(
+    tiny_teacher_dir, tmp_path, n_docs, caplog
+):
+    """Half of a .jsonl.zst used to read as 0 records and commit an empty shard with exit
+    0 (zstandard's stream reader returns what it has for a cut frame). Every compression
+    the reader accepts, a jsonl cut inside a record and a Parquet file with a damaged
+    footer must fail with a named error, commit nothing and fail the run."""
+    raw = b"".join(_news(n_docs))
+    whole = zstandard.ZstdCompressor(level=3).compress(raw)
+    streamed = io.BytesIO()  # streamed frame: no content size in the header
+    with zstandard.ZstdCompressor().stream_writer(streamed, closefd=False) as w:
+        w.write(raw)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": [str(i) for i in range(n_docs)], "text": ["x y"] * n_docs}), buf)
+    pq_bytes = buf.getvalue()
+    damaged_pq = bytearray(pq_bytes)
+    damaged_pq[-8:-4] = b"\xff\xff\xff\x7f"  # footer length beyond the file
+    cases = {
+        "half.jsonl.zst": (whole[: len(whole) // 2], "truncated zstd"),
+        "half-streamed.jsonl.zst": (
+            streamed.getvalue()[: len(streamed.getvalue()) // 2],
+            "truncated zstd",
+        ),
+        "half.jsonl.gz": (gzip.compress(raw)[: len(gzip.compress(raw)) // 2], "not a whole gzip"),
+        "cut.jsonl": (raw[: len(raw) // 2 + 7], "ends inside a record"),
+        "footer.parquet": (bytes(damaged_pq), "not a readable Parquet"),
+    }
+    for name, (data, msg) in cases.items():
+        inp = tmp_path / name.replace(".", "_")
+        inp.mkdir()
+        (inp / name).write_bytes(data)
+        with pytest.raises(InputError, match=msg):
+            read_shard(str(inp / name), InputConfig())
+        out = tmp_path / f"out-{name}"
+        assert (
+            main(["--executor", "local", *tiny_job_args(tiny_teacher_dir, str(inp), str(out))]) == 1
+        )
+        assert not list(out.glob("*.manifest.json")) and not (out / "index.json").exists()
+        assert msg in caplog.text
+        # the shard log names the failure
+        log_text = (out / "logs" / f"{name.split('.')[0]}.log").read_text()
+        assert "InputError" in log_text and msg in log_text
+    # a jsonl whose last record is whole but has no newline is read whole
+    ok = tmp_path / "nonl.jsonl"
+    ok.write_bytes(raw.rstrip(b"\n"))
+    assert len(_docs(read_shard(str(ok), InputConfig()).records)) == n_docs
+
+
+def test_a_wrong_text_field_is_a_named_error_not_an_empty_shard(tiny_teacher_dir, tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "content": ["Some text here.", "More text."]}),
+        inp / "web.parquet",
+    )
+    with pytest.raises(
+        InputError, match=r"field 'text' \(input.text_field\); fields found: content, id"
+    ):
+        read_shard(str(inp / "web.parquet"), InputConfig())
+    out = tmp_path / "out"
+    assert main(["--executor", "local", *tiny_job_args(tiny_teacher_dir, str(inp), str(out))]) == 1
+    assert not (out / "web.manifest.json").exists()
+    # chats: the same for input.messages_field
+    (inp / "c.jsonl").write_text('{"id": 1, "conversation": []}\n')
+    with pytest.raises(InputError, match=r"input.messages_field.*fields found: conversation, id"):
+        read_shard(str(inp / "c.jsonl"), InputConfig(messages_field="messages"))
+    # some records without the field are only skipped, by kind, with 1-based line numbers
+    (inp / "mixed.jsonl").write_text('{"text": "ok then"}\n{"body": "x"}\n')
+    recs = read_shard(str(inp / "mixed.jsonl"), InputConfig()).records
+    skip = recs[1]
+    assert isinstance(skip, Skip)
+    assert (skip.index, skip.line, skip.kind) == (1, 2, "missing text field")
+    # the right field: the run commits; a run whose every record is skipped does not exit 0
+    assert (
+        main(
+            [
+                "--executor",
+                "local",
+                *tiny_job_args(
+                    tiny_teacher_dir,
+                    str(inp / "web.parquet"),
+                    str(out),
+                    "input.text_field=content",
+                    "--overwrite",
+                ),
+            ]
+        )
+        == 0
+    )
+    out2 = tmp_path / "out2"
+    (inp / "empty.jsonl").write_text('{"text": "  "}\n{"text": ""}\n')
+    assert (
+        main(
+            [
+                "--executor",
+                "local",
+                *tiny_job_args(tiny_teacher_dir, str(inp / "empty.jsonl"), str(out2)),
+            ]
+        )
+        == 1
+    )
+    assert "no document was scored" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed here")
