@@ -252,7 +252,9 @@ class Progress:
         self.running[name] = state
         self.heartbeat()
 
-    def heartbeat(self, force: bool = False, queued: int | None = None) -> None:
+    def heartbeat(
+        self, force: bool = False, queued: int | None = None, active: int | None = None
+    ) -> None:
         """The run's progress line, when shards are running and `HEARTBEAT_SECONDS`
         have passed since the last line (or ``force``)."""
         if not force and time.monotonic() - self._last_line < HEARTBEAT_SECONDS:
@@ -267,7 +269,7 @@ class Progress:
             "%.0f tokens/s, ETA %s",
             self.done,
             self.total,
-            len(self.running),
+            len(self.running) if active is None else active,
             f" ({shards})" if shards else "",
             f", {queued} queued" if queued is not None else "",
             self.tokens + snap["student_tokens_in_flight"],

@@ -361,7 +361,7 @@ def run_ray(
                 last_line = time.monotonic()
                 if progress is not None:
                     _poll_progress(progress, [a for a, _ in running.values()])
-                    progress.heartbeat(force=True, queued=len(queue))
+                    progress.heartbeat(force=True, queued=len(queue), active=len(running))
                 log.info(
                     "%d shards running, %d queued, %d committed this run%s",
                     len(running),
@@ -408,8 +408,8 @@ def run_ray(
                 progress.running.pop(name, None)
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             line = (
-                f"worker lost ({type(err).__name__}: {first}) during attempt "
-                f"{attempts[url]}; attempt {attempts[url]}/{cfg.ray.max_retries} of the retries"
+                f"worker lost ({type(err).__name__}); attempt {attempts[url]}/"
+                f"{cfg.ray.max_retries}: {first}"
             )
             log.warning("shard %s: %s", url, line)
             if attempts[url] <= cfg.ray.max_retries:

@@ -137,6 +137,12 @@ def test_gpu_actors_spread_over_nodes_and_survive_a_node_loss(
     assert re.search(r"worker lost \(\w+\); attempt 1/3", caplog.text)  # died holding a shard
     redone = [m for m in result["new"] if m["attempt"] > 1]
     assert redone and all(m["ray_node_id"] != workers[0].node_id for m in redone)
+    # the redone shard's log keeps the loss: the driver's line, then the attempt that
+    # committed (a lost attempt's log used to vanish under the successful one's)
+    for m in redone:
+        story = (out / "logs" / (m["file"].removesuffix(".parquet") + ".log")).read_text()
+        marks = ["worker lost", f"start (attempt {m['attempt']})", "committed"]
+        assert [story.index(x) for x in marks] == sorted(story.index(x) for x in marks), story
     _check_exactly_once(out)
     # a rerun is a no-op
     assert _run(cfg) == []

@@ -131,14 +131,15 @@ def test_per_shard_logs_tell_each_shard_story(run):
     m = run["committed"]["good.jsonl"]
     assert "shard good: start (attempt 1)" in good
     assert f"actor {m['actor']}" in good and f"ray node {m['ray_node_id']}" in good
-    assert "batch scored" in good
+    assert re.search(r"batch \d+ scored", good)
     assert f"{m['documents']} documents" in good and m["documents"] == 3
     assert f"{m['student_tokens']} student tokens" in good and m["student_tokens"] > 0
     mixed = (logs / "mixed.log").read_text()
-    assert re.search(r"skipped record 1: malformed JSON", mixed)
+    assert re.search(r"skipped record 1 \(line 2\): malformed JSON", mixed)
     assert "2 documents, 1 skipped" in mixed
     broken = (logs / "broken.log").read_text()
     assert "FAILED" in broken and "Traceback" in broken and "not valid zstd" in broken
+    assert "InputError" in broken
     assert "committed" not in broken
     assert not list(logs.glob("*.tmp-*"))  # written atomically
 
@@ -197,3 +198,86 @@ def test_progress_is_exported_as_ray_metrics(run):
     assert sc.top("ray_xtok_tokens_total") >= tokens, sc.seen  # a counter (whole session)
     assert sc.top("ray_xtok_tokens_per_second") > 0, sc.seen
     assert sc.total("ray_xtok_worker_tokens_total") >= tokens, sc.last  # counted in the actors
+
+
+def _long_shard(tmp_path, n_words: int = 3000):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    words = " ".join(f"word{i % 97} and more text" for i in range(n_words // 4))
+    (inp / "long.jsonl").write_text(json.dumps({"id": "long", "text": words}) + "\n")
+    return inp
+
+
+def test_a_long_document_reports_progress_by_batch_with_a_token_eta(
+    tiny_teacher_dir, tmp_path, caplog, monkeypatch
+):
+    """One long document in one shard used to print nothing until the shard committed.
+    Every scoring batch now logs the shard's tokens, share of text and ETA, and the run
+    logs its own line (tokens, rate, ETA in tokens) while the shard runs."""
+    from jobs.generate import main
+    from pipeline import executors
+
+    monkeypatch.setattr(executors, "HEARTBEAT_SECONDS", 0.0)
+    inp = _long_shard(tmp_path)
+    out = tmp_path / "out"
+    args = tiny_job_args(tiny_teacher_dir, str(inp), str(out), "teacher.max_batch_tokens=64")
+    with caplog.at_level("INFO"):
+        assert main(["--executor", "local", *args]) == 0
+    batches = re.findall(
+        r"shard long: batch (\d+) scored: (\d+) student tokens.*?(\d+)% of the text.*shard ETA (\S+)",
+        caplog.text,
+    )
+    assert len(batches) >= 5, caplog.text[-3000:]
+    assert [int(b[0]) for b in batches] == list(range(1, len(batches) + 1))
+    tokens = [int(b[1]) for b in batches]
+    shares = [int(b[2]) for b in batches]
+    assert tokens == sorted(tokens) and shares == sorted(shares) and shares[-1] == 100
+    assert batches[-1][3] == "0m00s"
+    m = json.loads((out / "long.manifest.json").read_text())
+    assert tokens[-1] == m["student_tokens"] and m["sequences"] > 1  # chunked, all counted
+    runs = re.findall(
+        r"run: 0/1 shards committed, 1 running \(long (\d+)%\).*ETA (\S+)", caplog.text
+    )
+    assert len(runs) >= 4 and runs[0][1] != "unknown"
+    # the shard log holds the same batch lines
+    assert len(re.findall(r"batch \d+ scored", (out / "logs" / "long.log").read_text())) == len(
+        batches
+    )
+
+
+def test_progress_eta_counts_tokens_of_running_and_queued_shards():
+    prog = Progress(total_shards=3)
+    prog.shard_progress("a", {"student_tokens": 100, "fraction": 0.25})
+    snap = prog.snapshot()
+    # a: 300 tokens left (100 is a quarter); 2 queued shards at a's expected 400 each
+    assert snap["student_tokens_in_flight"] == 100
+    assert snap["eta_seconds"] == pytest.approx(1100 / (100 / snap["seconds"]), rel=0.05)
+    prog.shard_done({"file": "a.parquet", "student_tokens": 400, "skipped": []})
+    assert prog.running == {} and prog.snapshot()["student_tokens_in_flight"] == 0
+
+
+def test_the_driver_reads_a_running_shards_progress_from_its_actor(
+    ray_local, tiny_teacher_dir, tmp_path
+):
+    from pipeline.ray_executor import ShardWorker, _poll_progress
+
+    inp = _long_shard(tmp_path, 6000)
+    cfg = load_config(
+        None,
+        tiny_job_args(
+            tiny_teacher_dir, str(inp), str(tmp_path / "out"), "teacher.max_batch_tokens=64"
+        )[2:],
+    )
+    plan(cfg)
+    actor = ShardWorker.remote(cfg.model_dump(mode="json"), 1, "xtok-worker-test")
+    fut = actor.process.remote(str(inp / "long.jsonl"))
+    prog = Progress(1)
+    seen = []
+    while not ray.wait([fut], timeout=0.05)[0]:
+        _poll_progress(prog, [actor])
+        if "long" in prog.running:
+            seen.append(prog.running["long"]["fraction"])
+    m = ray.get(fut)
+    assert seen and all(0 < f <= 1 for f in seen) and seen == sorted(seen)
+    assert m["sequences"] > 1
+    ray.kill(actor)

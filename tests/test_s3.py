@@ -25,7 +25,7 @@ def _opts_yaml(opts: dict) -> str:
     return json.dumps(opts)  # JSON is YAML
 
 
-def test_job_reads_and_writes_s3(s3_server, ray_local, tiny_teacher_dir):
+def test_job_reads_and_writes_s3(s3_server, ray_local, tiny_teacher_dir, capfd, caplog):
     opts, bucket = s3_server["options"], s3_server["bucket"]
     fs = s3fs.S3FileSystem(**opts)
     for k in range(2):
@@ -52,6 +52,47 @@ def test_job_reads_and_writes_s3(s3_server, ray_local, tiny_teacher_dir):
         ]
     assert docs == [f"p{k}-{i}" for k in range(2) for i in range(3)]
     assert not [p for p in fs.ls(f"{bucket}/out") if "tmp" in p or "_write_probe" in p]
+    # the credentials given in storage_options are nowhere in the outputs (config.yaml
+    # and run_config.json held them in plain text), the shard logs or the console
+    written = {p: fs.cat_file(p) for p in fs.find(f"{bucket}/out")}
+    assert {p.rsplit("/", 1)[-1] for p in written} >= {"config.yaml", "run_config.json", "p0.log"}
+    said = capfd.readouterr()
+    for secret in (opts["key"], opts["secret"]):
+        leaks = [p for p, data in written.items() if secret.encode() in data]
+        assert not leaks, f"{secret!r} written to {leaks}"
+        assert secret not in said.out + said.err + caplog.text
+    saved = json.loads(written[f"{bucket}/out/run_config.json"])["config"]
+    assert saved["output"]["storage_options"] == {
+        "key": "***",
+        "secret": "***",
+        "endpoint_url": opts["endpoint_url"],
+    }
+
+
+def test_credentials_are_masked_by_name_and_by_value_in_any_text():
+    from pipeline import redact
+
+    cfg = {
+        "input": {
+            "storage_options": {
+                "client_kwargs": {"aws_secret_access_key": "s3cr3t-value", "region_name": "x"},
+                "token": "tok-123456",
+            }
+        },
+        "output": {"path": "s3://b/o", "storage_options": {}},
+    }
+    assert redact.public(cfg)["input"]["storage_options"] == {
+        "client_kwargs": {"aws_secret_access_key": "***", "region_name": "x"},
+        "token": "***",
+    }
+    # a storage client's error that quotes a credential is masked in logs and messages
+    text = "cannot write: signature of s3cr3t-value and tok-123456 rejected"
+    assert redact.redact(text) == "cannot write: signature of *** and *** rejected"
+    import logging
+
+    record = logging.LogRecord("pipeline", logging.ERROR, __file__, 1, "failed: %s", (text,), None)
+    redact.RedactingFilter().filter(record)
+    assert "s3cr3t" not in record.getMessage() and "tok-1234" not in record.getMessage()
 
 
 def test_interrupted_write_leaves_no_partial_object(s3_server):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -417,4 +418,17 @@ def test_a_shard_whose_storage_stays_down_is_retried_by_the_ray_executor(
     assert [s["name"] for s in index["shards"]] == ["p0", "p1"]
     m = json.loads(fs.cat_file(f"{prefix}/out/p0{MANIFEST_SUFFIX}"))
     assert m["sha256"] == sha256(fs.cat_file(data_key.lstrip("/")))
-    assert "(attempt 2)" in fs.cat_file(f"{prefix}/out/logs/p0.log").decode()
+    # the shard log keeps every attempt in order: the failed one with its traceback, the
+    # driver's retry line, then the one that committed; the console has no ERROR line
+    story = fs.cat_file(f"{prefix}/out/logs/p0.log").decode()
+    marks = [
+        "start (attempt 1)",
+        "FAILED (attempt 1)",
+        "Traceback",
+        "storage error after the client's retries",
+        "start (attempt 2)",
+        "committed p0",
+    ]
+    assert all(x in story for x in marks), story
+    assert [story.index(x) for x in marks] == sorted(story.index(x) for x in marks)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
