@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,47 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# what the Hugging Face hub accepts as a repo id: "name" or "owner/name"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def model_source_problem(source: str | os.PathLike[str], what: str) -> str | None:
+    """Why ``source`` (a teacher or tokenizer a user typed: a local path or a hub id)
+    cannot be used, or None when it is a local path that exists or could be a hub id.
+
+    A string that can only be a path (absolute, ``./``, ``~``, more than one ``/``, a
+    file suffix such as ``.json``) and does not exist gets "no such file or directory"
+    instead of the hub's repo-id error."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return None
+    if (
+        isinstance(source, os.PathLike)
+        or not _HUB_ID.match(text)
+        or text.endswith((".json", ".gguf", ".model", ".txt", ".safetensors", ".bin"))
+    ):
+        parent = next((p for p in path.parents if p.exists()), None)
+        where = (
+            f" (the nearest existing folder is {parent})" if parent not in (None, Path(".")) else ""
+        )
+        return f"{what} {text!r}: no such file or directory{where}"
+    return None
+
+
+def hub_problem(source: str, what: str, err: BaseException) -> str:
+    """A message for a string that is not a local path and that transformers could not
+    resolve as a hub id (offline, not cached, private, or misspelt)."""
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return (
+        f"{what} {source!r} is not a local path, and "
+        + (
+            "not in the Hugging Face cache (HF_HUB_OFFLINE=1: nothing is downloaded)"
+            if offline
+            else "the Hugging Face hub did not give it"
+        )
+        + f": {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    )
 
 
 def cache_dir() -> Path:

@@ -140,6 +140,8 @@ def preflight(cfg: JobConfig) -> None:
 
     try:
         t_tok, s_tok = tokenizer_pair(cfg)
+    except ConfigError:
+        raise
     except (TokenizerError, OSError, ValueError) as err:
         raise ConfigError(f"tokenizers: {err}") from err
     kind, why = choose_scorer(cfg, t_tok, s_tok)

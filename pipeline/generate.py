@@ -403,11 +403,17 @@ def tokenizer_pair(cfg: JobConfig) -> tuple[Any, Any]:
     """(teacher, student) `tokenizers.Tokenizer` of a job config (tokenizers only, no weights)."""
     from pipeline.assets import smollm2_dir
     from pipeline.config import ConfigError
-    from pipeline.tokenization import load_tokenizer, truncate_merges
+    from pipeline.tokenization import TokenizerError, load_tokenizer, truncate_merges
 
-    t_tok = load_tokenizer(cfg.teacher.model or smollm2_dir())
+    try:
+        t_tok = load_tokenizer(cfg.teacher.model or smollm2_dir())
+    except TokenizerError as err:
+        raise ConfigError(f"teacher.model: {err}") from err
     if cfg.student.tokenizer:
-        return t_tok, load_tokenizer(cfg.student.tokenizer)
+        try:
+            return t_tok, load_tokenizer(cfg.student.tokenizer)
+        except TokenizerError as err:
+            raise ConfigError(f"student.tokenizer: {err}") from err
     if cfg.student.merges is not None:
         return t_tok, truncate_merges(t_tok, cfg.student.merges)
     raise ConfigError("set student.tokenizer or student.merges")

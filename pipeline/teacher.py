@@ -110,6 +110,11 @@ class HFTeacher:
         self.name = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
         self.revision = revision
         if isinstance(model, (str, os.PathLike)):
+            from pipeline.assets import model_source_problem
+
+            problem = model_source_problem(model, "teacher")
+            if problem:
+                raise FileNotFoundError(problem)
             kwargs: dict[str, Any] = {"dtype": self.dtype, "attn_implementation": "sdpa"}
             if revision:
                 kwargs["revision"] = revision

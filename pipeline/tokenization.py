@@ -340,9 +340,17 @@ def load_tokenizer(source: Any, **kwargs: Any) -> Tokenizer:
             if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
                 return byte_level_bpe_from_files(path / "vocab.json", path / "merges.txt", **kwargs)
             raise TokenizerError(f"{path}: no tokenizer.json nor vocab.json + merges.txt")
+        from pipeline.assets import hub_problem, model_source_problem
+
+        problem = model_source_problem(source, "tokenizer")
+        if problem:
+            raise TokenizerError(problem)
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(source), **kwargs)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(source), **kwargs)
+        except (OSError, ValueError) as err:
+            raise TokenizerError(hub_problem(str(source), "tokenizer", err)) from err
         backend = getattr(tok, "backend_tokenizer", None)
         if not isinstance(backend, Tokenizer):
             raise TokenizerError(

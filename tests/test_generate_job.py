@@ -291,6 +291,55 @@ def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys,
     assert "cost grows exponentially" in caplog.text
 
 
+def test_a_missing_model_or_tokenizer_path_says_no_such_file(tiny_teacher_dir, tmp_path, capsys):
+    """A path that does not exist used to get the hub's "Repo id must be in the form
+    'repo_name'..." error."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.jsonl").write_text('{"text": "a"}\n')
+    out = tmp_path / "out"
+    for override, key in [
+        (f"teacher.model={tmp_path}/models/teacher-v2", "teacher.model"),
+        ("student.tokenizer=./students/llama3/tokenizer.json", "student.tokenizer"),
+        ("student.tokenizer=~/no-such-dir/tok", "student.tokenizer"),
+    ]:
+        assert main(["--show", "0", *_args(tiny_teacher_dir, tmp_path / "in", out, override)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {key}: " in err and "no such file or directory" in err, err
+        assert "Repo id" not in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+    # the nearest folder that exists is named
+    assert (
+        main(
+            [
+                "--show",
+                "0",
+                *_args(
+                    tiny_teacher_dir, tmp_path / "in", out, f"teacher.model={tmp_path}/models/t"
+                ),
+            ]
+        )
+        == 2
+    )
+    assert f"nearest existing folder is {tmp_path}" in capsys.readouterr().err
+    # a string that may be a hub id: not local, not in the offline cache, said so
+    assert (
+        main(
+            [
+                "--show",
+                "0",
+                *_args(
+                    tiny_teacher_dir, tmp_path / "in", out, "student.tokenizer=nobody/no-such-model"
+                ),
+            ]
+        )
+        == 2
+    )
+    assert "is not a local path, and not in the Hugging Face cache" in capsys.readouterr().err
+    # the teacher class itself (library use)
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        HFTeacher(str(tmp_path / "nope"), device="cpu")
+
+
 def test_chat_records_get_assistant_only_loss_mask(ray_local, tiny_teacher_dir, tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
