@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import uuid
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,14 +47,49 @@ def _why(err: BaseException) -> str:
     return parts[0] + "".join(f" ({p})" for p in parts[1:])
 
 
+# Filesystems this process opened (keyed by id: instances with equal tokens compare
+# equal). A forked child (a DataLoader worker) gets fresh instances from fsspec, which
+# drops the inherited ones from its cache; when the child's garbage collector then
+# finalizes one, s3fs closes the parent's aiohttp session from the child, on the child's
+# event loop ("Task exception was never retrieved ... attached to a different loop" from
+# every worker) and over sockets the parent still uses. So a forked child keeps what it
+# inherited alive, and never closes it.
+_opened: weakref.WeakValueDictionary[int, fsspec.AbstractFileSystem] = weakref.WeakValueDictionary()
+_forking: list[fsspec.AbstractFileSystem] = []
+_inherited: list[fsspec.AbstractFileSystem] = []
+
+
+def _before_fork() -> None:
+    _forking[:] = _opened.values()
+
+
+def _after_fork_in_parent() -> None:
+    _forking.clear()
+
+
+def _after_fork_in_child() -> None:
+    _inherited.extend(_forking)
+    _forking.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+
 def filesystem(
     url: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a URL."""
     try:
-        return url_to_fs(url, **(storage_options or {}))
+        fs, path = url_to_fs(url, **(storage_options or {}))
     except Exception as err:  # unknown protocol, missing driver, bad options
         raise StorageError(f"cannot open {url!r}: {_why(err)}") from err
+    _opened[id(fs)] = fs
+    return fs, path
 
 
 def join(base: str, *parts: str) -> str:

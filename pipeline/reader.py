@@ -44,8 +44,9 @@ with ``(seed, epoch)`` and dealt round-robin to the ``world_size x num_workers``
 workers (rank and world size from ``torch.distributed`` unless given), so ranks and
 workers read disjoint row groups that together cover the run exactly once. Within a
 worker a seeded shuffle buffer mixes sequences across its units. Everything is a pure
-function of ``(seed, epoch, rank, world_size, num_workers)``, which is what makes exact
-resumption possible.
+function of ``(seed, epoch, rank, world_size, num_workers)``, the run's shards and the
+batching settings, which is what makes exact resumption possible: a loader state
+records them, and a reader built with other ones refuses to resume from it.
 
 **Integrity.** Every shard in the index must exist with its manifest; the file size
 and the schema version are checked before any row group is read, Parquet page
@@ -56,6 +57,7 @@ what failed; nothing is ever skipped quietly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -334,6 +336,27 @@ class TargetDataset(IterableDataset):
         `TargetLoader.load_state_dict`."""
         self._skip, self._rotation = dict(skip), rotation
 
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings that decide which sequences each batch holds and in what order
+        (with the loader's ``num_workers``): a saved loader state is only valid for a
+        dataset with the same ones. ``shards`` identifies the run's shards (names,
+        manifest checksums, row groups), not where they are stored."""
+        shards = [[s.name, s.manifest.get("sha256"), s.row_groups] for s in self.run.shards]
+        digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+        sequences = sum(sum(s.row_groups) for s in self.run.shards)
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "pack_length": self.pack_length,
+            "bos_id": self.bos_id,  # a BOS lengthens every packed sequence by one
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+            "drop_last": self.drop_last,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shards": f"{len(shards)} shards, {sequences} sequences, sha256 {digest}",
+        }
+
     # ------------------------------------------------------------------ planning
     def stream_units(self, stream: int, num_streams: int) -> list[int]:
         """Unit indices (into ``self.units``) of one logical stream this epoch."""
@@ -552,8 +575,11 @@ class TargetLoader:
     """A `DataLoader` over a `TargetDataset` that records how far each worker stream got,
     so ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly (the same
     remaining batches, in the same order, as an uninterrupted run with the same
-    ``num_workers``). Extra keyword arguments go to `DataLoader` (``pin_memory``,
-    ``prefetch_factor``, ``persistent_workers`` ...)."""
+    ``num_workers``). The state records every setting that decides which sequences go
+    into which batch (`TargetDataset.resume_settings` and ``num_workers``), and
+    ``load_state_dict`` refuses a state saved with other ones: counted in other batches,
+    the skipped part would not be what was delivered. Extra keyword arguments go to
+    `DataLoader` (``pin_memory``, ``prefetch_factor``, ``persistent_workers`` ...)."""
 
     def __init__(self, dataset: TargetDataset, num_workers: int = 0, **kwargs: Any) -> None:
         self.dataset = dataset
@@ -579,23 +605,23 @@ class TargetLoader:
         self.dataset.set_epoch(epoch)
         self._consumed, self._last_stream = {}, None
 
+    def _settings(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, **self.dataset.resume_settings()}
+
     def state_dict(self) -> dict[str, Any]:
         streams = max(1, self.num_workers)
         nxt = 0 if self._last_stream is None else (self._last_stream + 1) % streams
         return {
             "epoch": self.dataset.epoch,
-            "seed": self.dataset.seed,
-            "num_workers": self.num_workers,
             "consumed": {str(s): n for s, n in sorted(self._consumed.items())},
             "next_stream": nxt,
+            **self._settings(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["num_workers"]) != self.num_workers or int(state["seed"]) != self.dataset.seed:
-            raise ValueError(
-                "resume needs the same num_workers and seed as the run that saved the state "
-                f"(saved {state['num_workers']} workers, seed {state['seed']})"
-            )
+        """Continue where ``state`` (from `state_dict`) stopped. Raises `ValueError` when
+        the dataset or loader was built with settings other than the saved ones."""
+        self._check_settings(state)
         self.dataset.epoch = int(state["epoch"])
         self._consumed = {int(s): int(n) for s, n in state["consumed"].items()}
         # DataLoader serves workers round-robin from worker 0: rotate the streams so
@@ -605,6 +631,46 @@ class TargetLoader:
         self._last_stream = (
             None if not self._consumed else (rotation - 1) % max(1, self.num_workers)
         )
+
+    def _check_settings(self, state: dict[str, Any]) -> None:
+        current = self._settings()
+        epoch = int(state["epoch"])
+        started = any(int(n) > 0 for n in state["consumed"].values())
+        # to change settings, start an epoch afresh instead of resuming inside one
+        fresh = f"loader.set_epoch({epoch + 1 if started else epoch})"
+        differ = [
+            f"{key}: saved {state[key]!r}, current {now!r}"
+            for key, now in current.items()
+            if key in state
+            and state[key] != now
+            # without packing, a BOS changes no batch's sequences
+            and not (
+                key == "bos_id"
+                and state.get("pack_length") is None
+                and self.dataset.pack_length is None
+            )
+        ]
+        if differ:
+            raise ValueError(
+                "cannot resume from this loader state: it was saved by a reader with other "
+                "settings, and resuming with these would skip or repeat sequences ("
+                + "; ".join(differ)
+                + "). To resume epoch "
+                f"{epoch}, construct the TargetDataset (over the same run, on the same rank) "
+                "and the TargetLoader with the saved settings; to use the new settings, start "
+                f"a new epoch instead of resuming: {fresh}"
+            )
+        missing = [key for key in current if key not in state]
+        if missing and started:  # an older state: nothing to check these against
+            raise ValueError(
+                "cannot resume from this loader state: it was saved by an older reader that "
+                f"did not record {', '.join(missing)}, so it cannot be checked that this "
+                "dataset and loader batch the run as the saved one did (other settings "
+                "would skip or repeat sequences). If you are sure they are built with the "
+                "same settings, load it with the current ones filled in: "
+                "loader.load_state_dict({**loader.state_dict(), **state}); otherwise start "
+                f"a new epoch: {fresh}"
+            )
 
 
 __all__: Sequence[str] = [

@@ -173,6 +173,129 @@ def test_resume_mid_epoch_gives_the_same_remaining_batches(run, num_workers):
         TargetLoader(ds(), num_workers=num_workers + 1).load_state_dict(state)
 
 
+def _stop_after(loader, n):
+    """The first ``n`` batches of ``loader``, then its state as a checkpoint keeps it."""
+    head = []
+    for batch in loader:
+        head.append(batch)
+        if len(head) == n:
+            break
+    assert len(head) == n
+    return head, json.loads(json.dumps(loader.state_dict()))
+
+
+def _two_shards(run_dir):
+    r = open_run(str(run_dir))
+    r.shards = r.shards[:2]
+    return r
+
+
+@pytest.mark.parametrize(
+    "base,change,keys",
+    [
+        ({}, {"batch_size": 4}, ["batch_size"]),
+        ({}, {"pack_length": 16}, ["pack_length"]),
+        ({"pack_length": 16}, {"pack_length": 12}, ["pack_length"]),
+        ({}, {"shuffle": False}, ["shuffle", "shuffle_buffer"]),
+        ({}, {"shuffle_buffer": 3}, ["shuffle_buffer"]),
+        ({}, {"drop_last": True}, ["drop_last"]),
+        ({"pack_length": 16}, {"bos_id": 5}, ["bos_id"]),
+        ({"rank": 0, "world_size": 1}, {"rank": 0, "world_size": 2}, ["world_size"]),
+        ({"rank": 0, "world_size": 2}, {"rank": 1, "world_size": 2}, ["rank"]),
+        ({}, {"run": "two shards"}, ["shards"]),
+    ],
+)
+def test_resume_refuses_other_batching_settings(run, base, change, keys):
+    """A state saved after 7 batches of 2 counts 7 batches per stream; restored into a
+    reader that batches or orders the run differently it would skip or repeat data
+    (with 4 per batch: 28 sequences skipped instead of 14, so none of the 7 left came).
+    It is refused, naming each setting with its saved and current value."""
+
+    def ds(**kw):
+        kw = {"batch_size": 2, "seed": 7, "shuffle_buffer": 5, **kw}
+        if kw.pop("run", None):
+            return TargetDataset(_two_shards(run["dir"]), **kw)
+        return TargetDataset(str(run["dir"]), **kw)
+
+    stop = 7 if base.get("world_size", 1) == 1 else 3  # a rank of 2 has ~5 batches
+    saved = ds(**base)
+    _, state = _stop_after(TargetLoader(saved), stop)
+    other = ds(**{**base, **change})
+    with pytest.raises(ValueError) as err:
+        TargetLoader(other).load_state_dict(state)
+    msg = str(err.value)
+    for key in keys:
+        if key == "shards":
+            assert "shards: saved '3 shards, 21 sequences" in msg
+            assert "current '2 shards, 14 sequences" in msg
+        else:
+            want = f"{key}: saved {getattr(saved, key)!r}, current {getattr(other, key)!r}"
+            assert want in msg
+    every = ["seed", "num_workers", "batch_size", "pack_length", "bos_id", "shuffle"]
+    every += ["shuffle_buffer", "drop_last", "rank", "world_size", "shards"]
+    assert {k for k in every if f"{k}: saved" in msg} == set(keys), msg
+    assert "construct the TargetDataset" in msg and "saved settings" in msg
+    # the same settings resume (the state itself is fine)
+    TargetLoader(ds(**base)).load_state_dict(state)
+
+
+def test_bos_without_packing_does_not_block_resume(run):
+    """Without packing a BOS changes no batch's sequences, so resume accepts it."""
+    ds = TargetDataset(str(run["dir"]), batch_size=2, seed=7)
+    _, state = _stop_after(TargetLoader(ds), 3)
+    TargetLoader(TargetDataset(str(run["dir"]), batch_size=2, seed=7, bos_id=5)).load_state_dict(
+        state
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("pack_length", [None, 16])
+def test_resume_with_the_same_settings_delivers_exactly_the_rest(run, num_workers, pack_length):
+    """7 batches of 2, a checkpoint, a new reader with the same settings: the rest of
+    the epoch is exactly what an uninterrupted run delivers after those 7 batches."""
+
+    def loader():
+        ds = TargetDataset(
+            str(run["dir"]), batch_size=2, seed=7, shuffle_buffer=5, pack_length=pack_length
+        )
+        return TargetLoader(ds, num_workers=num_workers)
+
+    full = _seqs(loader())
+    head, state = _stop_after(loader(), 7)
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = _seqs(resumed)
+    assert len(_seqs(head)) == 14
+    assert _seqs(head) + rest == full
+    if pack_length is None:
+        assert len(rest) == 21 - 14
+
+
+def test_old_state_without_settings(run):
+    """A state from before the settings were recorded: loadable when nothing of the
+    epoch was consumed; otherwise refused (it cannot be checked), unless the caller
+    vouches for the settings by filling in the current ones."""
+
+    def loader():
+        return TargetLoader(TargetDataset(str(run["dir"]), batch_size=2, seed=7))
+
+    old_keys = ("epoch", "seed", "num_workers", "consumed", "next_stream")
+    full = _seqs(loader())
+    head, state = _stop_after(loader(), 7)
+    old = {k: state[k] for k in old_keys}
+    with pytest.raises(ValueError, match=r"older reader that did not record batch_size") as err:
+        loader().load_state_dict(old)
+    assert "set_epoch(1)" in str(err.value)
+    resumed = loader()
+    resumed.load_state_dict({**resumed.state_dict(), **old})
+    assert _seqs(head) + _seqs(resumed) == full
+    # at the start of an epoch there is nothing to skip: any settings are safe
+    fresh = {**old, "epoch": 1, "consumed": {}, "next_stream": 0}
+    other = TargetLoader(TargetDataset(str(run["dir"]), batch_size=4, seed=7))
+    other.load_state_dict(fresh)
+    assert other.dataset.epoch == 1 and len(_seqs(other)) == 21
+
+
 def test_packing_keeps_every_target_and_restarts_segments(run):
     plain = _all(TargetDataset(str(run["dir"]), batch_size=4, shuffle=False))
     packed = _all(TargetDataset(str(run["dir"]), batch_size=3, shuffle=False, pack_length=16))
@@ -300,3 +423,45 @@ def test_prefetching_does_not_change_the_stream(run):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert all(torch.equal(x[key], y[key]) for key in x)
+
+
+_S3_READ = """
+import json, sys
+from pipeline.reader import TargetDataset, TargetLoader
+url, opts = sys.argv[1], json.loads(sys.argv[2])
+ds = TargetDataset(url, batch_size=2, seed=3, storage_options=opts)
+seqs = []
+for b in TargetLoader(ds, num_workers=2):  # fork: the workers inherit the parent's s3fs
+    seqs += [row[attn].tolist() for row, attn in zip(b["input_ids"], b["attention_mask"])]
+print(json.dumps(seqs))
+"""
+
+
+@pytest.mark.integration
+def test_forked_workers_read_s3_without_event_loop_errors(run, s3_server):
+    """Two forked DataLoader workers over s3:// deliver every sequence and print nothing
+    on stderr (a worker that reused the parent's cached s3fs instance, bound to the
+    parent's event loop, printed asyncio "attached to a different loop" tracebacks)."""
+    import os
+    import subprocess
+    import sys
+
+    import s3fs
+
+    opts, bucket = s3_server["options"], s3_server["bucket"]
+    s3fs.S3FileSystem(skip_instance_cache=True, **opts).put(
+        f"{run['dir']}/", f"{bucket}/reader-run/", recursive=True
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _S3_READ, f"s3://{bucket}/reader-run", json.dumps(opts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "AWS_DEFAULT_REGION": "us-east-1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "attached to a different loop" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    got = [tuple(s) for s in json.loads(proc.stdout)]
+    local = _seqs(_all(TargetDataset(str(run["dir"]), batch_size=2, seed=3), num_workers=2))
+    assert got == local and len(got) == 21
