@@ -855,6 +855,7 @@ def inspect_document(
             "row i is the target for the token after tokens[:i] (its actual next token is "
             "tokens[i]; the last row predicts the student EOS); * = loss_mask (a training target)",
         ]
+        ranges: list[str] = []  # chunks that do not hold row ``pos``
         for i in where:
             g = int(np.searchsorted(starts, i, side="right") - 1)
             table = pf.read_row_group(g).slice(i - int(starts[g]), 1)
@@ -862,8 +863,9 @@ def inspect_document(
             u = _decode(table, k)
             ids = u.ids.tolist()
             L = len(ids)
-            if pos is not None and not 0 <= pos <= L:
-                raise AuditError(f"--pos {pos} outside rows 0..{L} of doc {doc_id!r} chunk {chunk}")
+            if pos is not None and not 0 <= pos <= L:  # rows count from 0 in each chunk
+                ranges.append(f"chunk {chunk}: rows 0..{L}")
+                continue
             text = S.decode_bytes(ids).decode("utf-8", errors="replace")
             out.append(f"--- chunk {chunk}: {L} student tokens, {L + 1} target rows")
             first = 0
@@ -885,6 +887,10 @@ def inspect_document(
                     f"{'*' if u.loss_mask[r] else ' '} row {r:4d}  next {nxt!r:<14} "
                     f"logP {float(u.target_lp[r]):8.3f} | {tops} | tail {float(u.tail[r]):.4f}"
                 )
+        if pos is not None and len(ranges) == len(where):
+            raise AuditError(
+                f"--pos {pos} is in no chunk of doc {doc_id!r} (" + "; ".join(ranges) + ")"
+            )
         return "\n".join(out)
     finally:
         with contextlib.suppress(Exception):

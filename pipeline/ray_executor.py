@@ -112,7 +112,7 @@ class RayMetrics:
 register_metrics(RayMetrics.create)
 
 
-@ray.remote(max_restarts=0, max_concurrency=2)
+@ray.remote(max_restarts=0, max_concurrency=2)  # type: ignore[call-overload]
 class ShardWorker:
     """One `GenerateStep` per actor (``xtok-worker-<i>``); logs go to the Ray worker log
     and, per shard, to ``<output>/logs/<shard>.log``. Two threads: one runs `process`

@@ -22,6 +22,7 @@ from jobs.audit import PLOTS
 from jobs.audit import main as audit_main
 from jobs.generate import main as generate
 from pipeline.audit import HISTOGRAMS
+from pipeline.shards import read_table
 from schemas.targets import LOGPROB_STEP, decode_topk_logprobs
 from tests.tiny_assets import tiny_job_args
 
@@ -398,7 +399,23 @@ def test_inspect_prints_decoded_tokens_and_top_targets(run, capsys):
     assert audit_main(["inspect", str(shard), "--doc", "nope"]) == 2
     assert "'nope' is not in shard part-0" in capsys.readouterr().err
     assert audit_main(["inspect", str(shard), "--doc", "s0d2", "--pos", "999"]) == 2
-    assert "outside rows" in capsys.readouterr().err
+    assert "--pos 999 is in no chunk of doc 's0d2' (chunk 0: rows 0.." in capsys.readouterr().err
+    # a chunked document: --pos is a row of whichever chunks have it (it was checked
+    # against the last chunk only, so a row of a longer first chunk was refused)
+    chunked = run["dir"] / "part-2.parquet"
+    lengths = {
+        r["chunk"]: len(r["input_ids"])
+        for r in read_table(str(chunked)).to_pylist()
+        if r["doc_id"] == "s2d3"
+    }
+    assert len(lengths) > 1 and lengths[0] > lengths[max(lengths)]
+    pos = lengths[0]  # the first chunk's last row (it predicts past the chunk)
+    assert audit_main(["inspect", str(chunked), "--doc", "s2d3", "--pos", str(pos)]) == 0
+    shown = capsys.readouterr().out
+    assert "--- chunk 0:" in shown and f"--- chunk {max(lengths)}:" not in shown
+    assert len([line for line in shown.splitlines() if ROW_LINE.match(line)]) == sum(
+        1 for L in lengths.values() if pos <= L
+    )
 
 
 # ---------------------------------------------------------------------------- live re-score

@@ -580,3 +580,12 @@ def test_general_scorer_scores_chats_and_only_the_target_rows(tiny_teacher_dir, 
         want = decode_topk_logprobs(np.reshape(r["topk_logprob_dq"], (-1, 8)))[mask]
         np.testing.assert_allclose(np.exp(want), np.exp(doc.topk_logprobs[mask]), atol=2e-3)
         np.testing.assert_allclose(unacc[mask], doc.unaccounted_mass[mask], atol=1e-6)
+
+
+def test_overrides_may_follow_or_surround_the_flags():
+    """`--show 0 --executor local input.limit=1` was refused ("unrecognized arguments")."""
+    from jobs.generate import parse_args
+
+    args = parse_args(["a.b=1", "--show", "0", "c.d=2", "--executor", "local", "e.f=[x, y]"])
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=[x, y]"]
+    assert (args.show, args.executor) == (0, "local")

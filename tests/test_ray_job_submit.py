@@ -25,9 +25,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def foreign_python(tmp_path_factory):
+    """A Python with nothing but Ray installed (the same Ray version), as a cluster
+    started from a system or image Python has: the project and its dependencies are
+    not there."""
+    import ray
+
+    venv = tmp_path_factory.mktemp("ray-only") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    r = subprocess.run(
+        [
+            f"{venv}/bin/python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            f"ray[default]=={ray.__version__}",
+            "-c",
+            str(ROOT / "infra" / "constraints.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot install ray into a second venv (no package index?): {r.stderr[-500:]}")
+    return f"{venv}/bin"
+
+
 @pytest.fixture()
-def head(tmp_path):
-    bindir = os.path.dirname(sys.executable)
+def head(tmp_path, request):
+    """A head started by ``ray start --head`` from this venv, or from the Ray-only venv
+    when the test asks for ``foreign_head``."""
+    bindir = (
+        request.getfixturevalue("foreign_python")
+        if "foreign_head" in request.keywords
+        else os.path.dirname(sys.executable)
+    )
     env = {
         **os.environ,
         "PATH": f"{bindir}:{os.environ['PATH']}",
@@ -78,6 +113,59 @@ def head(tmp_path):
     yield address, env
     stop_process_group(proc, timeout=30)
     log.close()
+
+
+def _submit(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    deadline = time.time() + 120
+    while True:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        # the head answers `ray job list` before its job agent is up (slow on a busy
+        # machine); Ray's own message says to try again later
+        if r.returncode == 0 or "No available agent" not in r.stderr + r.stdout:
+            return r
+        assert time.time() < deadline, "the head's job agent never came up"
+        time.sleep(2)
+
+
+@pytest.mark.foreign_head
+def test_the_readme_form_for_a_cluster_started_from_another_python(
+    head, tiny_teacher_dir, tmp_path
+):
+    """The cluster's Python has Ray only. The plain form fails (ModuleNotFoundError in
+    the driver); the README's form (the project's venv Python as the entrypoint and as
+    the workers' ``py_executable``) runs the job."""
+    address, env = head
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "q.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "text": f"Question {i}?"}) + "\n" for i in range(4))
+    )
+
+    def job(out: str) -> list[str]:
+        return ["-m", "jobs.generate", *tiny_job_args(tiny_teacher_dir, f"{inp}/*.jsonl", out)]
+
+    ray_cli = [f"{env['PATH'].split(':')[0]}/ray", "job", "submit", "--address", address]
+    plain = _submit(
+        [*ray_cli, "--working-dir", str(ROOT), "--", "python", *job(str(tmp_path / "out"))], env
+    )
+    assert plain.returncode != 0 and "ModuleNotFoundError" in plain.stdout + plain.stderr
+    venv_python = sys.executable  # the project's venv, at the same path on every node
+    runtime_env = json.dumps({"py_executable": venv_python})
+    r = _submit(
+        [
+            *ray_cli,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            venv_python,
+            *job(str(tmp_path / "out2")),
+        ],
+        env,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "out2" / "index.json").read_text())["totals"]["documents"] == 4
 
 
 def test_ray_job_submit_runs_a_tiny_job(head, tiny_teacher_dir, tmp_path):
