@@ -293,6 +293,22 @@ def test_a_wrong_text_field_is_a_named_error_not_an_empty_shard(tiny_teacher_dir
     skip = recs[1]
     assert isinstance(skip, Skip)
     assert (skip.index, skip.line, skip.kind) == (1, 2, "missing text field")
+    # statistics group by kind: keys carry no data (they were the text before ":",
+    # e.g. 'invalid UTF-8 at byte 31')
+    (inp / "bad.jsonl").write_bytes(
+        b'{"text": "fine"}\n{"text": "caf\xe9 au lait"}\n{"text": "x\xff"}\n[1]\n{"text": 5}\n'
+    )
+    from pipeline.executors import _reasons
+
+    recs = read_shard(str(inp / "bad.jsonl"), InputConfig()).records
+    skipped = [r.as_dict() for r in recs if isinstance(r, Skip)]
+    assert _reasons([{"skipped": skipped}]) == {
+        "invalid UTF-8": 2,
+        "not a JSON object": 1,
+        "text not a string": 1,
+    }
+    assert [s["line"] for s in skipped] == [2, 3, 4, 5]
+    assert "at byte" in skipped[0]["reason"]  # the details stay in the reason
     # the right field: the run commits; a run whose every record is skipped does not exit 0
     assert (
         main(
