@@ -166,7 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         f"documents            {stats['documents']} ({stats['skipped']} records skipped: {stats['skipped_by_reason']})"
     )
     print(f"student tokens       {stats['student_tokens']}")
-    print(f"tokens/s             {stats['student_tokens_per_second']}")
+    rate = stats["student_tokens_per_second"]
+    print(
+        f"tokens/s             {rate}"
+        + (
+            " (recorded by the run that committed the shards)"
+            if not stats["shards_this_run"]
+            else ""
+        )
+    )
     print(f"bytes/student token  {stats['bytes_per_student_token']}")
     print(f"mean top-k mass      {stats['mean_topk_mass']} (target rows)")
     if stats["documents"] == 0:
