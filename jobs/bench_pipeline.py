@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from jobs.generate import DEMO_CONFIG, demo_inputs
-    from jobs.generate import main as generate
+    from pipeline import run as run_job
     from pipeline.config import load_config
     from pipeline.generate import GenerateStep
     from pipeline.records import Document, read_shard
@@ -69,19 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     out = tempfile.mkdtemp(prefix="xtok-bench-")
     try:
         t = time.perf_counter()
-        rc = generate(
+        job_cfg = load_config(
+            DEMO_CONFIG,
             [
-                "--show",
-                "0",
                 f"input.paths={json.dumps(shards)}",
                 f"output.path={out}",
                 "ray.num_actors=1",
                 f"ray.num_cpus_per_actor={torch.get_num_threads()}",
                 "teacher.device=cpu",
-            ]
+            ],
         )
+        run_job(job_cfg, executor="ray")
         t_job = time.perf_counter() - t
-        assert rc == 0
         stats = json.loads(Path(out, "stats.json").read_text())
         index = json.loads(Path(out, "index.json").read_text())
         shard_seconds = sum(

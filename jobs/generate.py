@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pipeline import redact
     from pipeline.config import ConfigError, load_config
-    from pipeline.executors import Progress, finalize, plan, run_local
+    from pipeline.job import run
 
     redact.install()  # credentials given in storage_options never reach a log line
     try:
@@ -127,37 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         redact.remember(cfg.model_dump(mode="json"))
         if not cfg.input.paths and args.config is None:
             cfg.input.paths = demo_inputs()
-        p = plan(cfg, overwrite=args.overwrite)
-    except ConfigError as err:
-        print(f"error: {redact.redact(str(err))}", file=sys.stderr)
-        return 2
-    log.info(
-        "%d input shards, %d already committed, %d to do -> %s",
-        len(p.shards),
-        len(p.done),
-        len(p.todo),
-        cfg.output.path,
-    )
-    progress = Progress(len(p.shards), len(p.done))
-    t0 = time.perf_counter()
-    manifests = dict(p.done)
-    try:
-        if args.executor == "local":
-            new = run_local(cfg, p.todo, progress.shard_done, progress=progress)
-        else:
-            from pipeline.ray_executor import run_ray
-
-            new = run_ray(cfg, p.todo, progress.shard_done, progress=progress)
-    except ConfigError as err:  # found only once the cluster is seen (accelerator type)
+        result = run(cfg, executor=args.executor, overwrite=args.overwrite)
+    except ConfigError as err:  # before any model, or once the cluster is seen
         print(f"error: {redact.redact(str(err))}", file=sys.stderr)
         return 2
     except Exception as err:
         log.error("%s: %s", type(err).__name__, err)
         print(f"error: {redact.redact(str(err))}", file=sys.stderr)
         return 1
-    by_input = {m["input"]: m for m in new}
-    manifests.update(by_input)
-    stats = finalize(cfg, p, manifests, time.perf_counter() - t0)
+    p, manifests, stats = result.plan, result.manifests, result.stats
     print("\n=== summary ===")
     print(
         f"output               {cfg.output.path} ({stats['shards']} shards, {stats['shards_this_run']} this run)"

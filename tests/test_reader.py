@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.generate import main
+from pipeline import run as run_job
 from pipeline.reader import IGNORE_INDEX, ShardError, TargetDataset, TargetLoader, open_run
 from schemas.targets import LOGPROB_STEP
-from tests.tiny_assets import tiny_job_args
+from tests.tiny_assets import tiny_job_config
 
 K = 8
 WORDS = [
@@ -49,10 +49,10 @@ def run(tmp_path_factory, tiny_teacher_dir):
         recs = [{"id": f"s{s}d{d}", "text": _text(s, d)} for d in range(7)]
         texts.update({r["id"]: r["text"] for r in recs})
         (root / "in" / f"part-{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    args = tiny_job_args(
+    cfg = tiny_job_config(
         tiny_teacher_dir, f"{root}/in/*.jsonl", str(root / "out"), "output.row_group_rows=3"
     )
-    assert main([*args, "--executor", "local"]) == 0
+    assert run_job(cfg, executor="local").stats["documents"] == 21
     return {"dir": root / "out", "texts": texts, "teacher": tiny_teacher_dir}
 
 

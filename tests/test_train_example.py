@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from jobs.generate import main as generate
 from jobs.train_student import main as train_student
-from tests.tiny_assets import tiny_job_args
+from pipeline import run as run_job
+from tests.tiny_assets import tiny_job_config
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,8 @@ def run(tmp_path_factory, tiny_teacher_dir):
     for s in range(2):
         recs = [{"id": f"s{s}d{d}", "text": _text(s, d)} for d in range(6)]
         (root / "in" / f"part-{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    args = tiny_job_args(tiny_teacher_dir, f"{root}/in/*.jsonl", str(root / "out"))
-    assert generate([*args, "--executor", "local"]) == 0
+    cfg = tiny_job_config(tiny_teacher_dir, f"{root}/in/*.jsonl", str(root / "out"))
+    assert run_job(cfg, executor="local").stats["documents"] == 12
     return root / "out"
 
 

@@ -216,6 +216,13 @@ def tiny_job_args(teacher_dir, input_glob: str, output: str, *extra: str) -> lis
     ]
 
 
+def tiny_job_config(teacher_dir, input_glob: str, output: str, *extra: str):
+    """The `JobConfig` of `tiny_job_args`, for `pipeline.run`."""
+    from pipeline.config import load_config
+
+    return load_config(None, tiny_job_args(teacher_dir, input_glob, output, *extra)[2:])
+
+
 def stop_process_group(proc, timeout: float) -> None:
     """SIGTERM a subprocess started with start_new_session, SIGKILL if it lingers."""
     import os
