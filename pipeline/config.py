@@ -16,9 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class ConfigError(ValueError):
-    """The job configuration is invalid; the message says which key and why."""
+from pipeline.errors import ConfigError as ConfigError  # defined there; imported from here too
 
 
 class _Strict(BaseModel):

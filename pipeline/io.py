@@ -21,13 +21,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-
-class StorageError(RuntimeError):
-    """Reading or writing a path failed (missing file, permissions, credentials, network).
-
-    Raised after the storage client's own retries (for s3fs: botocore retries throttling,
-    5xx answers and dropped connections, by default 5 attempts with exponential backoff;
-    tune with ``storage_options={"config_kwargs": {"retries": {...}}}``)."""
+from pipeline.errors import StorageError as StorageError  # defined there; imported from here too
 
 
 def _why(err: BaseException) -> str:

@@ -31,18 +31,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import (
-    ActorDiedError,
-    ActorUnavailableError,
-    RayActorError,
-    RayTaskError,
-    WorkerCrashedError,
-)
+from ray.exceptions import RayTaskError
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.errors import RETRYABLE, classify
 from pipeline.executors import (
     HEARTBEAT_SECONDS,
     Progress,
@@ -50,12 +46,10 @@ from pipeline.executors import (
     process_logged,
     register_metrics,
 )
-from pipeline.io import StorageError
 from pipeline.shards import output_name
 
 log = logging.getLogger(__name__)
 
-INFRA_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
 ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's custom resource for `accelerator_type`
 # Ray drops a gauge not set for two metric report intervals (10 s each by default), so
 # the driver re-publishes its progress this often, commits or not.
@@ -178,14 +172,47 @@ def _poll_progress(progress: Progress, actors: list[Any]) -> None:
             progress.running[got[0]] = got[1]
 
 
-def ensure_ray(cfg: JobConfig) -> None:
+def connect(address: str | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (default: ``RAY_ADDRESS``), else start a local
+    one; nothing when Ray is already initialized. Returns whether this call started it
+    (the one Ray start-up of the project: the job and the audit use it)."""
     if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def ensure_ray(cfg: JobConfig) -> None:
+    connect(cfg.ray.address)
+
+
+def map_in_order(
+    fn: Callable[..., Any],
+    items: list[tuple[str, tuple[Any, ...]]],
+    on_result: Callable[[Any], None],
+    address: str | None = None,
+    num_cpus: float = 1,
+    max_retries: int = 3,
+) -> None:
+    """Run ``fn(*args)`` as one Ray task per ``(name, args)`` item (``num_cpus`` each,
+    retried ``max_retries`` times if its worker dies) and hand each result to
+    ``on_result`` in item order as it becomes available (a handed-on result is dropped
+    so Ray can free it). Joins or starts Ray with `connect`, and shuts down a Ray it
+    started."""
+    started = connect(address)
+    try:
+        task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
+        futures = [task.options(name=name).remote(*args) for name, args in items]
+        futures.reverse()
+        while futures:
+            on_result(ray.get(futures.pop()))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _actor_options(cfg: JobConfig) -> tuple[dict[str, Any], int]:
@@ -254,6 +281,148 @@ def _actor_options(cfg: JobConfig) -> tuple[dict[str, Any], int]:
     return opts, capacity
 
 
+@dataclass
+class Outcome:
+    """What a transition of `Scheduler` decided, for the driver to log and act on."""
+
+    shard: str
+    attempt: int  # attempts used so far
+    requeued: bool  # back in the queue (after ``delay`` seconds)
+    delay: float = 0.0
+    failed: str | None = None  # the shard's final failure reason
+
+
+@dataclass
+class Scheduler:
+    """The Ray executor's bookkeeping, with no Ray in it (so each transition is testable
+    alone): which shards are queued, running (on which actor, under which task future),
+    committed or failed, which actors are idle or still starting, and how many attempts
+    each shard used. Actors and futures are opaque handles here.
+
+    A shard goes queued -> running -> committed; a lost worker or a retryable task
+    error puts it back in the queue (after ``storage_retry_seconds x attempt`` for a
+    task error, at once for a lost worker) until it has used ``max_retries`` retries,
+    then it fails; any other task error fails it at once. An actor that fails to start
+    is replaced up to ``max_retries`` times in all. The run stalls (and every queued
+    shard fails) when shards are queued but no actor is idle, running or starting, or
+    when none has ever started by ``deadline``.
+    """
+
+    queue: list[str]
+    max_retries: int
+    storage_retry_seconds: float
+    deadline: float  # monotonic time by which some actor must have started
+    node_wait_seconds: float = 0.0  # what the deadline allowed (for the message)
+    idle: list[Any] = field(default_factory=list)  # actors without a shard
+    starting: dict[Any, Any] = field(default_factory=dict)  # ready future -> actor
+    running: dict[Any, tuple[Any, str]] = field(default_factory=dict)  # future -> (actor, shard)
+    attempts: dict[str, int] = field(default_factory=dict)
+    not_before: dict[str, float] = field(default_factory=dict)  # retry no earlier than
+    done: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    start_failures: list[str] = field(default_factory=list)
+    started: bool = False  # some actor has started (or was placed within capacity)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def stall_reason(self, now: float, what: str) -> str | None:
+        """Why queued shards can never run (``what`` names the actor resources), or None."""
+        if not self.queue or self.idle or self.running:
+            return None
+        if self.starting and (self.started or now <= self.deadline):
+            return None
+        if self.start_failures:
+            return f"no actor could start: {self.start_failures[-1]}"
+        return (
+            f"no actor started within ray.node_wait_seconds={self.node_wait_seconds:.0f}s: no "
+            f"node has room for an actor with {what} (or starting one takes longer: raise "
+            "ray.node_wait_seconds)"
+        )
+
+    def fail_queued(self, reason: str) -> None:
+        for url in self.queue:
+            self.failed[url] = reason
+        self.queue.clear()
+
+    def assign(self, now: float) -> list[tuple[Any, str, int]]:
+        """(actor, shard, attempt number) for each idle actor and each shard that is due;
+        the caller submits the task and reports its future with `submitted`."""
+        out = []
+        while self.idle:
+            due = [u for u in self.queue if self.not_before.get(u, 0.0) <= now]
+            if not due:
+                break
+            url = due[0]
+            self.queue.remove(url)
+            out.append((self.idle.pop(), url, self.attempts.get(url, 0) + 1))
+        return out
+
+    def submitted(self, fut: Any, actor: Any, url: str) -> None:
+        self.running[fut] = (actor, url)
+
+    def waiting(self) -> list[Any]:
+        """The futures worth waiting on: running tasks, and starting actors while
+        shards are queued."""
+        return list(self.running) + (list(self.starting) if self.queue else [])
+
+    def next_wake(self) -> float:
+        """When the earliest queued shard is due (nothing to wait on meanwhile)."""
+        return min(self.not_before.get(u, 0.0) for u in self.queue)
+
+    def add_starting(self, fut: Any, actor: Any) -> None:
+        self.starting[fut] = actor
+
+    def actor_started(self, fut: Any) -> Any:
+        actor = self.starting.pop(fut)
+        self.started = True
+        self.idle.append(actor)
+        return actor
+
+    def actor_start_failed(self, fut: Any, reason: str) -> tuple[Any, bool]:
+        """(the actor, whether to start a replacement)."""
+        actor = self.starting.pop(fut)
+        self.start_failures.append(reason)
+        return actor, len(self.start_failures) <= self.max_retries
+
+    def committed(self, fut: Any, manifest: dict[str, Any]) -> Any:
+        actor, _ = self.running.pop(fut)
+        self.done.append(manifest)
+        self.idle.append(actor)
+        return actor
+
+    def task_failed(self, fut: Any, reason: str, retryable: bool, now: float) -> Outcome:
+        """The task raised; its actor lives on and is idle again."""
+        actor, url = self.running.pop(fut)
+        self.idle.append(actor)
+        if not retryable:
+            self.failed[url] = reason
+            return Outcome(url, self.attempts.get(url, 0), False, failed=reason)
+        n = self.attempts[url] = self.attempts.get(url, 0) + 1
+        if n <= self.max_retries:
+            delay = self.storage_retry_seconds * n
+            self.not_before[url] = now + delay
+            self.queue.append(url)
+            return Outcome(url, n, True, delay)
+        self.failed[url] = f"storage failed {n} times: {reason}"
+        return Outcome(url, n, False, failed=self.failed[url])
+
+    def worker_lost(self, fut: Any, why: str) -> tuple[Any, Outcome]:
+        """The actor (or its node) died holding the shard: (the dead actor, outcome);
+        the caller starts a replacement."""
+        actor, url = self.running.pop(fut)
+        n = self.attempts[url] = self.attempts.get(url, 0) + 1
+        if n <= self.max_retries:
+            self.queue.append(url)
+            return actor, Outcome(url, n, True)
+        self.failed[url] = f"worker lost {n} times: {why}"
+        return actor, Outcome(url, n, False, failed=self.failed[url])
+
+    def leftover_actors(self) -> list[Any]:
+        return [*self.idle, *self.starting.values()]
+
+
 def run_ray(
     cfg: JobConfig,
     todo: list[str],
@@ -264,8 +433,10 @@ def run_ray(
     with the ``ray_node_id``, ``actor`` and ``attempt`` that committed it) and raises
     `ShardFailed` naming every shard that could not be committed.
 
-    ``progress``, when given, is published at the start and every `PUBLISH_SECONDS`, so the dashboard
-    metrics show the run before its first shard commits and stay fresh.
+    The bookkeeping is a `Scheduler`; this loop only talks to Ray (submit, wait, get,
+    kill) and logs. ``progress``, when given, is published at the start and every
+    `PUBLISH_SECONDS`, so the dashboard metrics show the run before its first shard
+    commits and stay fresh.
     """
     if not todo:
         return []
@@ -294,64 +465,40 @@ def run_ray(
             capacity,
             opts,
         )
-    starting: dict[Any, Any] = {}  # ready future -> actor not started yet
+    sched = Scheduler(
+        queue=list(todo),
+        max_retries=cfg.ray.max_retries,
+        storage_retry_seconds=cfg.ray.storage_retry_seconds,
+        deadline=time.monotonic() + cfg.ray.node_wait_seconds,
+        node_wait_seconds=cfg.ray.node_wait_seconds,
+    )
 
     def start_actor() -> None:
         actor = new_actor()
-        starting[actor.__ray_ready__.remote()] = actor
+        sched.add_starting(actor.__ray_ready__.remote(), actor)
 
     # actors the live nodes have room for now will start: shards may wait on them (as
     # they go out at once); any others take work only once they have started
-    early = [new_actor() for _ in range(min(n_actors, capacity))]
-    for _ in range(n_actors - len(early)):
+    sched.idle = [new_actor() for _ in range(min(n_actors, capacity))]
+    sched.started = bool(sched.idle)  # a pool that never starts fails at the deadline
+    for _ in range(n_actors - len(sched.idle)):
         start_actor()
     log.info("starting %d actors with %s for %d shards", n_actors, opts, len(todo))
     if progress is not None:
         progress.publish()
-    queue = list(todo)
-    attempts: dict[str, int] = {}
-    not_before: dict[str, float] = {}  # shards to retry after a storage error: when
-    running: dict[Any, tuple[Any, str]] = {}  # future -> (actor, shard)
-    done: list[dict[str, Any]] = []
-    failed: dict[str, str] = {}
-    idle: list[Any] = early  # actors without a shard (started, or within capacity)
-    start_failures: list[str] = []
-    started = bool(early)  # a pool that never starts fails at the deadline
-    deadline = time.monotonic() + cfg.ray.node_wait_seconds
     last_line = time.monotonic()
-    while queue or running:
-        if (
-            queue
-            and not (idle or running)
-            and (not starting or (not started and time.monotonic() > deadline))
-        ):
-            why = (
-                f"no actor could start: {start_failures[-1]}"
-                if start_failures
-                else f"no actor started within ray.node_wait_seconds="
-                f"{cfg.ray.node_wait_seconds:.0f}s: no node has room for an actor with {opts} "
-                "(or starting one takes longer: raise ray.node_wait_seconds)"
-            )
-            for url in queue:
-                failed[url] = why
+    while sched.active:
+        why = sched.stall_reason(time.monotonic(), str(opts))
+        if why is not None:
+            sched.fail_queued(why)
             log.error("%s", why)
             break
-        while idle:
-            now = time.monotonic()
-            due = [u for u in queue if not_before.get(u, 0.0) <= now]
-            if not due:
-                break
-            url = due[0]
-            queue.remove(url)
-            actor = idle.pop()
-            fut = actor.process.options(name=f"xtok-shard-{output_name(url)}").remote(
-                url, attempts.get(url, 0) + 1
-            )
-            running[fut] = (actor, url)
-        waiting = list(running) + (list(starting) if queue else [])
+        for actor, url, attempt in sched.assign(time.monotonic()):
+            fut = actor.process.options(name=f"xtok-shard-{output_name(url)}").remote(url, attempt)
+            sched.submitted(fut, actor, url)
+        waiting = sched.waiting()
         if not waiting:  # only shards waiting to be retried, and idle actors
-            wake = min(not_before.get(u, 0.0) for u in queue)
-            time.sleep(min(PUBLISH_SECONDS, max(0.0, wake - time.monotonic())))
+            time.sleep(min(PUBLISH_SECONDS, max(0.0, sched.next_wake() - time.monotonic())))
             continue
         ready, _ = ray.wait(waiting, num_returns=1, timeout=PUBLISH_SECONDS)
         if not ready:
@@ -360,31 +507,34 @@ def run_ray(
             if time.monotonic() - last_line >= HEARTBEAT_SECONDS:
                 last_line = time.monotonic()
                 if progress is not None:
-                    _poll_progress(progress, [a for a, _ in running.values()])
-                    progress.heartbeat(force=True, queued=len(queue), active=len(running))
+                    _poll_progress(progress, [a for a, _ in sched.running.values()])
+                    progress.heartbeat(
+                        force=True, queued=len(sched.queue), active=len(sched.running)
+                    )
                 log.info(
                     "%d shards running, %d queued, %d committed this run%s",
-                    len(running),
-                    len(queue),
-                    len(done),
-                    f"; {len(starting)} actors waiting to start" if starting else "",
+                    len(sched.running),
+                    len(sched.queue),
+                    len(sched.done),
+                    f"; {len(sched.starting)} actors waiting to start" if sched.starting else "",
                 )
             continue
         fut = ready[0]
-        if fut in starting:
-            actor = starting.pop(fut)
+        if fut in sched.starting:
             try:
                 ray.get(fut)
-            except (RayTaskError, *INFRA_ERRORS) as err:
+            except Exception as err:
+                if not isinstance(err, RayTaskError) and classify(err) != RETRYABLE:
+                    raise  # neither the actor's constructor nor a lost worker: Ray itself
                 reason = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-                start_failures.append(reason)
+                actor, replace = sched.actor_start_failed(fut, reason)
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
-                if len(start_failures) <= cfg.ray.max_retries:
+                if replace:
                     log.warning(
                         "an actor failed to start (%s); starting another (%d/%d)",
                         reason,
-                        len(start_failures),
+                        len(sched.start_failures),
                         cfg.ray.max_retries,
                     )
                     start_actor()
@@ -392,77 +542,68 @@ def run_ray(
                     log.error(
                         "an actor failed to start (%s); %d failures, no more replacements",
                         reason,
-                        len(start_failures),
+                        len(sched.start_failures),
                     )
                 continue
-            started = True
-            idle.append(actor)
+            sched.actor_started(fut)
             continue
-        actor, url = running.pop(fut)
+        url = sched.running[fut][1]
+        name = output_name(url)
         try:
             m = ray.get(fut)
-        except INFRA_ERRORS as err:
-            attempts[url] = attempts.get(url, 0) + 1
-            name = output_name(url)
+        except RayTaskError as err:  # the task raised (err.cause); its actor lives on
+            cause = getattr(err, "cause", None)
+            reason = str(cause if cause is not None else err).splitlines()[0]
+            out = sched.task_failed(fut, reason, classify(err) == RETRYABLE, time.monotonic())
+            if out.requeued:  # e.g. storage still failing after the client's own retries
+                log.warning(
+                    "shard %s: storage error (%s); attempt %d/%d in %.0fs",
+                    url,
+                    reason,
+                    out.attempt,
+                    cfg.ray.max_retries,
+                    out.delay,
+                )
+                append_shard_log(
+                    cfg,
+                    name,
+                    f"shard {name}: storage error after the client's retries ({reason}); "
+                    f"attempt {out.attempt}/{cfg.ray.max_retries} of the retries in "
+                    f"{out.delay:.0f}s",
+                )
+            else:
+                log.error("shard %s failed: %s", url, out.failed)
+                append_shard_log(cfg, name, f"shard failed: {out.failed}", "ERROR")
+            continue
+        except Exception as err:  # Ray's own error: the actor or its node is gone
+            if classify(err) != RETRYABLE:
+                raise
             if progress is not None:
                 progress.running.pop(name, None)
+            actor, out = sched.worker_lost(fut, str(err))
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             line = (
-                f"worker lost ({type(err).__name__}); attempt {attempts[url]}/"
+                f"worker lost ({type(err).__name__}); attempt {out.attempt}/"
                 f"{cfg.ray.max_retries}: {first}"
             )
             log.warning("shard %s: %s", url, line)
-            if attempts[url] <= cfg.ray.max_retries:
-                queue.append(url)
+            if out.requeued:
                 append_shard_log(cfg, name, f"shard {name}: {line}; requeued")
             else:
-                failed[url] = f"worker lost {attempts[url]} times: {err}"
-                append_shard_log(cfg, name, f"shard failed: {failed[url]}", "ERROR")
+                append_shard_log(cfg, name, f"shard failed: {out.failed}", "ERROR")
             with contextlib.suppress(Exception):
                 ray.kill(actor)
             start_actor()
             continue
-        except RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            reason = str(cause if cause is not None else err).splitlines()[0]
-            idle.append(actor)
-            if isinstance(cause, StorageError):  # storage still failing after the client's
-                attempts[url] = attempts.get(url, 0) + 1  # own retries: try again later
-                if attempts[url] <= cfg.ray.max_retries:
-                    delay = cfg.ray.storage_retry_seconds * attempts[url]
-                    log.warning(
-                        "shard %s: storage error (%s); attempt %d/%d in %.0fs",
-                        url,
-                        reason,
-                        attempts[url],
-                        cfg.ray.max_retries,
-                        delay,
-                    )
-                    not_before[url] = time.monotonic() + delay
-                    queue.append(url)
-                    append_shard_log(
-                        cfg,
-                        output_name(url),
-                        f"shard {output_name(url)}: storage error after the client's retries "
-                        f"({reason}); attempt {attempts[url]}/{cfg.ray.max_retries} of the "
-                        f"retries in {delay:.0f}s",
-                    )
-                    continue
-                reason = f"storage failed {attempts[url]} times: {reason}"
-            failed[url] = reason
-            log.error("shard %s failed: %s", url, failed[url])
-            append_shard_log(cfg, output_name(url), f"shard failed: {reason}", "ERROR")
-            continue
-        done.append(m)
+        sched.committed(fut, m)
         on_done(m)
         last_line = time.monotonic()
-        idle.append(actor)
-    for a in [*idle, *starting.values()]:
+    for a in sched.leftover_actors():
         with contextlib.suppress(Exception):
             ray.kill(a)
-    if failed:
+    if sched.failed:
         raise ShardFailed(
             "shards not committed (see <output>/logs/<shard>.log):\n"
-            + "\n".join(f"  {u}: {r}" for u, r in failed.items())
+            + "\n".join(f"  {u}: {r}" for u, r in sched.failed.items())
         )
-    return done
+    return sched.done

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline import io as xio
 from pipeline.config import InputConfig
+from pipeline.errors import InputError as InputError  # defined there; imported from here too
 
 
 @dataclass
@@ -35,11 +36,6 @@ class Document:
     # character spans of the text that are training targets; None = all of it
     target_spans: list[tuple[int, int]] | None = None
     line: int | None = None  # 1-based line number (jsonl)
-
-
-class InputError(RuntimeError):
-    """An input shard cannot be read whole (damaged, truncated) or holds none of the
-    configured fields: the shard fails (it is not retried; rerunning cannot help)."""
 
 
 # the kinds of skipped records (a Skip's ``kind``; statistics group by it)

@@ -33,6 +33,8 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from pipeline.errors import UnscorableTextError as UnscorableTextError  # defined there too
+
 # Pre-tokenizer regexes of common byte-level BPE families.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 QWEN2_PATTERN = (
@@ -59,8 +61,10 @@ class TokenizerError(ValueError):
     """A tokenizer cannot be used the way it was asked to be used."""
 
 
-class UnscorableTextError(ValueError):
-    """A text cannot be scored as given (e.g. it does not survive encode/decode)."""
+class UnscorableTokenizationError(TokenizerError, UnscorableTextError):
+    """A text the tokenizers cannot encode the way scoring needs (e.g. it holds an added
+    token the student lacks): a bad record (`UnscorableTextError`: the record is
+    skipped), and a `TokenizerError` for the callers that catch that."""
 
 
 @functools.cache
