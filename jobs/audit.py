@@ -137,31 +137,17 @@ def audit_ray(
     on_result: Callable[[Any], None],
     address: str | None = None,
 ) -> None:
-    """One Ray task per shard (1 CPU, pyarrow single-threaded); results are merged in
-    shard order as they become available."""
-    import ray
-
+    """One Ray task per shard (1 CPU, pyarrow single-threaded) through the project's Ray
+    adapter; results are merged in shard order as they become available."""
     from pipeline.audit import audit_shard
+    from pipeline.ray_executor import map_in_order
 
-    started = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=True)
-        started = True
-    try:
-        task = ray.remote(num_cpus=1, max_retries=3)(audit_shard)
-        futures = [
-            task.options(name=f"xtok-audit-{ref.name}").remote(ref, so, False) for ref in refs
-        ]
-        futures.reverse()
-        while futures:  # in shard order; a merged result is dropped so Ray can free it
-            on_result(ray.get(futures.pop()))
-    finally:
-        if started:
-            ray.shutdown()
+    map_in_order(
+        audit_shard,
+        [(f"xtok-audit-{ref.name}", (ref, so, False)) for ref in refs],
+        on_result,
+        address,
+    )
 
 
 # ---------------------------------------------------------------------------- tables

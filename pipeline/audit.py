@@ -12,7 +12,7 @@ order, so the run totals do not depend on where or in which order shards were re
 
 - ``manifest``: the manifest exists and, in a run, its checksum equals the index entry's;
 - ``size`` and ``sha256``: the whole data file, hashed in one pass, vs the manifest;
-- ``parquet``: `pipeline.reader._open_shard` (size, footer, schema version, sequences);
+- ``parquet``: `pipeline.shards.open_shard` (size, footer, schema version, sequences);
 - ``pages``: every page of every column is read with its CRC32 verified, and the list
   columns are consistent (``L + 1`` rows per sequence, ``k`` entries per row, ids inside
   the student vocab, known regime codes, no NaN);
@@ -63,9 +63,23 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import io as xio
-from pipeline.executors import _PER_SHARD, _reasons
-from pipeline.reader import ShardError, ShardInfo, _decode, _flat, _open_shard
-from pipeline.shards import DATA_SUFFIX, MANIFEST_SUFFIX, column_bytes
+from pipeline.shards import (
+    DATA_SUFFIX,
+    INDEX_NAME,
+    MANIFEST_SUFFIX,
+    ShardError,
+    ShardRef,
+    check_schema_version,
+    column_bytes,
+    decode_row_group,
+    flat_list,
+    folder_of,
+    open_shard,
+    read_run_index,
+    run_shards,
+    shard_ref,
+)
+from schemas.run import Manifest, Provenance, skipped_by_kind
 from schemas.targets import (
     CURRENT_VERSION,
     LOGPROB_NONE,
@@ -178,18 +192,18 @@ class Stats:
         """Accumulate one decoded row group (all columns of schema v1).
 
         Raises `_BadRows` when the columns do not fit together."""
-        ids, id_off = _flat(table["input_ids"])
-        mask, row_off = _flat(table["loss_mask"])
+        ids, id_off = flat_list(table["input_ids"])
+        mask, row_off = flat_list(table["loss_mask"])
         if not np.array_equal(np.diff(row_off), np.diff(id_off) + 1):
             raise _BadRows("loss_mask does not have L + 1 rows per sequence")
         cols: dict[str, np.ndarray] = {}
         for name in _ROW_COLUMNS:
-            values, off = _flat(table[name])
+            values, off = flat_list(table[name])
             if not np.array_equal(off, row_off):
                 raise _BadRows(f"{name} does not have one value per target row")
             cols[name] = values
-        dq, off = _flat(table["topk_logprob_dq"])
-        topk_ids, off_ids = _flat(table["topk_ids"])
+        dq, off = flat_list(table["topk_logprob_dq"])
+        topk_ids, off_ids = flat_list(table["topk_ids"])
         if not (np.array_equal(off, row_off * k) and np.array_equal(off_ids, row_off * k)):
             raise _BadRows(f"top-k columns do not have k={k} entries per target row")
         if vocab_size is not None and (
@@ -333,17 +347,6 @@ class Check:
 
 
 @dataclass
-class ShardRef:
-    """A shard to audit: its data URL and its manifest (None when missing), plus a
-    problem found while locating it (a manifest that does not match the run index)."""
-
-    name: str
-    url: str
-    manifest: dict[str, Any] | None
-    problem: str | None = None
-
-
-@dataclass
 class ShardAudit:
     name: str
     url: str
@@ -408,9 +411,9 @@ def _bad_columns(pf: Any, g: int) -> str:
     return "column " + ", ".join(bad) if bad else "columns read alone"
 
 
-def provenance_of(manifest: dict[str, Any]) -> dict[str, Any]:
+def provenance_of(manifest: dict[str, Any] | Manifest) -> dict[str, Any]:
     """The provenance keys of a manifest (what the run index keeps)."""
-    return {k: v for k, v in manifest.items() if k not in _PER_SHARD}
+    return Manifest.parse(manifest).provenance().to_dict()
 
 
 def audit_shard(
@@ -427,7 +430,7 @@ def audit_shard(
         return a
     a.check("manifest", ref.problem is None, ref.problem or "")
     a.provenance = provenance_of(m)
-    a.skipped = _reasons([m]) if isinstance(m.get("skipped"), list) else {}
+    a.skipped = skipped_by_kind([m])
     with contextlib.ExitStack() as stack:
         try:
             size, digest, copy = stack.enter_context(_fetched(ref.url, storage_options))
@@ -459,35 +462,37 @@ def _check_contents(
     a.bytes = size
     a.check(
         "size",
-        size == m.get("bytes"),
+        size == m.bytes,
         ""
-        if size == m.get("bytes")
-        else f"{size} bytes, the manifest says {m.get('bytes')} (truncated or rewritten)",
+        if size == m.bytes
+        else f"{size} bytes, the manifest says {m.bytes} (truncated or rewritten)",
     )
     a.check(
         "sha256",
-        digest == m.get("sha256"),
+        digest == m.sha256,
         ""
-        if digest == m.get("sha256")
-        else f"file sha256 {digest[:16]}..., the manifest says {str(m.get('sha256'))[:16]}...",
+        if digest == m.sha256
+        else f"file sha256 {digest[:16]}..., the manifest says {str(m.sha256)[:16]}...",
     )
     try:
-        pf, groups = _open_shard(ShardInfo(ref.name, ref.url, m), storage_options, copy)
+        opened = open_shard(ref, storage_options, copy)
     except ShardError as err:
         a.check("parquet", False, str(err))
         return
+    pf, groups = opened.file, opened.row_groups
     try:
         a.check("parquet", True)
-        meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
+        meta = opened.provenance.to_dict()
         a.provenance = meta
-        differ = sorted(k for k in meta if m.get(k) != meta[k])
+        stored = m.to_dict()
+        differ = sorted(k for k in meta if stored.get(k) != meta[k])
         a.check(
             "metadata",
             not differ,
             "" if not differ else "file metadata and manifest differ in " + ", ".join(differ),
         )
-        k = int(meta.get("top_k") or m.get("top_k") or 0)
-        vocab = meta.get("student_vocab_size")
+        k = int(opened.provenance.top_k or m.top_k or 0)
+        vocab = opened.provenance.student_vocab_size
         st = Stats()
         try:
             for g in range(len(groups)):
@@ -514,18 +519,18 @@ def _check_contents(
             ("student_tokens", st.student_tokens),
             ("target_rows", st.target_rows),
         ):
-            if key in m and int(m[key]) != got:
-                wrong.append(f"{key} {got} in the file, {m[key]} in the manifest")
-        if "mean_topk_mass" in m and st.target_rows:
+            want = m.get(key)
+            if want is not None and int(want) != got:
+                wrong.append(f"{key} {got} in the file, {want} in the manifest")
+        if m.mean_topk_mass is not None and st.target_rows:
             mean = st.topk_mass_sum / st.target_rows
-            if abs(mean - float(m["mean_topk_mass"])) > 1e-5:
+            if abs(mean - m.mean_topk_mass) > 1e-5:
                 wrong.append(
-                    f"mean top-k mass {mean:.6f} in the file, {m['mean_topk_mass']:.6f} in the manifest"
+                    f"mean top-k mass {mean:.6f} in the file, {m.mean_topk_mass:.6f} in the manifest"
                 )
         a.check("counts", not wrong, "; ".join(wrong))
     finally:
-        with contextlib.suppress(Exception):
-            pf.close(force=True)
+        opened.close()
     with contextlib.suppress(Exception):  # footer only; its failure is already a check above
         a.columns = column_bytes(copy, None) if copy else column_bytes(ref.url, storage_options)
 
@@ -538,19 +543,9 @@ class Source:
     url: str
     index_url: str | None
     base: str  # the folder holding the shards (and config.yaml)
-    index_provenance: dict[str, Any] | None
+    index_provenance: Provenance | None
     shards: list[ShardRef]
     problems: list[str] = field(default_factory=list)  # run level, each fails the audit
-
-
-def _ref_for(data_url: str, storage_options: dict[str, Any] | None) -> ShardRef:
-    base, file = data_url.rsplit("/", 1) if "/" in data_url else (".", data_url)
-    name = file[: -len(DATA_SUFFIX)] if file.endswith(DATA_SUFFIX) else file
-    try:
-        manifest = xio.read_json(xio.join(base, name + MANIFEST_SUFFIX), storage_options)
-    except xio.StorageError as err:
-        return ShardRef(name, data_url, None, f"manifest missing ({err})")
-    return ShardRef(name, data_url, manifest)
 
 
 def locate(
@@ -563,7 +558,7 @@ def locate(
     url = url.rstrip("/")
     index_url: str | None = None
     problems: list[str] = []
-    prov: dict[str, Any] | None = None
+    prov: Provenance | None = None
     refs: list[ShardRef] = []
     if url.endswith(DATA_SUFFIX) or any(ch in url.rsplit("/", 1)[-1] for ch in "*?["):
         try:
@@ -572,42 +567,25 @@ def locate(
             raise AuditError(str(err)) from err
         if not files:
             raise AuditError(f"{url!r} matches no {DATA_SUFFIX} shard")
-        refs = [_ref_for(f, storage_options) for f in files]
-        base = files[0].rsplit("/", 1)[0] if "/" in files[0] else "."
+        refs = [shard_ref(f, storage_options) for f in files]
+        base = folder_of(files[0])
     else:
         if url.endswith(".json"):
             index_url = url
-        elif xio.exists(xio.join(url, "index.json"), storage_options):
-            index_url = xio.join(url, "index.json")
-        if index_url is None:
-            base = url
-        else:
-            base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
+        elif xio.exists(xio.join(url, INDEX_NAME), storage_options):
+            index_url = xio.join(url, INDEX_NAME)
+        base = url if index_url is None else folder_of(index_url)
         if index_url is not None:
+            try:  # an unknown version is a problem of the run: its shards are still audited
+                index = read_run_index(index_url, storage_options, check_version=False)
+            except ShardError as err:
+                raise AuditError(str(err)) from err
             try:
-                index = xio.read_json(index_url, storage_options)
-            except xio.StorageError as err:
-                raise AuditError(f"no run index at {index_url}: {err}") from err
-            version = index.get("schema_version")
-            if version is None or int(version) > CURRENT_VERSION:
-                problems.append(f"{index_url}: unknown schema version {version!r}")
-            prov = dict(index.get("provenance", {}))
-            for entry in index.get("shards", []):
-                name = entry["name"]
-                data_url = xio.join(base, entry.get("file", name + DATA_SUFFIX))
-                try:
-                    m = xio.read_json(xio.join(base, entry["manifest"]), storage_options)
-                except xio.StorageError as err:
-                    refs.append(ShardRef(name, data_url, None, f"manifest missing ({err})"))
-                    continue
-                data_url = xio.join(base, m.get("file", name + DATA_SUFFIX))
-                problem = None
-                if m.get("sha256") != entry.get("sha256"):
-                    problem = (
-                        "manifest checksum differs from the run index (the shard was "
-                        "rewritten after the index; rerun the job to refresh it)"
-                    )
-                refs.append(ShardRef(name, data_url, m, problem))
+                check_schema_version(index.schema_version, index_url)
+            except ShardError as err:
+                problems.append(str(err))
+            prov = index.provenance
+            refs = run_shards(index, base, storage_options)
         else:
             try:
                 found = xio.expand([xio.join(url, "*" + MANIFEST_SUFFIX)], storage_options)
@@ -620,7 +598,7 @@ def locate(
                 f"removed); auditing the {len(found)} committed shards"
             )
             refs = [
-                _ref_for(f[: -len(MANIFEST_SUFFIX)] + DATA_SUFFIX, storage_options) for f in found
+                shard_ref(f[: -len(MANIFEST_SUFFIX)] + DATA_SUFFIX, storage_options) for f in found
             ]
     if shards:
         refs = [
@@ -717,16 +695,19 @@ class RunAudit:
         return entry
 
     @property
+    def _index_provenance(self) -> dict[str, Any]:
+        prov = self.source.index_provenance
+        return {} if prov is None else prov.to_dict()
+
+    @property
     def reference(self) -> dict[str, Any]:
-        if self.source.index_provenance:
-            return self.source.index_provenance
-        return _majority(list(self._provenance.values()))
+        return self._index_provenance or _majority(list(self._provenance.values()))
 
     def consistency(self) -> dict[str, Any]:
         diff = compare_provenance(self._provenance, self.reference)
         return {
             "ok": not diff,
-            "reference": "run index" if self.source.index_provenance else "most common provenance",
+            "reference": "run index" if self._index_provenance else "most common provenance",
             "provenance": self.reference,
             "differences": diff,
         }
@@ -800,14 +781,14 @@ def load_run_config(
         raise AuditError(f"the run config {url} is not a valid job config: {err}") from err
 
 
-def student_tokenizer(cfg: Any, provenance: dict[str, Any]) -> Any:
+def student_tokenizer(cfg: Any, provenance: dict[str, Any] | Provenance) -> Any:
     """The student tokenizer of a run (a `TokenPrinter`: any student), checked against
     the tokenizer hash recorded in the shard."""
     from pipeline.generate import tokenizer_pair
     from pipeline.tokenization import TokenPrinter
 
     S = TokenPrinter(tokenizer_pair(cfg)[1])
-    want = provenance.get("student_tokenizer_sha256")
+    want = Provenance.parse(provenance).student_tokenizer_sha256
     if want is not None and S.fingerprint != want:
         raise AuditError(
             f"the run config gives a student tokenizer with sha256 {S.fingerprint[:16]}..., "
@@ -827,17 +808,19 @@ def inspect_document(
 ) -> str:
     """A document's student tokens and, per target row, its ``top`` targets decoded to
     strings with their probabilities (for a person to read)."""
-    ref = _ref_for(shard_url.rstrip("/"), storage_options)
+    ref = shard_ref(shard_url.rstrip("/"), storage_options)
     if ref.manifest is None:
         raise AuditError(f"shard {ref.name}: {ref.problem}")
     try:
-        pf, groups = _open_shard(ShardInfo(ref.name, ref.url, ref.manifest), storage_options)
+        opened = open_shard(ref, storage_options)
     except ShardError as err:
         raise AuditError(str(err)) from err
+    pf, groups, meta = opened.file, opened.row_groups, opened.provenance
     try:
-        meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
-        k = int(meta["top_k"])
-        eos = int(meta.get("student_eos_id", -1))
+        if meta.top_k is None:
+            raise AuditError(f"shard {ref.name}: its provenance has no top_k")
+        k = meta.top_k
+        eos = -1 if meta.student_eos_id is None else meta.student_eos_id
         doc_ids = pf.read(columns=["doc_id"])["doc_id"].to_pylist()
         where = [i for i, d in enumerate(doc_ids) if d == doc_id]
         if not where:
@@ -847,8 +830,9 @@ def inspect_document(
                 + (f", e.g. {', '.join(map(repr, firsts))}" if firsts else "")
                 + ")"
             )
-        base = ref.url.rsplit("/", 1)[0] if "/" in ref.url else "."
-        S = student_tokenizer(load_run_config(base, storage_options, config_url), meta)
+        S = student_tokenizer(
+            load_run_config(folder_of(ref.url), storage_options, config_url), meta
+        )
         starts = np.cumsum([0, *groups])
         out = [
             f"shard {ref.name}, doc {doc_id!r}: {len(where)} sequence(s), k={k}",
@@ -860,7 +844,7 @@ def inspect_document(
             g = int(np.searchsorted(starts, i, side="right") - 1)
             table = pf.read_row_group(g).slice(i - int(starts[g]), 1)
             chunk = int(table["chunk"][0].as_py())
-            u = _decode(table, k)
+            u = decode_row_group(table, k)
             ids = u.ids.tolist()
             L = len(ids)
             if pos is not None and not 0 <= pos <= L:  # rows count from 0 in each chunk
@@ -893,8 +877,7 @@ def inspect_document(
             )
         return "\n".join(out)
     finally:
-        with contextlib.suppress(Exception):
-            pf.close(force=True)
+        opened.close()
 
 
 # ---------------------------------------------------------------------------- verify-live
@@ -915,8 +898,12 @@ def verify_live(
     compared). The top-k log-probs are compared position by position (both rows are
     sorted, so a tie swapped between two ids does not count); the audit passes when the
     largest difference is within ``LOGPROB_STEP / 2`` (storage quantisation) plus
-    ``LIVE_TOLERANCE``. Tail mass and target log-prob differences are reported too."""
+    ``LIVE_TOLERANCE``. Tail mass and target log-prob differences are reported too.
+    Works through the `pipeline.scoring.protocol.Scorer` interface, for either scorer;
+    the rows re-scored are those the shard's loss mask kept (the ones the job computed:
+    the general scorer computes no others, and leaves them empty in both)."""
     from pipeline.generate import GenerateStep
+    from pipeline.tokenization import UnscorableTextError
 
     cfg = load_run_config(source.base, storage_options, config_url)
     if device:
@@ -935,7 +922,7 @@ def verify_live(
         "sequences": [],
         "not_reencoded": [],
     }
-    sizes = [int((r.manifest or {}).get("sequences", 0)) for r in shards]
+    sizes = [int(r.manifest.get("sequences") or 0) if r.manifest else 0 for r in shards]
     total = sum(sizes)
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(total, size=min(n, total), replace=False).tolist()) if total else []
@@ -947,7 +934,8 @@ def verify_live(
     todo: list[tuple[dict[str, Any], Any, np.ndarray, dict[str, np.ndarray]]] = []
     for s, seqs in wanted.items():
         ref = shards[s]
-        pf, groups = _open_shard(ShardInfo(ref.name, ref.url, ref.manifest or {}), storage_options)
+        opened = open_shard(ref, storage_options)
+        pf, groups = opened.file, opened.row_groups
         try:
             meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
             diff = {
@@ -972,7 +960,7 @@ def verify_live(
                 by_group.setdefault(g, []).append(i - int(gstart[g]))
             for g, rows in by_group.items():
                 table = pf.read_row_group(g)
-                u = _decode(table, k)
+                u = decode_row_group(table, k)
                 for r in rows:
                     a, z = int(u.id_off[r]), int(u.id_off[r + 1])
                     ra, rz = int(u.row_off[r]), int(u.row_off[r + 1])
@@ -988,11 +976,14 @@ def verify_live(
                         "topk_lp": u.topk_lp[ra:rz],
                         "tail": u.tail[ra:rz],
                         "target_lp": u.target_lp[ra:rz],
+                        "loss_mask": u.loss_mask[ra:rz],
                     }
                     try:
-                        text = scorer.S.decode_bytes(ids.tolist()).decode("utf-8")
+                        text = scorer.student.decode_bytes(ids.tolist()).decode("utf-8")
                         prep = scorer.prepare(text)
-                    except Exception as err:  # undecodable bytes, unscorable text
+                    except (UnscorableTextError, UnicodeDecodeError) as err:
+                        # ids without bytes, bytes that are not UTF-8, a text the scorer
+                        # refuses; anything else is a bug and propagates
                         result["not_reencoded"].append({**info, "reason": str(err)})
                         continue
                     if list(prep.student_ids) != ids.tolist():
@@ -1005,18 +996,20 @@ def verify_live(
                         continue
                     todo.append((info, prep, ids, stored))
         finally:
-            with contextlib.suppress(Exception):
-                pf.close(force=True)
+            opened.close()
     worst = 0.0
     for k in sorted({t[3]["topk_lp"].shape[1] for t in todo}):
         batch = [t for t in todo if t[3]["topk_lp"].shape[1] == k]
-        live = scorer.score_prepared(teacher, [t[1] for t in batch], top_k=k)
+        live = scorer.score_prepared(
+            teacher, [t[1] for t in batch], top_k=k, rows=[t[3]["loss_mask"] for t in batch]
+        )
         for (info, _, _, stored), doc in zip(batch, live, strict=True):
             got = np.full((len(doc.student_ids) + 1, k), -np.inf, dtype=np.float64)
             lk = np.asarray(doc.topk_logprobs, dtype=np.float64)
             got[:, : lk.shape[1]] = lk[:, :k]
-            # storage saturates at q = 65534 steps
-            got = np.maximum(got, -(LOGPROB_NONE - 1) * LOGPROB_STEP)
+            # storage saturates at q = 65534 steps (a missing entry, -inf, stays missing)
+            floor = -(LOGPROB_NONE - 1) * LOGPROB_STEP
+            got = np.where(np.isfinite(got), np.maximum(got, floor), got)
             want = stored["topk_lp"].astype(np.float64)
             fin_w, fin_g = np.isfinite(want), np.isfinite(got)
             missing = int((fin_w != fin_g).sum())

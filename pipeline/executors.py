@@ -2,12 +2,9 @@
 and the run index. The Ray executor (`pipeline.ray_executor`) is the only module that
 imports ``ray``.
 
-Failure kinds, treated the same way everywhere:
-- a bad config -> `ConfigError` before any model is loaded;
-- a bad input record -> skipped, counted and named in the shard manifest;
-- infrastructure (worker or node death, storage errors) -> the shard is retried up to
-  ``ray.max_retries`` times, then reported as failed; no index is written until every
-  shard has committed.
+Failures are of the kinds in `pipeline.errors` (config, bad record, input, retryable,
+internal), each treated as it says there (`pipeline.errors.classify`); no index is
+written until every shard has committed.
 """
 
 from __future__ import annotations
@@ -28,7 +25,8 @@ from pipeline import io as xio
 from pipeline.config import ConfigError, JobConfig
 from pipeline.records import shard_format
 from pipeline.redact import RedactingFilter, public, redact
-from pipeline.shards import MANIFEST_SUFFIX, output_name
+from pipeline.shards import INDEX_NAME, MANIFEST_SUFFIX, output_name
+from schemas.run import PER_SHARD_KEYS, skipped_by_kind
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +143,11 @@ def preflight(cfg: JobConfig) -> None:
     except (TokenizerError, OSError, ValueError) as err:
         raise ConfigError(f"tokenizers: {err}") from err
     kind, why = choose_scorer(cfg, t_tok, s_tok)
-    log.info("scorer: %s (%s)", "subset-exact" if kind == "subset" else "general", why)
-    if kind == "general" and cfg.scoring.general.mode == "fast":
-        log.warning(
-            "the general scorer is far costlier than the subset-exact one and leaves part "
-            "of each row unaccounted (stored per row as unaccounted_mass): measured with "
-            "SmolLM2 at the default setting, 26-45x the time and 0.33-0.37 of the mass "
-            "per row (README, general scorer table); a student that is the teacher's BPE "
-            "with a truncated merge list is scored exactly at about 1x"
-        )
+    from pipeline.scoring.factory import cost_warning, scorer_label
+
+    log.info("scorer: %s (%s)", scorer_label(kind), why)
+    if (warning := cost_warning(kind, cfg)) is not None:
+        log.warning(warning)
 
 
 MetricsSink = Callable[[dict[str, Any]], None]
@@ -505,7 +499,7 @@ def finalize(
     nothing and returns the recorded stats with ``shards_this_run`` 0."""
     so = cfg.output.storage_options
     stats_url = xio.join(cfg.output.path, "stats.json")
-    index_url = xio.join(cfg.output.path, "index.json")
+    index_url = xio.join(cfg.output.path, INDEX_NAME)
     old: dict[str, Any] = {}
     if xio.exists(stats_url, so):
         try:
@@ -542,7 +536,7 @@ def finalize(
     index = {
         "schema_version": first["schema_version"],
         "config_hash": cfg.target_hash(),
-        "provenance": {k: first[k] for k in first if k not in _PER_SHARD},
+        "provenance": {k: first[k] for k in first if k not in PER_SHARD_KEYS},
         "shards": shards,
         "totals": totals,
     }
@@ -575,7 +569,7 @@ def finalize(
             / max(1, sum(m["target_rows"] for m in manifests.values())),
             4,
         ),
-        "skipped_by_reason": _reasons(manifests.values()),
+        "skipped_by_reason": skipped_by_kind(manifests.values()),
         "runs": runs,
     }
     placed = {**old.get("ray_node_of_shard", {}), **nodes}
@@ -583,35 +577,3 @@ def finalize(
         stats["ray_node_of_shard"] = placed
     xio.write_json_atomic(stats_url, stats, so)
     return stats
-
-
-_PER_SHARD = {
-    "mean_topk_mass",
-    "input",
-    "records_in",
-    "documents",
-    "sequences",
-    "student_tokens",
-    "target_rows",
-    "skipped",
-    "seconds",
-    "host",
-    "file",
-    "bytes",
-    "sha256",
-    # added by the Ray executor to the manifests it returns (not in the committed file)
-    "ray_node_id",
-    "actor",
-    "attempt",
-}
-
-
-def _reasons(manifests: Any) -> dict[str, int]:
-    """Skipped records per kind (`pipeline.records.SKIP_KINDS`; manifests written
-    before kinds existed: the reason's text before its first ":")."""
-    out: dict[str, int] = {}
-    for m in manifests:
-        for s in m["skipped"]:
-            key = s.get("kind") or s["reason"].split(":")[0]
-            out[key] = out.get(key, 0) + 1
-    return out

@@ -63,7 +63,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,156 +72,71 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import io as xio
-from schemas.targets import CURRENT_VERSION, METADATA_KEY, decode_topk_logprobs
+from pipeline.shards import (
+    DECODE_COLUMNS,
+    DecodedRows,
+    ShardError,
+    ShardInfo,
+    decode_row_group,
+    folder_of,
+    index_url_of,
+    open_shard,
+    read_run_index,
+    run_shards,
+)
+from schemas.run import Provenance, RunIndex
 
 IGNORE_INDEX = -100
-_COLUMNS = ["input_ids", "loss_mask", "topk_ids", "topk_logprob_dq", "tail_mass", "target_logprob"]
-
-
-class ShardError(RuntimeError):
-    """A shard is missing, truncated, altered, or of an unknown schema version."""
 
 
 # ---------------------------------------------------------------------------- the run
-@dataclass
-class ShardInfo:
-    name: str
-    url: str
-    manifest: dict[str, Any]
-    row_groups: list[int] = field(default_factory=list)  # sequences per row group
-
-
 @dataclass
 class Run:
     """A committed run: its index, provenance and shards (footers read lazily)."""
 
     url: str
-    provenance: dict[str, Any]
+    provenance: Provenance
     shards: list[ShardInfo]
     storage_options: dict[str, Any] | None = None
+    index: RunIndex | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.provenance, Provenance):
+            self.provenance = Provenance.parse(self.provenance)
 
     @property
     def top_k(self) -> int:
-        return int(self.provenance["top_k"])
+        return int(self._need("top_k"))
 
     @property
     def student_eos_id(self) -> int:
-        return int(self.provenance["student_eos_id"])
+        return int(self._need("student_eos_id"))
+
+    def _need(self, key: str) -> Any:
+        value = self.provenance.get(key)
+        if value is None:
+            raise ShardError(f"{self.url}: the run's provenance has no {key}")
+        return value
 
     def load_footers(self) -> None:
         for s in self.shards:
             if not s.row_groups:
-                s.row_groups = _open_shard(s, self.storage_options)[1]
+                opened = open_shard(s, self.storage_options)
+                opened.close()
+                s.row_groups = opened.row_groups
 
 
 def open_run(run: str, storage_options: dict[str, Any] | None = None) -> Run:
     """Open a run by its directory or ``index.json`` URL (local, s3://, ...). Every shard
     the index lists must have its manifest, matching the index's checksum."""
-    index_url = run if run.endswith(".json") else xio.join(run, "index.json")
-    base = index_url.rsplit("/", 1)[0] if "/" in index_url else "."
-    try:
-        index = xio.read_json(index_url, storage_options)
-    except xio.StorageError as err:
-        raise ShardError(
-            f"no run index at {index_url} ({err}); the run has not finished, or the path is wrong"
-        ) from err
-    version = index.get("schema_version")
-    if version is None or int(version) > CURRENT_VERSION:
-        raise ShardError(f"{index_url}: unknown schema version {version!r}")
+    index_url = index_url_of(run)
+    index = read_run_index(index_url, storage_options)
     shards = []
-    for entry in index["shards"]:
-        murl = xio.join(base, entry["manifest"])
-        try:
-            manifest = xio.read_json(murl, storage_options)
-        except xio.StorageError as err:
-            raise ShardError(f"shard {entry['name']}: manifest missing ({err})") from err
-        if manifest.get("sha256") != entry.get("sha256"):
-            raise ShardError(
-                f"shard {entry['name']}: manifest checksum differs from the run index "
-                "(the shard was rewritten after the index; rerun the job to refresh it)"
-            )
-        shards.append(ShardInfo(entry["name"], xio.join(base, manifest["file"]), manifest))
-    return Run(index_url, dict(index.get("provenance", {})), shards, storage_options)
-
-
-def _open_shard(
-    shard: ShardInfo, storage_options: dict[str, Any] | None, copy: str | None = None
-) -> tuple[pq.ParquetFile, list[int]]:
-    """Open a shard's Parquet file after checking size, schema version and row counts.
-    ``copy``: a local copy of the file to read instead (messages still name ``shard.url``)."""
-    fs, path = xio.filesystem(copy or shard.url, None if copy else storage_options)
-    try:
-        size = fs.size(path)
-    except FileNotFoundError as err:
-        raise ShardError(f"shard {shard.name}: data file {shard.url} is missing") from err
-    except Exception as err:
-        raise ShardError(f"shard {shard.name}: cannot stat {shard.url}: {err}") from err
-    if size != shard.manifest.get("bytes"):
-        raise ShardError(
-            f"shard {shard.name}: {shard.url} has {size} bytes, its manifest says "
-            f"{shard.manifest.get('bytes')} (truncated or rewritten)"
-        )
-    try:
-        pf = pq.ParquetFile(fs.open(path, "rb"), page_checksum_verification=True)
-    except Exception as err:
-        raise ShardError(f"shard {shard.name}: unreadable Parquet footer: {err}") from err
-    meta = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
-    version = meta.get("schema_version")
-    if version is None or int(version) > CURRENT_VERSION:
-        raise ShardError(f"shard {shard.name}: unknown schema version {version!r}")
-    groups = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-    if sum(groups) != shard.manifest.get("sequences"):
-        raise ShardError(
-            f"shard {shard.name}: {sum(groups)} sequences in the file, "
-            f"{shard.manifest.get('sequences')} in its manifest"
-        )
-    return pf, groups
-
-
-# ---------------------------------------------------------------------------- decoding
-@dataclass
-class _Unit:
-    """One decoded row group: flat arrays plus per-sequence offsets."""
-
-    ids: np.ndarray  # [sum L] int64
-    id_off: np.ndarray  # [n + 1]
-    row_off: np.ndarray  # [n + 1] target rows (L + 1 per sequence)
-    loss_mask: np.ndarray  # [sum L+1] bool
-    topk_ids: np.ndarray  # [sum L+1, k] int32
-    topk_lp: np.ndarray  # [sum L+1, k] float32
-    tail: np.ndarray  # [sum L+1] float32
-    target_lp: np.ndarray  # [sum L+1] float32
-
-    def length(self, r: int) -> int:
-        return int(self.id_off[r + 1] - self.id_off[r])
-
-
-def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    arr = col.combine_chunks()
-    assert isinstance(arr, pa.ListArray | pa.LargeListArray)
-    off = arr.offsets.to_numpy()
-    values = arr.values.to_numpy(zero_copy_only=False)
-    return values[off[0] : off[-1]], off - off[0]
-
-
-def _decode(table: pa.Table, k: int) -> _Unit:
-    ids, id_off = _flat(table["input_ids"])
-    mask, row_off = _flat(table["loss_mask"])
-    topk_ids, _ = _flat(table["topk_ids"])
-    dq, _ = _flat(table["topk_logprob_dq"])
-    tail, _ = _flat(table["tail_mass"])
-    tlp, _ = _flat(table["target_logprob"])
-    return _Unit(
-        ids=ids.astype(np.int64),
-        id_off=id_off,
-        row_off=row_off,
-        loss_mask=mask.astype(bool),
-        topk_ids=topk_ids.astype(np.int32).reshape(-1, k),
-        topk_lp=decode_topk_logprobs(dq.reshape(-1, k)),
-        tail=tail,
-        target_lp=tlp,
-    )
+    for ref in run_shards(index, folder_of(index_url), storage_options):
+        if ref.manifest is None or ref.problem is not None:
+            raise ShardError(f"shard {ref.name}: {ref.problem}")
+        shards.append(ShardInfo(ref.name, ref.url, ref.manifest))
+    return Run(index_url, index.provenance, shards, storage_options, index)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -341,7 +256,7 @@ class TargetDataset(IterableDataset):
         (with the loader's ``num_workers``): a saved loader state is only valid for a
         dataset with the same ones. ``shards`` identifies the run's shards (names,
         manifest checksums, row groups), not where they are stored."""
-        shards = [[s.name, s.manifest.get("sha256"), s.row_groups] for s in self.run.shards]
+        shards = [[s.name, s.manifest.sha256, s.row_groups] for s in self.run.shards]
         digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
         sequences = sum(sum(s.row_groups) for s in self.run.shards)
         return {
@@ -430,7 +345,7 @@ class TargetDataset(IterableDataset):
 
         def pfile(s: int) -> pq.ParquetFile:
             if s not in files:
-                files[s] = _open_shard(self.run.shards[s], self.run.storage_options)[0]
+                files[s] = open_shard(self.run.shards[s], self.run.storage_options).file
             return files[s]
 
         lock = threading.Lock()  # one file handle per shard, shared with the prefetch thread
@@ -454,8 +369,8 @@ class TargetDataset(IterableDataset):
                 lengths[u] = np.diff(col.offsets.to_numpy())
             return int(lengths[u][r])
 
-        decoded: dict[int, _Unit] = {}
-        pending: dict[int, Future[_Unit]] = {}
+        decoded: dict[int, DecodedRows] = {}
+        pending: dict[int, Future[DecodedRows]] = {}
         # when each unit is first needed and last needed, in stream order
         first: dict[int, int] = {}
         last: dict[int, int] = {}
@@ -466,10 +381,10 @@ class TargetDataset(IterableDataset):
         ahead = 0  # index into upcoming of the next unit to prefetch
         pool = ThreadPoolExecutor(max_workers=1) if self.prefetch > 0 else None
 
-        def load(u: int) -> _Unit:
-            return _decode(read(u, _COLUMNS), k)
+        def load(u: int) -> DecodedRows:
+            return decode_row_group(read(u, list(DECODE_COLUMNS)), k)
 
-        def get(u: int) -> _Unit:
+        def get(u: int) -> DecodedRows:
             if u not in decoded:
                 fut = pending.pop(u, None)
                 decoded[u] = fut.result() if fut is not None else load(u)

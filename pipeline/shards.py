@@ -1,12 +1,37 @@
-"""Target shards: Parquet (zstd) built from scored sequences, a manifest written last,
-and a run index written after every shard has committed."""
+"""The target-shard format, in one module: writing a shard (Parquet, zstd, page
+checksums) and its manifest, and everything a reader needs to read one back.
+
+Writing: `build_table` -> `encode_parquet` -> `commit_shard` (data file, then the
+manifest, the only mark of "done"); the run index is written after every shard has
+committed (`pipeline.executors.finalize`).
+
+Reading (the reader, the audit, the benchmarks and tools use these, nothing private):
+
+- the run index: `index_url_of` (a run directory or index URL -> the index URL),
+  `read_run_index` (-> `schemas.run.RunIndex`), `run_shards` (each listed shard's data
+  URL and manifest, with what is wrong with it), `folder_of`;
+- a shard's manifest: `read_manifest` (-> `schemas.run.Manifest`), `shard_ref` (a loose
+  shard with the manifest beside it);
+- a shard's data file: `open_shard` (size vs the manifest, footer, schema version,
+  sequences vs the manifest -> an `OpenShard`), `read_provenance` (the provenance in
+  the Parquet metadata -> `schemas.run.Provenance`, schema version checked),
+  `check_schema_version` (the one version gate), `read_table` (a whole shard);
+- a row group: `decode_row_group` (the `DECODE_COLUMNS` -> `DecodedRows`, numpy arrays
+  with per-sequence offsets), `flat_list` (one list column -> values and offsets),
+  `column_bytes` (per-column sizes from the footer).
+
+Every failure is a `ShardError` naming the shard and what failed.
+
+This module imports neither torch nor Ray.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,16 +41,41 @@ import pyarrow.parquet as pq
 
 from pipeline import io as xio
 from pipeline.scoring.common import ScoredDocument
+from schemas.run import Manifest, Provenance, RunIndex
 from schemas.targets import (
     BSS_LEAVES,
     CURRENT_VERSION,
     METADATA_KEY,
+    decode_topk_logprobs,
     encode_topk_logprobs,
     targets_schema,
 )
 
 MANIFEST_SUFFIX = ".manifest.json"
 DATA_SUFFIX = ".parquet"
+INDEX_NAME = "index.json"
+# the columns `decode_row_group` reads (what a trainer needs)
+DECODE_COLUMNS = (
+    "input_ids",
+    "loss_mask",
+    "topk_ids",
+    "topk_logprob_dq",
+    "tail_mass",
+    "target_logprob",
+)
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, truncated, altered, or of an unknown schema version."""
+
+
+class ShardFormatError(ShardError, ValueError):
+    """What a shard or run index stores cannot be read by this code: an unknown schema
+    version, or provenance metadata that is not valid."""
+
+
+class SchemaVersionError(ShardFormatError):
+    """A shard or run index of a schema version this code does not know (or none)."""
 
 
 @dataclass
@@ -156,17 +206,17 @@ def commit_shard(
 
 
 def read_table(
-    url: str, storage_options: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    manifest: Mapping[str, Any] | Manifest | None = None,
 ) -> pa.Table:
-    """Read a shard back; with its manifest, the checksum is verified first."""
+    """Read a whole shard back; with its manifest, the checksum is verified first.
+    Raises `ValueError` (a checksum that differs, an unknown schema version)."""
     data = xio.read_bytes(url, storage_options)
-    if manifest is not None and sha256(data) != manifest.get("sha256"):
+    if manifest is not None and sha256(data) != Manifest.parse(manifest).sha256:
         raise ValueError(f"shard {url} does not match the checksum in its manifest")
     table = pq.read_table(io.BytesIO(data))
-    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
-    version = meta.get("schema_version")
-    if version is None or int(version) > CURRENT_VERSION:
-        raise ValueError(f"shard {url}: unknown schema version {version!r}")
+    read_provenance(table, url)
     return table
 
 
@@ -186,3 +236,317 @@ def column_bytes(url: str, storage_options: dict[str, Any] | None = None) -> dic
             acc[0] += col.total_compressed_size
             acc[1] += col.total_uncompressed_size
     return out
+
+
+# ---------------------------------------------------------------------------- reading
+def check_schema_version(version: object, where: str) -> int:
+    """The schema-version gate of everything a run stores (shard metadata, run index):
+    ``version`` as an int, or `SchemaVersionError` ``"<where>: unknown schema version
+    <version>"`` when it is missing, not a number, or newer than
+    `schemas.targets.CURRENT_VERSION` (every older version stays readable)."""
+    try:
+        v = None if version is None else int(version)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        v = None
+    if v is None or v > CURRENT_VERSION:
+        raise SchemaVersionError(f"{where}: unknown schema version {version!r}")
+    return v
+
+
+def folder_of(url: str) -> str:
+    """The folder of a file URL (``.`` for a bare file name)."""
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def index_url_of(run: str) -> str:
+    """The run index URL of a run directory (an ``.json`` URL is one already)."""
+    return run if run.endswith(".json") else xio.join(run, INDEX_NAME)
+
+
+def read_run_index(
+    index_url: str, storage_options: dict[str, Any] | None = None, *, check_version: bool = True
+) -> RunIndex:
+    """Read and parse ``index.json``. Raises `ShardError` when it cannot be read or is
+    not a run index, and (``check_version``) `SchemaVersionError`."""
+    try:
+        data = xio.read_json(index_url, storage_options)
+    except xio.StorageError as err:
+        raise ShardError(
+            f"no run index at {index_url} ({err}); the run has not finished, or the path is wrong"
+        ) from err
+    except ValueError as err:
+        raise ShardError(f"{index_url}: the run index is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ShardError(f"{index_url}: the run index is not a JSON object")
+    if check_version:
+        check_schema_version(data.get("schema_version"), index_url)
+    try:
+        return RunIndex.parse(data)
+    except ValueError as err:
+        raise ShardError(f"{index_url}: not a valid run index: {err}") from err
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Read and parse a shard manifest. Raises `ShardError` (``manifest missing (...)``,
+    or not a valid manifest); the caller names the shard."""
+    try:
+        data = xio.read_json(url, storage_options)
+    except xio.StorageError as err:
+        raise ShardError(f"manifest missing ({err})") from err
+    except ValueError as err:
+        raise ShardError(f"manifest {url} is not valid JSON ({err})") from err
+    try:
+        return Manifest.parse(data)
+    except ValueError as err:
+        raise ShardError(f"manifest {url} is not a valid manifest: {err}") from err
+
+
+@dataclass(init=False)
+class ShardRef:
+    """A shard located in a run or beside its manifest: its data URL and its manifest
+    (None when it could not be read; a dict is parsed), and what is wrong with it
+    (``problem``: the manifest is missing, or differs from the run index)."""
+
+    name: str
+    url: str
+    manifest: Manifest | None
+    problem: str | None
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        manifest: Manifest | Mapping[str, Any] | None,
+        problem: str | None = None,
+    ) -> None:
+        self.name, self.url, self.problem = name, url, problem
+        self.manifest = None if manifest is None else Manifest.parse(manifest)
+
+
+def shard_ref(data_url: str, storage_options: dict[str, Any] | None = None) -> ShardRef:
+    """A loose shard (``<folder>/<name>.parquet``) with the manifest beside it."""
+    base, file = folder_of(data_url), data_url.rsplit("/", 1)[-1]
+    name = file[: -len(DATA_SUFFIX)] if file.endswith(DATA_SUFFIX) else file
+    try:
+        manifest = read_manifest(xio.join(base, name + MANIFEST_SUFFIX), storage_options)
+    except ShardError as err:
+        return ShardRef(name, data_url, None, str(err))
+    return ShardRef(name, data_url, manifest)
+
+
+def run_shards(
+    index: RunIndex, base: str, storage_options: dict[str, Any] | None = None
+) -> list[ShardRef]:
+    """Every shard the index lists (in its order), with its manifest from ``base`` (the
+    index's folder). A shard whose manifest is missing, or whose manifest checksum
+    differs from the index entry's, has a ``problem``."""
+    refs = []
+    for entry in index.shards:
+        data_url = xio.join(base, entry.file or entry.name + DATA_SUFFIX)
+        try:
+            m = read_manifest(xio.join(base, entry.manifest), storage_options)
+        except ShardError as err:
+            refs.append(ShardRef(entry.name, data_url, None, str(err)))
+            continue
+        data_url = xio.join(base, m.file or entry.file or entry.name + DATA_SUFFIX)
+        problem = None
+        if m.sha256 != entry.sha256:
+            problem = (
+                "manifest checksum differs from the run index (the shard was rewritten "
+                "after the index; rerun the job to refresh it)"
+            )
+        refs.append(ShardRef(entry.name, data_url, m, problem))
+    return refs
+
+
+@dataclass(init=False)
+class ShardInfo:
+    """A committed shard of a run: name, data URL, manifest (a dict is parsed), and the
+    sequences in each row group (filled from the footer by
+    `pipeline.reader.Run.load_footers`)."""
+
+    name: str
+    url: str
+    manifest: Manifest
+    row_groups: list[int]  # sequences per row group
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        manifest: Manifest | Mapping[str, Any],
+        row_groups: list[int] | None = None,
+    ) -> None:
+        self.name, self.url = name, url
+        self.manifest = Manifest.parse(manifest)
+        self.row_groups = [] if row_groups is None else row_groups
+
+
+def read_provenance(source: pq.ParquetFile | pa.Schema | pa.Table, shard: str = "?") -> Provenance:
+    """The provenance a shard stores in its Parquet metadata (`schemas.targets.METADATA_KEY`),
+    its schema version checked. ``shard`` names the shard in errors: `SchemaVersionError`,
+    `ShardFormatError` (metadata that is not valid)."""
+    if isinstance(source, pq.ParquetFile):
+        schema = source.schema_arrow
+    elif isinstance(source, pa.Table):
+        schema = source.schema
+    else:
+        schema = source
+    try:
+        data = json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    except ValueError as err:
+        raise ShardFormatError(f"shard {shard}: provenance metadata is not JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ShardFormatError(f"shard {shard}: provenance metadata is not a JSON object")
+    check_schema_version(data.get("schema_version"), f"shard {shard}")
+    try:
+        return Provenance.parse(data)
+    except ValueError as err:
+        raise ShardFormatError(f"shard {shard}: provenance metadata is not valid: {err}") from err
+
+
+@dataclass
+class OpenShard:
+    """A shard's Parquet file opened by `open_shard` (page checksums verified on every
+    read), with its sequences per row group and its stored provenance."""
+
+    file: pq.ParquetFile
+    row_groups: list[int]
+    provenance: Provenance
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.file.close(force=True)
+
+
+def open_shard(
+    shard: ShardInfo | ShardRef,
+    storage_options: dict[str, Any] | None = None,
+    copy: str | None = None,
+) -> OpenShard:
+    """Open a shard's Parquet file after checking, in this order, its size against the
+    manifest (truncation), the footer, the schema version and provenance stored in it,
+    and its sequences against the manifest. ``copy``: a local copy of the data file to
+    read instead (messages still name ``shard.url``). Raises `ShardError`."""
+    manifest = shard.manifest if shard.manifest is not None else Manifest()
+    fs, path = xio.filesystem(copy or shard.url, None if copy else storage_options)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError as err:
+        raise ShardError(f"shard {shard.name}: data file {shard.url} is missing") from err
+    except Exception as err:
+        raise ShardError(f"shard {shard.name}: cannot stat {shard.url}: {err}") from err
+    if size != manifest.bytes:
+        raise ShardError(
+            f"shard {shard.name}: {shard.url} has {size} bytes, its manifest says "
+            f"{manifest.bytes} (truncated or rewritten)"
+        )
+    try:
+        f = fs.open(path, "rb")
+    except Exception as err:
+        raise ShardError(f"shard {shard.name}: cannot open {shard.url}: {err}") from err
+    try:
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
+    except Exception as err:
+        f.close()
+        raise ShardError(f"shard {shard.name}: unreadable Parquet footer: {err}") from err
+    opened = OpenShard(pf, [], Provenance())
+    try:
+        opened.provenance = read_provenance(pf, shard.name)
+        md = pf.metadata
+        opened.row_groups = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        if sum(opened.row_groups) != manifest.sequences:
+            raise ShardError(
+                f"shard {shard.name}: {sum(opened.row_groups)} sequences in the file, "
+                f"{manifest.sequences} in its manifest"
+            )
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+# ---------------------------------------------------------------------------- decoding
+def flat_list(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (all values, offsets from 0) in numpy: the values of row ``i``
+    are ``values[offsets[i]:offsets[i + 1]]``."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    assert isinstance(arr, pa.ListArray | pa.LargeListArray)
+    off = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return values[off[0] : off[-1]], off - off[0]
+
+
+@dataclass
+class DecodedRows:
+    """One decoded row group (`decode_row_group`): flat arrays plus per-sequence offsets.
+    Sequence ``r`` has tokens ``ids[id_off[r]:id_off[r + 1]]`` and target rows
+    ``row_off[r]:row_off[r + 1]`` (``L + 1`` of them) of the per-row arrays."""
+
+    ids: np.ndarray  # [sum L] int64
+    id_off: np.ndarray  # [n + 1]
+    row_off: np.ndarray  # [n + 1] target rows (L + 1 per sequence)
+    loss_mask: np.ndarray  # [sum L+1] bool
+    topk_ids: np.ndarray  # [sum L+1, k] int32
+    topk_lp: np.ndarray  # [sum L+1, k] float32 natural-log probabilities (-inf: missing)
+    tail: np.ndarray  # [sum L+1] float32
+    target_lp: np.ndarray  # [sum L+1] float32
+
+    def length(self, r: int) -> int:
+        """Student tokens of sequence ``r``."""
+        return int(self.id_off[r + 1] - self.id_off[r])
+
+
+def decode_row_group(table: pa.Table, k: int) -> DecodedRows:
+    """The `DECODE_COLUMNS` of a row group (of a run with top-k ``k``) as numpy arrays,
+    log-probs dequantised (`schemas.targets.decode_topk_logprobs`)."""
+    ids, id_off = flat_list(table["input_ids"])
+    mask, row_off = flat_list(table["loss_mask"])
+    topk_ids, _ = flat_list(table["topk_ids"])
+    dq, _ = flat_list(table["topk_logprob_dq"])
+    tail, _ = flat_list(table["tail_mass"])
+    tlp, _ = flat_list(table["target_logprob"])
+    return DecodedRows(
+        ids=ids.astype(np.int64),
+        id_off=id_off,
+        row_off=row_off,
+        loss_mask=mask.astype(bool),
+        topk_ids=topk_ids.astype(np.int32).reshape(-1, k),
+        topk_lp=decode_topk_logprobs(dq.reshape(-1, k)),
+        tail=tail,
+        target_lp=tlp,
+    )
+
+
+__all__ = [
+    "DATA_SUFFIX",
+    "DECODE_COLUMNS",
+    "INDEX_NAME",
+    "MANIFEST_SUFFIX",
+    "DecodedRows",
+    "OpenShard",
+    "SchemaVersionError",
+    "Sequence_",
+    "ShardError",
+    "ShardFormatError",
+    "ShardInfo",
+    "ShardRef",
+    "build_table",
+    "check_schema_version",
+    "column_bytes",
+    "commit_shard",
+    "decode_row_group",
+    "encode_parquet",
+    "flat_list",
+    "folder_of",
+    "index_url_of",
+    "open_shard",
+    "output_name",
+    "read_manifest",
+    "read_provenance",
+    "read_run_index",
+    "read_table",
+    "run_shards",
+    "sha256",
+    "shard_ref",
+]

@@ -298,11 +298,11 @@ def test_a_wrong_text_field_is_a_named_error_not_an_empty_shard(tiny_teacher_dir
     (inp / "bad.jsonl").write_bytes(
         b'{"text": "fine"}\n{"text": "caf\xe9 au lait"}\n{"text": "x\xff"}\n[1]\n{"text": 5}\n'
     )
-    from pipeline.executors import _reasons
+    from schemas.run import skipped_by_kind
 
     recs = read_shard(str(inp / "bad.jsonl"), InputConfig()).records
     skipped = [r.as_dict() for r in recs if isinstance(r, Skip)]
-    assert _reasons([{"skipped": skipped}]) == {
+    assert skipped_by_kind([{"skipped": skipped}]) == {
         "invalid UTF-8": 2,
         "not a JSON object": 1,
         "text not a string": 1,
