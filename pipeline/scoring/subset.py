@@ -28,25 +28,36 @@ boundary the caller vouches for); `score_prepared_shared` and `dense_rows_shared
 the trees of many such texts (nodes deduplicated by (parent, token), split to fit the
 teacher) and run one teacher call over them. The general scorer's byte model uses this
 to compute next-byte rows from the last safe boundary instead of the start of the text.
+
+Modules: the pair check (`check_subset_pair`) and the teacher tokens' student encodings
+(`_decompositions`) are in `pipeline.scoring.subset_pair`; the prefix-tree utilities
+both scorers use (`merge_context_trees`, `teacher_tree_logprobs`) in
+`pipeline.scoring.trees`. Their names stay importable from here.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.scoring.common import Regime, ScoredDocument, SubsetRegimeError
+from pipeline.scoring.protocol import Teacher
+from pipeline.scoring.subset_pair import _decompositions, check_subset_pair
+from pipeline.scoring.trees import _batches, merge_context_trees, teacher_tree_logprobs
 from pipeline.scoring.unicode import completion_representatives
 from pipeline.tokenization import (
     ByteLevelBPE,
     TokenizerError,
+    UnscorableTextError,
+    UnscorableTokenizationError,
     load_tokenizer,
     to_byte_level,
 )
@@ -155,8 +166,17 @@ def _cover_weights(
     return shift, torch.exp(lw - shift[rows_t])
 
 
+def _path_sums(parents: Sequence[int], steps: np.ndarray) -> np.ndarray:
+    """Per tree node, the sum of ``steps`` along its path from node 0 (``steps[v - 1]``:
+    the log-prob of node ``v``'s token after its parent; parents precede children)."""
+    out = np.zeros(len(parents), dtype=np.float64)
+    for v in range(1, len(parents)):
+        out[v] = out[parents[v]] + steps[v - 1]
+    return out
+
+
 def _shared_calls(
-    teacher: Any,
+    teacher: Teacher,
     prepared: Sequence[PreparedDocument],
     max_tree_nodes: int | None,
     max_batch_nodes: int | None,
@@ -213,6 +233,45 @@ class _Tree:
         return node
 
 
+class SubsetStudent:
+    """The student of a subset pair (a byte-level BPE) as the job and the audit see it:
+    `pipeline.scoring.protocol.StudentView` over its `ByteLevelBPE` (``bpe``)."""
+
+    def __init__(self, bpe: ByteLevelBPE, eos_id: int) -> None:
+        self.bpe = bpe
+        self.eos_id = eos_id
+
+    @property
+    def fingerprint(self) -> str:
+        return self.bpe.fingerprint
+
+    @property
+    def size(self) -> int:
+        return self.bpe.size
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.bpe.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        missing = [int(i) for i in ids if int(i) not in self.bpe.token_bytes]
+        if missing:
+            raise UnscorableTextError(f"student ids that stand for no bytes: {missing[:5]}")
+        return self.bpe.decode_bytes([int(i) for i in ids])
+
+    def token_repr(self, i: int) -> str:
+        return self.bpe.token_repr(i)
+
+    def row_offsets(self, text: str, ids: Sequence[int]) -> np.ndarray:
+        """Char offset of each token's first byte (a byte-level token may start inside a
+        character: the offset of that character), then ``len(text)``."""
+        raw = text.encode("utf-8")
+        nbytes = np.cumsum([0, *(len(self.bpe.token_bytes[int(t)]) for t in ids)])
+        # char index of the character holding each byte (a token may start mid-character)
+        incl = np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1
+        char_of = np.append(incl, len(text))
+        return np.asarray(char_of[np.minimum(nbytes, len(raw))], dtype=np.int64)
+
+
 class SubsetExactScorer:
     """Exact student targets for a student whose merges are a prefix of the teacher's.
 
@@ -265,6 +324,28 @@ class SubsetExactScorer:
                 "R1 fails (student encoding != unmerged teacher encoding) on "
                 + "; ".join(f"{t!r}: {self._r1_mismatch(t)}" for t in bad[:3])
             )
+
+    # ------------------------------------------------------------------ the Scorer interface
+    # (`pipeline.scoring.protocol.Scorer`; `prepare`, `score` and `score_prepared` below)
+    name = "subset-exact"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Settings that change the targets: none (they are exact)."""
+        return {}
+
+    @functools.cached_property
+    def student(self) -> SubsetStudent:
+        """The student tokenizer (`pipeline.scoring.protocol.StudentView`)."""
+        return SubsetStudent(self.S, self.student_eos)
+
+    def tree_tokens(self, prepared: PreparedDocument) -> int:
+        """Teacher tokens of the text's context tree (context path included), start
+        tokens not counted: one forward row must hold them all."""
+        return prepared.tree_size - 1
+
+    def context_nodes(self, prepared: PreparedDocument) -> int:
+        return prepared.tree_size
 
     # ------------------------------------------------------------------ construction
     def _build_trie(self) -> None:
@@ -371,7 +452,7 @@ class SubsetExactScorer:
             elif t in self.decomp:
                 out.extend(self.decomp[t])
             else:
-                raise TokenizerError(
+                raise UnscorableTokenizationError(
                     f"the text contains the teacher's added token {self.T.token_repr(t)!r}, "
                     "which the student tokenizer does not have"
                 )
@@ -428,12 +509,12 @@ class SubsetExactScorer:
                 seg_t.append(ids)
         hf_ids = self.T.tokenizer.encode(text, add_special_tokens=False).ids
         if hf_ids != canonical:
-            raise TokenizerError(
+            raise UnscorableTokenizationError(
                 "internal segmentation differs from the teacher tokenizer's own encoding "
                 "(unsupported added-token options such as lstrip/rstrip?)"
             )
         if self._decompose(canonical) != student_ids:
-            raise SubsetRegimeError(f"R1 fails on this text: {self._r1_mismatch(text)}")
+            raise UnscorableTextError(f"R1 fails on this text: {self._r1_mismatch(text)}")
 
         tree = _Tree(canonical)
         covers: list[list[int]] = [[0]]  # position 0: start of text
@@ -476,10 +557,12 @@ class SubsetExactScorer:
     # ------------------------------------------------------------------ scoring
     def score(
         self,
-        teacher: Any,
+        teacher: Teacher,
         texts: Sequence[str],
         top_k: int | None = 64,
         max_batch_nodes: int | None = None,
+        *,
+        rows: Sequence[np.ndarray | None] | None = None,
     ) -> list[ScoredDocument]:
         """Score ``texts``; see `ScoredDocument` for the row convention.
 
@@ -487,6 +570,8 @@ class SubsetExactScorer:
         included). Documents are grouped so that one teacher call sees at most
         ``max_batch_nodes`` tree nodes (default: 4x the teacher's ``max_batch_tokens``;
         the teacher returns log-probs for all of them at once, so this bounds memory).
+        ``rows`` (the `Scorer` interface's row masks) is ignored: every row comes from
+        the same forward, so all are computed.
         """
         if top_k is not None and top_k < 1:
             raise ValueError("top_k must be >= 1 or None")
@@ -495,11 +580,15 @@ class SubsetExactScorer:
 
     def score_prepared(
         self,
-        teacher: Any,
+        teacher: Teacher,
         prepared: Sequence[PreparedDocument],
         top_k: int | None = 64,
         max_batch_nodes: int | None = None,
+        *,
+        rows: Sequence[np.ndarray | None] | None = None,
     ) -> list[ScoredDocument]:
+        """Teacher and row phases of `prepare`d documents (``rows``: ignored, see
+        `score`)."""
         # Several forward batches per teacher call let the teacher pack trees tightly.
         budget = max_batch_nodes or 4 * int(getattr(teacher, "max_batch_tokens", 1024))
         out: list[ScoredDocument | None] = [None] * len(prepared)
@@ -511,7 +600,7 @@ class SubsetExactScorer:
 
     def score_prepared_shared(
         self,
-        teacher: Any,
+        teacher: Teacher,
         prepared: Sequence[PreparedDocument],
         top_k: int | None = 64,
         max_tree_nodes: int | None = None,
@@ -541,7 +630,7 @@ class SubsetExactScorer:
 
     def dense_rows_shared(
         self,
-        teacher: Any,
+        teacher: Teacher,
         prepared: Sequence[PreparedDocument],
         wanted: Sequence[Sequence[int]],
         max_tree_nodes: int | None = None,
@@ -610,43 +699,25 @@ class SubsetExactScorer:
             step_np = (logp[par_t, tok_t].to(adt) - lse[par_t]).cpu().numpy()
         rows, cov, tnode, spec, lws = [], [], [], [], []
         n_out = 0
-        child = self.trie_child
-        chi, clo = self.trie["chi"], self.trie["clo"]
         out_rows: list[int] = []
-        for (doc, nodes, want), (s0, _) in zip(items, spans, strict=True):
-            n = doc.num_nodes
-            logw = np.zeros(n, dtype=np.float64)
-            par = doc.parents
-            for v in range(1, n):
-                logw[v] = logw[par[v]] + step_np[s0 + v - 1]
-            S = doc.student_ids
-            L = len(S)
+        for (doc, nodes, want), (s0, s1) in zip(items, spans, strict=True):
+            logw = _path_sums(doc.parents, step_np[s0:s1])
             slot = {r: n_out + k for k, r in enumerate(want)}
             out_rows.append(n_out)
             n_out += len(want)
             if not want:
                 continue
             # a walk from j reaches rows j .. j + max_depth at most
-            for j in range(max(0, min(want) - self.max_depth), max(want) + 1):
-                if not doc.covers[j]:
-                    continue
-                q = 0
-                i = j
-                while True:
-                    o = slot.get(i)
-                    if o is not None:
-                        for e in doc.covers[j]:
-                            rows.append(o)
-                            cov.append(int(nodes[e]))
-                            tnode.append(q)
-                            spec.append(q == 0 and e == doc.complete[j])
-                            lws.append(logw[e])
-                    if i == L:
-                        break
-                    q = child.get((q, S[i]), -1)
-                    if q < 0 or chi[q] == clo[q]:
-                        break
-                    i += 1
+            for i, q, e, sp in self._cover_walks(
+                doc, max(0, min(want) - self.max_depth), max(want)
+            ):
+                o = slot.get(i)
+                if o is not None:
+                    rows.append(o)
+                    cov.append(int(nodes[e]))
+                    tnode.append(q)
+                    spec.append(sp)
+                    lws.append(logw[e])
         out_rows.append(n_out)
         vs = self.S.size
         probs = torch.zeros((n_out, vs), dtype=adt, device=device)
@@ -669,6 +740,36 @@ class SubsetExactScorer:
             for k in range(len(items))
         ]
 
+    def _cover_walks(
+        self, doc: PreparedDocument, first: int, last: int
+    ) -> Iterator[tuple[int, int, int, bool]]:
+        """The entries of the row phase (`_rows`, `_dense_rows`) from the exact covers at
+        student positions ``first..last``: every cover ``e`` at position ``j`` adds to rows
+        ``i = j, j + 1, ...`` through the decomposition-trie node ``q`` of
+        ``s_{j+1..i}``, while that node still has children. Yields ``(i, q, e, special)``
+        (``special``: the row's specials and EOS follow this cover: ``q`` is the root and
+        ``e`` the canonical encoding of the prefix as a complete text), anchors in order."""
+        S = doc.student_ids
+        L = len(S)
+        child = self.trie_child
+        chi, clo = self.trie["chi"], self.trie["clo"]
+        for j in range(first, last + 1):
+            covers = doc.covers[j]
+            if not covers:
+                continue
+            complete = doc.complete[j]
+            q = 0
+            i = j
+            while True:
+                for e in covers:
+                    yield i, q, e, q == 0 and e == complete
+                if i == L:
+                    break
+                q = child.get((q, S[i]), -1)
+                if q < 0 or chi[q] == clo[q]:
+                    break
+                i += 1
+
     def _rows(self, doc: PreparedDocument, logp: torch.Tensor, top_k: int | None) -> ScoredDocument:
         """Row phase for one document given teacher log-probs [num_nodes, V_T] per node."""
         device = logp.device
@@ -690,34 +791,14 @@ class SubsetExactScorer:
         step = torch.zeros(n, dtype=adt, device=device)
         if n > 1:
             step[1:] = logp[parents[1:], tokens[1:]].to(adt) - lse[parents[1:]]
-        step_np = step.cpu().numpy()
-        logw_np = np.zeros(n, dtype=np.float64)
-        par = doc.parents
-        for v in range(1, n):
-            logw_np[v] = logw_np[par[v]] + step_np[v]
+        logw_np = _path_sums(doc.parents, step.cpu().numpy()[1:])
 
-        # (row, cover node, trie node) triples, walking each anchor forward until its
-        # trie node has no children left.
         rows, cov, tnode, spec = [], [], [], []
-        child = self.trie_child
-        chi, clo = self.trie["chi"], self.trie["clo"]
-        for j in range(L + 1):
-            if not doc.covers[j]:
-                continue
-            q = 0
-            i = j
-            while True:
-                for e in doc.covers[j]:
-                    rows.append(i)
-                    cov.append(e)
-                    tnode.append(q)
-                    spec.append(q == 0 and e == doc.complete[j])
-                if i == L:
-                    break
-                q = child.get((q, S[i]), -1)
-                if q < 0 or chi[q] == clo[q]:
-                    break
-                i += 1
+        for i, q, e, sp in self._cover_walks(doc, 0, L):
+            rows.append(i)
+            cov.append(e)
+            tnode.append(q)
+            spec.append(sp)
         rows_t = torch.as_tensor(rows, device=device)
         cov_t = torch.as_tensor(cov, device=device)
         tnode_t = torch.as_tensor(tnode, device=device)
@@ -938,7 +1019,7 @@ class _Segment:
         T = scorer.T
         pieces = T.pretokenize(text)
         if "".join(pieces) != to_byte_level(self.bytes):
-            raise TokenizerError(
+            raise UnscorableTokenizationError(
                 "the teacher's pre-tokenizer does not cover the text byte for byte"
             )
         self.piece_starts = [0]
@@ -1051,195 +1132,3 @@ def normalized_exp(
     expo = torch.exp(x - m)
     norm = expo.sum(dim=1).to(dtype)
     return expo, norm, torch.log(norm) + m.squeeze(1).to(dtype)
-
-
-class TeacherTree(Protocol):
-    """What `merge_context_trees` reads of a document: its context path and its local
-    nodes (``tokens``/``parents``, node 0 the end of the context)."""
-
-    @property
-    def context(self) -> Sequence[int]: ...
-    @property
-    def tokens(self) -> Sequence[int]: ...
-    @property
-    def parents(self) -> Sequence[int]: ...
-    @property
-    def num_nodes(self) -> int: ...
-
-
-def merge_context_trees(
-    docs: Sequence[TeacherTree], max_nodes: int
-) -> tuple[list[tuple[list[int], list[int]]], list[tuple[int, list[int]]]]:
-    """Merge the teacher trees of ``docs`` (context path + local nodes) into prefix trees
-    of at most ``max_nodes`` nodes each (root included), deduplicating nodes by
-    (parent, token). Documents are taken in order of their contexts so that documents
-    sharing a context prefix land in the same tree; a tree that would overflow is closed
-    and the document starts a new one (repeating its context path there).
-
-    Returns the trees (tokens, parents; node 0 the start of text) and, per document,
-    (its tree, the tree node of each of its local nodes).
-    """
-    trees: list[tuple[list[int], list[int]]] = []
-    where: list[tuple[int, list[int]]] = [(-1, [])] * len(docs)
-    tokens: list[int] = [-1]
-    parents: list[int] = [-1]
-    index: dict[tuple[int, int], int] = {}
-
-    def insert(doc: TeacherTree) -> tuple[list[int], list[tuple[int, int]]]:
-        added: list[tuple[int, int]] = []
-
-        def node(parent: int, tok: int) -> int:
-            key = (parent, tok)
-            v = index.get(key)
-            if v is None:
-                v = len(tokens)
-                index[key] = v
-                tokens.append(tok)
-                parents.append(parent)
-                added.append(key)
-            return v
-
-        v = 0
-        for t in doc.context:
-            v = node(v, int(t))
-        local = [v]
-        for u in range(1, doc.num_nodes):
-            local.append(node(local[doc.parents[u]], int(doc.tokens[u])))
-        return local, added
-
-    for i in sorted(range(len(docs)), key=lambda i: tuple(docs[i].context)):
-        before = len(tokens)
-        local, added = insert(docs[i])
-        if len(tokens) > max_nodes and before > 1:  # overflow: undo, close, start anew
-            for key in added:
-                del index[key]
-            del tokens[before:], parents[before:]
-            trees.append((tokens, parents))
-            tokens, parents, index = [-1], [-1], {}
-            local, _ = insert(docs[i])
-        where[i] = (len(trees), local)
-    if docs:  # every closed tree was followed by a document: the last one is not empty
-        trees.append((tokens, parents))
-    return trees, where
-
-
-def _batches(sizes: Sequence[int], budget: int) -> list[list[int]]:
-    """Group item indices so that each group's total size stays within budget (items
-    larger than the budget go alone)."""
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    out: list[list[int]] = []
-    cur: list[int] = []
-    tot = 0
-    for i in order:
-        if cur and tot + sizes[i] > budget:
-            out.append(cur)
-            cur, tot = [], 0
-        cur.append(i)
-        tot += sizes[i]
-    if cur:
-        out.append(cur)
-    return out
-
-
-def teacher_tree_logprobs(
-    teacher: Any, trees: Sequence[tuple[Sequence[int], Sequence[int]]]
-) -> list[torch.Tensor]:
-    """Log-probs after every node of every tree ([num_nodes, V] each).
-
-    A tree is (tokens, parents) with node 0 the start of text. Uses the teacher's
-    ``tree_logprobs`` when it has one, else one ``next_token_logprobs`` call over the
-    explicit contexts of all nodes.
-    """
-    if hasattr(teacher, "tree_logprobs"):
-        return list(teacher.tree_logprobs(trees))
-    contexts: list[tuple[int, ...]] = []
-    sizes = []
-    for tokens, parents in trees:
-        ctx: list[tuple[int, ...]] = [()]
-        for v in range(1, len(tokens)):
-            ctx.append((*ctx[parents[v]], int(tokens[v])))
-        contexts.extend(ctx)
-        sizes.append(len(ctx))
-    lp = teacher.next_token_logprobs(contexts)
-    lp_t = torch.as_tensor(np.asarray(lp)) if not isinstance(lp, torch.Tensor) else lp
-    return list(torch.split(lp_t, sizes))
-
-
-def _canon(component: Any) -> Any:
-    """A tokenizer.json component without keys that do not change ids (offset trimming)."""
-    if isinstance(component, dict):
-        return {k: _canon(v) for k, v in component.items() if k != "trim_offsets"}
-    if isinstance(component, list):
-        return [_canon(v) for v in component]
-    return component
-
-
-def check_subset_pair(T: ByteLevelBPE, S: ByteLevelBPE) -> None:
-    """Raise `SubsetRegimeError` naming every way the pair is not a truncated-merge pair."""
-    problems = []
-    for key in ("normalizer", "pre_tokenizer"):
-        if _canon(T.component(key)) != _canon(S.component(key)):
-            problems.append(
-                f"{key} differs: teacher {T.component(key)!r} vs student {S.component(key)!r}"
-            )
-    for opt in (
-        "dropout",
-        "byte_fallback",
-        "continuing_subword_prefix",
-        "end_of_word_suffix",
-        "ignore_merges",
-    ):
-        for tk in (T, S):
-            if tk.model_spec.get(opt):
-                problems.append(f"{tk.name} BPE has {opt}={tk.model_spec.get(opt)!r} (unsupported)")
-    n = len(S.merges)
-    if n > len(T.merges) or S.merges != T.merges[:n]:
-        k = next(
-            (i for i, (a, b) in enumerate(zip(S.merges, T.merges, strict=False)) if a != b),
-            min(n, len(T.merges)),
-        )
-        detail = (
-            f"student merge {k} is {S.merges[k]!r}, teacher merge {k} is {T.merges[k]!r}"
-            if k < n and k < len(T.merges)
-            else f"student has {n} merges, teacher {len(T.merges)}"
-        )
-        problems.append(f"student merges are not a prefix of the teacher's: {detail}")
-    else:
-        products = {a + b for a, b in T.merges}
-        base = {s for s, i in T.vocab.items() if s not in products and i not in T.added_ids}
-        expected = base | {a + b for a, b in T.merges[:n]}
-        got = {s for s, i in S.vocab.items() if i not in S.added_ids}
-        if got != expected:
-            extra, missing = sorted(got - expected)[:5], sorted(expected - got)[:5]
-            problems.append(
-                "student vocab is not the teacher's base symbols + first "
-                f"{n} merge products (extra {extra}, missing {missing})"
-            )
-    if problems:
-        raise SubsetRegimeError(
-            "not a truncated-merge (subset) tokenizer pair:\n  - "
-            + "\n  - ".join(problems)
-            + "\nUse the general scorer for unrelated tokenizers."
-        )
-
-
-def _decompositions(T: ByteLevelBPE, S: ByteLevelBPE) -> dict[int, tuple[int, ...]]:
-    """R2: d(t) for every teacher BPE token, as student ids."""
-    svocab = S.vocab
-    d: dict[str, tuple[int, ...]] = {}
-    for s in T.vocab:
-        if s in svocab and T.vocab[s] not in T.added_ids:
-            d[s] = (svocab[s],)
-    for a, b in T.merges:
-        prod = a + b
-        if prod not in d and a in d and b in d:
-            d[prod] = d[a] + d[b]
-    out: dict[int, tuple[int, ...]] = {}
-    for s, i in T.vocab.items():
-        if i in T.added_ids:
-            continue
-        if s in d:
-            out[i] = d[s]
-        else:  # a vocab entry no merge produces: its student encoding is the best we know
-            out[i] = tuple(S.bpe(s))
-    return out

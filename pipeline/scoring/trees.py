@@ -1,0 +1,127 @@
+"""Prefix trees of teacher contexts, shared by the scorers: merging the trees of many
+texts into as few as fit one forward (`merge_context_trees`), grouping them into teacher
+calls (`_batches`), and the teacher call itself (`teacher_tree_logprobs`: a
+`pipeline.scoring.protocol.TreeTeacher`'s tree forward, or one context at a time)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from pipeline.scoring.protocol import Teacher
+
+
+class TeacherTree(Protocol):
+    """What `merge_context_trees` reads of a document: its context path and its local
+    nodes (``tokens``/``parents``, node 0 the end of the context)."""
+
+    @property
+    def context(self) -> Sequence[int]: ...
+    @property
+    def tokens(self) -> Sequence[int]: ...
+    @property
+    def parents(self) -> Sequence[int]: ...
+    @property
+    def num_nodes(self) -> int: ...
+
+
+def merge_context_trees(
+    docs: Sequence[TeacherTree], max_nodes: int
+) -> tuple[list[tuple[list[int], list[int]]], list[tuple[int, list[int]]]]:
+    """Merge the teacher trees of ``docs`` (context path + local nodes) into prefix trees
+    of at most ``max_nodes`` nodes each (root included), deduplicating nodes by
+    (parent, token). Documents are taken in order of their contexts so that documents
+    sharing a context prefix land in the same tree; a tree that would overflow is closed
+    and the document starts a new one (repeating its context path there).
+
+    Returns the trees (tokens, parents; node 0 the start of text) and, per document,
+    (its tree, the tree node of each of its local nodes).
+    """
+    trees: list[tuple[list[int], list[int]]] = []
+    where: list[tuple[int, list[int]]] = [(-1, [])] * len(docs)
+    tokens: list[int] = [-1]
+    parents: list[int] = [-1]
+    index: dict[tuple[int, int], int] = {}
+
+    def insert(doc: TeacherTree) -> tuple[list[int], list[tuple[int, int]]]:
+        added: list[tuple[int, int]] = []
+
+        def node(parent: int, tok: int) -> int:
+            key = (parent, tok)
+            v = index.get(key)
+            if v is None:
+                v = len(tokens)
+                index[key] = v
+                tokens.append(tok)
+                parents.append(parent)
+                added.append(key)
+            return v
+
+        v = 0
+        for t in doc.context:
+            v = node(v, int(t))
+        local = [v]
+        for u in range(1, doc.num_nodes):
+            local.append(node(local[doc.parents[u]], int(doc.tokens[u])))
+        return local, added
+
+    for i in sorted(range(len(docs)), key=lambda i: tuple(docs[i].context)):
+        before = len(tokens)
+        local, added = insert(docs[i])
+        if len(tokens) > max_nodes and before > 1:  # overflow: undo, close, start anew
+            for key in added:
+                del index[key]
+            del tokens[before:], parents[before:]
+            trees.append((tokens, parents))
+            tokens, parents, index = [-1], [-1], {}
+            local, _ = insert(docs[i])
+        where[i] = (len(trees), local)
+    if docs:  # every closed tree was followed by a document: the last one is not empty
+        trees.append((tokens, parents))
+    return trees, where
+
+
+def _batches(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Group item indices so that each group's total size stays within budget (items
+    larger than the budget go alone)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    tot = 0
+    for i in order:
+        if cur and tot + sizes[i] > budget:
+            out.append(cur)
+            cur, tot = [], 0
+        cur.append(i)
+        tot += sizes[i]
+    if cur:
+        out.append(cur)
+    return out
+
+
+def teacher_tree_logprobs(
+    teacher: Teacher, trees: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> list[torch.Tensor]:
+    """Log-probs after every node of every tree ([num_nodes, V] each).
+
+    A tree is (tokens, parents) with node 0 the start of text. Uses the teacher's
+    ``tree_logprobs`` when it has one, else one ``next_token_logprobs`` call over the
+    explicit contexts of all nodes.
+    """
+    tree_logprobs = getattr(teacher, "tree_logprobs", None)  # a `TreeTeacher`
+    if tree_logprobs is not None:
+        return list(tree_logprobs(trees))
+    contexts: list[tuple[int, ...]] = []
+    sizes = []
+    for tokens, parents in trees:
+        ctx: list[tuple[int, ...]] = [()]
+        for v in range(1, len(tokens)):
+            ctx.append((*ctx[parents[v]], int(tokens[v])))
+        contexts.extend(ctx)
+        sizes.append(len(ctx))
+    lp = teacher.next_token_logprobs(contexts)
+    lp_t = torch.as_tensor(np.asarray(lp)) if not isinstance(lp, torch.Tensor) else lp
+    return list(torch.split(lp_t, sizes))
