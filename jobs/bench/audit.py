@@ -1,19 +1,20 @@
 """Audit throughput next to the reader's raw throughput, on the same shards, in one run,
 one process pinned to one core.
 
-    python -m jobs.bench_audit [--docs 32] [--seconds 3] [--run DIR]
+    python -m jobs.bench.audit [--docs 32] [--seconds 3] [--run DIR]
 
 Both are measured in target rows per second (``L + 1`` rows per sequence):
 
-- reader raw: what `pipeline.reader` does per unit of work: ``_open_shard`` (size,
-  footer, schema version, row counts), then per row group ``read_row_group`` of the
-  reader's columns (page CRCs verified) and ``_decode`` into numpy arrays;
+- reader raw: what `pipeline.reader` does per unit of work: `pipeline.shards.open_shard`
+  (size, footer, schema version, row counts), then per row group ``read_row_group`` of
+  the reader's columns (``DECODE_COLUMNS``, page CRCs verified) and
+  `pipeline.shards.decode_row_group` into numpy arrays;
 - audit: `pipeline.audit.audit_shard` per shard: sha256 of the whole file, the same
-  ``_open_shard`` checks, EVERY column of every row group read with its page CRCs, the
+  ``open_shard`` checks, EVERY column of every row group read with its page CRCs, the
   quality statistics, and the footer's column sizes.
 
 Without ``--run`` it first generates a small run with the demo config (SmolLM2-135M
-teacher, 8,000-merge student, k=64, GSM8K chats) in-process, as `jobs.bench_reader`
+teacher, 8,000-merge student, k=64, GSM8K chats) in-process, as `jobs.bench.reader`
 does. Passes alternate between the two (file cache warm for both; the first pass of
 each is a warm-up, not counted) until each has run ``--seconds``. Target: the audit at
 >= 50% of the reader's raw rate.
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="audit this existing run instead of generating one")
     args = p.parse_args(argv)
 
-    from jobs._bench import demo_run, pin_one_core
+    from jobs.bench.common import demo_run, pin_one_core
 
     tmp = demo_run(args.docs, "xtok-bench-audit-") if args.run is None else None
     run_dir = tmp or args.run
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         import hashlib
 
         from pipeline.audit import RunAudit, audit_shard, locate
-        from pipeline.reader import _COLUMNS, _decode, _open_shard, open_run
+        from pipeline.reader import open_run
+        from pipeline.shards import DECODE_COLUMNS, decode_row_group, open_shard
 
         run = open_run(run_dir)
         k = run.top_k
@@ -52,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         def reader_pass() -> int:
             rows = 0
             for s in run.shards:
-                pf, groups = _open_shard(s, None)
-                for g in range(len(groups)):
-                    unit = _decode(pf.read_row_group(g, columns=_COLUMNS, use_threads=False), k)
-                    rows += len(unit.topk_ids)
+                shard = open_shard(s)
+                for g in range(len(shard.row_groups)):
+                    table = shard.file.read_row_group(
+                        g, columns=list(DECODE_COLUMNS), use_threads=False
+                    )
+                    rows += len(decode_row_group(table, k).topk_ids)
+                shard.close()
             return rows
 
         def audit_pass() -> int:
@@ -72,17 +77,18 @@ def main(argv: list[str] | None = None) -> int:
                 with open(s.url, "rb") as f:
                     hashlib.sha256(f.read()).hexdigest()
             return sum(
-                int(s.manifest["student_tokens"]) + int(s.manifest["sequences"]) for s in run.shards
+                int(s.manifest.student_tokens or 0) + int(s.manifest.sequences or 0)
+                for s in run.shards
             )
 
         def all_columns_pass() -> int:
             rows = 0
             for s in run.shards:
-                pf, groups = _open_shard(s, None)
-                for g in range(len(groups)):
-                    rows += len(
-                        pf.read_row_group(g, use_threads=False)["loss_mask"].combine_chunks().values
-                    )
+                shard = open_shard(s)
+                for g in range(len(shard.row_groups)):
+                    table = shard.file.read_row_group(g, use_threads=False)
+                    rows += len(table["loss_mask"].combine_chunks().values)
+                shard.close()
             return rows
 
         modes = {
@@ -104,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 spent[name] += time.perf_counter() - t0
                 rows[name] += n
         total_rows = audit_pass()
-        tokens = sum(int(s.manifest["student_tokens"]) for s in run.shards)
-        size = sum(int(s.manifest["bytes"]) for s in run.shards)
+        tokens = sum(int(s.manifest.student_tokens or 0) for s in run.shards)
+        size = sum(int(s.manifest.bytes or 0) for s in run.shards)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

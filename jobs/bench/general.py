@@ -48,7 +48,7 @@ walk 1.5-2.1 s at beam 16), hence the small defaults (two documents cut to 80 by
 160 rows over the three students: a full run takes about 14 minutes, half of it in the
 reference); a quick trial::
 
-    python -m jobs.bench_general --docs 1 --max-bytes 60 \\
+    python -m jobs.bench.general --docs 1 --max-bytes 60 \\
         --settings '[{"beam": 8, "min_prob": 0.01}]' \\
         --reference '{"beam": 16, "min_prob": 0.001}' --out results.json
 """
@@ -239,7 +239,7 @@ def _stat(x: list[float]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.bench_general",
+        prog="python -m jobs.bench.general",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -8,7 +8,7 @@ student, k=64, CPU), measured in one run:
   both use the same cores;
 - bytes per student token of the shards and the log-prob quantisation error.
 
-    python -m jobs.bench_pipeline [--docs 64]
+    python -m jobs.bench.pipeline [--docs 64]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.bench_pipeline",
+        prog="python -m jobs.bench.pipeline",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -2,7 +2,7 @@
 to one core), next to the rate at which the pipeline produced the same shards in the
 same run.
 
-    python -m jobs.bench_reader [--docs 32] [--seconds 3] [--run DIR]
+    python -m jobs.bench.reader [--docs 32] [--seconds 3] [--run DIR]
 
 Without ``--run`` it first generates a small run with the demo config (SmolLM2-135M
 teacher, 8,000-merge student, k=64, GSM8K chats) in-process, which also measures the
@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="read this existing run instead of generating one")
     args = p.parse_args(argv)
 
-    from jobs._bench import demo_run, pin_one_core
-    from pipeline.reader import _COLUMNS, TargetDataset, _decode, _open_shard, open_run
+    from jobs.bench.common import demo_run, pin_one_core
+    from pipeline.reader import TargetDataset, open_run
+    from pipeline.shards import DECODE_COLUMNS, decode_row_group, open_shard
 
     tmp = demo_run(args.docs, "xtok-bench-reader-") if args.run is None else None
     run_dir = tmp or args.run
@@ -55,17 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         n_rows = 0
         for rep in range(3):  # the first pass warms caches and lazy imports: not counted
             for s in run.shards:
-                pf, groups = _open_shard(s, None)
-                for g in range(len(groups)):
+                shard = open_shard(s)
+                for g in range(len(shard.row_groups)):
                     t0 = time.perf_counter()
-                    table = pf.read_row_group(g, columns=_COLUMNS, use_threads=False)
+                    table = shard.file.read_row_group(
+                        g, columns=list(DECODE_COLUMNS), use_threads=False
+                    )
                     t1 = time.perf_counter()
-                    unit = _decode(table, k)
+                    unit = decode_row_group(table, k)
                     t2 = time.perf_counter()
                     if rep:
                         t_read += t1 - t0
                         t_decode += t2 - t1
                         n_rows += len(unit.topk_ids)
+                shard.close()
         # the ceiling any zstd-compressed layout has here: decompressing the top-k ids and
         # log-prob columns' raw bytes (zstd level 3, one frame per row group) and nothing else
         import zstandard
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         frames = []
         zstd_rows = 0
         for s in run.shards:
-            table = _open_shard(s, None)[0].read(columns=_COLUMNS)
+            shard = open_shard(s)
+            table = shard.file.read(columns=list(DECODE_COLUMNS))
+            shard.close()
             zstd_rows += len(table["loss_mask"].combine_chunks().values)
             for c in ("topk_ids", "topk_logprob_dq"):
                 raw = table[c].combine_chunks().values.to_numpy().tobytes()

@@ -14,7 +14,7 @@ SmolLM2-135M-Instruct as teacher, on CPU:
     (`pipeline.scoring.reference`), per student token, on a few short documents
     (target >= 20x).
 
-    python -m jobs.bench_scoring [--docs 32] [--ref-docs 2]
+    python -m jobs.bench.scoring [--docs 32] [--ref-docs 2]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.bench_scoring",
+        prog="python -m jobs.bench.scoring",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

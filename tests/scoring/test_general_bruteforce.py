@@ -6,6 +6,11 @@ encodings that `student_truth` enumerates for any student. Students of the three
 in `general_assets` (other byte-level BPEs with GPT-2 / Qwen2 / Llama-3 regexes,
 SentencePiece-style BPEs with byte fallback, pure bytes) must get every row within 1e-9
 in lossless mode; depth limits and pruning must report exactly the mass they lose.
+
+Tiers: the lossless sweep runs every student with the token walk (the default) by
+default, and with the byte walk for a representative few (`QUICK_BYTE_WALK`); the other
+byte-walk cases and the longer stability sweeps are marked ``slow`` (``pytest -m "not
+slow"`` skips them; the plain ``pytest`` runs all).
 """
 
 from __future__ import annotations
@@ -103,8 +108,19 @@ def _alias_logprob(student: Tokenizer, dist: dict[str, float], text: str) -> flo
 
 
 # --------------------------------------------------------------------------- truth
-@pytest.mark.parametrize("walk", ["tokens", "bytes"])
-@pytest.mark.parametrize("name", sorted(STUDENTS))
+# Students also run with the byte walk in the quick tier: a byte-level BPE, a
+# SentencePiece layout with two roots per row (not injective), the byte student.
+QUICK_BYTE_WALK = ("bpe-qwen2", "sp-metaspace-first", "bytes")
+LOSSLESS_CASES = [
+    (name, walk)
+    if walk == "tokens" or name in QUICK_BYTE_WALK
+    else pytest.param(name, walk, marks=pytest.mark.slow)
+    for name in sorted(STUDENTS)
+    for walk in ("tokens", "bytes")
+]
+
+
+@pytest.mark.parametrize(("name", "walk"), LOSSLESS_CASES)
 def test_lossless_rows_equal_enumerated_truth(world, name, walk):
     S = STUDENTS[name]()
     scorer = GeneralScorer(world.T, S, max_depth=8, byte_model=world.bytes, walk=walk)

@@ -4,16 +4,23 @@ Tiny byte-level BPE tokenizers (alphabet a, b, space, 1; GPT-2 regex with look-a
 and Qwen2 regex; 12 merges) and a perfect teacher over ALL strings up to length 5.
 Every truncation of the merge list is a student. Every row of every document must equal
 the enumerated induced distribution within 1e-9 (float64).
+
+Tiers: the sweeps over truncations are parametrized per truncation; a representative few
+run by default (`QUICK_TRUNCATIONS`, `QUICK_CONTRACTION_TRUNCATIONS`), the rest are marked
+``slow`` (``pytest -m "not slow"`` skips them; the plain ``pytest`` runs every one, the
+same assertions as the single sweep they were before).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
 
 from pipeline.scoring import SubsetExactScorer
 from pipeline.scoring.reference import SequentialSubsetScorer
-from pipeline.tokenization import truncate_merges
+from pipeline.tokenization import build_byte_level_bpe, truncate_merges
 from tests.tiny_assets import (
     EOS,
     MERGES,
@@ -27,6 +34,21 @@ from tests.tiny_assets import (
 )
 
 TOL = 1e-9
+
+# One torch thread (as in test_general_bruteforce.py): the tensors are tiny. Scoring one
+# truncation took 1.3-1.5 s with 1 or 2 threads on idle 2 cores, but with one other busy
+# process on them 6-7 s with 2 threads and 1.6-2.0 s with 1.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Truncations run in the quick tier (the others are `slow`): 0 = bytes only; 1 = "ĠĠ"
+# without "ĠĠĠ" (whitespace runs); 3 = "Ġa" without "Ġab" (the look-ahead probe trap of
+# `test_without_probes_the_whitespace_trap_is_caught`); 9 = "Ġ1" (space + digit) without
+# "Ġaba"/"ĠĠa"; 12 = student = teacher.
+QUICK_TRUNCATIONS = (0, 1, 3, 9, len(MERGES))
+
+
+def _tiered(values, quick):
+    """``values`` as pytest params, all but ``quick`` marked slow."""
+    return [v if v in quick else pytest.param(v, marks=pytest.mark.slow) for v in values]
 
 
 @pytest.fixture(scope="module", params=["qwen2", "gpt2"])
@@ -48,7 +70,7 @@ def _max_row_error(results, truth) -> float:
     return worst
 
 
-@pytest.mark.parametrize("n", range(len(MERGES) + 1))
+@pytest.mark.parametrize("n", _tiered(range(len(MERGES) + 1), QUICK_TRUNCATIONS))
 def test_every_row_equals_enumerated_truth(world, n):
     pattern, dist, teacher = world
     T, S = tiny_pair(n, pattern)
@@ -161,31 +183,45 @@ def test_whitespace_only_and_empty_texts():
             )
 
 
-@pytest.mark.parametrize("pattern", ["gpt2", "qwen2"])
-def test_contractions_move_earlier_boundaries(pattern):
-    """An apostrophe's pre-token depends on up to two characters after it (GPT-2:
-    ``x'l`` -> ``x ' l`` but ``x'll`` -> ``x 'll``), so a row ending after ``x'l`` must
-    see teacher covers that start before the last pre-token. Alphabet x ' l space, a
-    vocab with "'l" and "ll" but no "'ll"; every truncation is a student."""
-    from pipeline.tokenization import build_byte_level_bpe
+CONTRACTION_MERGES = (("'", "l"), ("l", "l"), ("Ġ", "x"), ("x", "'l"))
+# Quick tier: 0 (bytes only; the sequential reference is checked too) and 2 ("'l" and "ll"
+# but neither "x'l" nor "'ll": GPT-2's ``x'l`` -> ``x'll`` trap). 1, 3, 4 are `slow`.
+QUICK_CONTRACTION_TRUNCATIONS = (0, 2)
 
+
+@functools.cache
+def _contraction_world(pattern: str):
+    """Alphabet x ' l space, a vocab with "'l" and "ll" but no "'ll"; a perfect teacher
+    over all strings up to length 5."""
     base = ("x", "'", "l", "Ġ")
-    merges = (("'", "l"), ("l", "l"), ("Ġ", "x"), ("x", "'l"))
     vocab = {s: i for i, s in enumerate(base)}
-    for a, b in merges:
+    for a, b in CONTRACTION_MERGES:
         vocab.setdefault(a + b, len(vocab))
-    T = build_byte_level_bpe(vocab, merges, pattern=PATTERNS[pattern], added_tokens=[EOS])
+    T = build_byte_level_bpe(
+        vocab, CONTRACTION_MERGES, pattern=PATTERNS[pattern], added_tokens=[EOS]
+    )
     strings = all_strings(5, ("x", "'", "l", " "))
     rng = np.random.default_rng(1)
     w = np.exp(rng.normal(0.0, 1.5, size=len(strings)))
     dist = dict(zip(strings, (w / w.sum()).tolist(), strict=True))
-    teacher = PerfectTeacher(T, dist)
+    return T, dist, PerfectTeacher(T, dist)
+
+
+@pytest.mark.parametrize(
+    "n", _tiered(range(len(CONTRACTION_MERGES) + 1), QUICK_CONTRACTION_TRUNCATIONS)
+)
+@pytest.mark.parametrize("pattern", ["gpt2", "qwen2"])
+def test_contractions_move_earlier_boundaries(pattern, n):
+    """An apostrophe's pre-token depends on up to two characters after it (GPT-2:
+    ``x'l`` -> ``x ' l`` but ``x'll`` -> ``x 'll``), so a row ending after ``x'l`` must
+    see teacher covers that start before the last pre-token. Alphabet x ' l space, a
+    vocab with "'l" and "ll" but no "'ll"; every truncation is a student."""
+    T, dist, teacher = _contraction_world(pattern)
     short = [d for d in dist if len(d) <= 4]
-    for n in range(len(merges) + 1):
-        S = truncate_merges(T, n)
-        truth = student_truth(S, dist)
-        results = SubsetExactScorer(T, S).score(teacher, list(dist), top_k=None)
-        assert _max_row_error(results, truth) < TOL, n
-        if n in (0, len(merges)):  # the reference's own probes see contractions too
-            ref = SequentialSubsetScorer(T, S).score(teacher, short, top_k=None)
-            assert _max_row_error(ref, truth) < TOL, n
+    S = truncate_merges(T, n)
+    truth = student_truth(S, dist)
+    results = SubsetExactScorer(T, S).score(teacher, list(dist), top_k=None)
+    assert _max_row_error(results, truth) < TOL, n
+    if n in (0, len(CONTRACTION_MERGES)):  # the reference's own probes see contractions too
+        ref = SequentialSubsetScorer(T, S).score(teacher, short, top_k=None)
+        assert _max_row_error(ref, truth) < TOL, n
