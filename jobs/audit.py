@@ -531,7 +531,8 @@ def write_report(
 
 # ---------------------------------------------------------------------------- main
 def run_audit(args: argparse.Namespace) -> int:
-    from pipeline.audit import AuditError, RunAudit, default_report_dir, locate, verify_live
+    from pipeline.audit import AuditError, RunAudit, default_report_dir, locate
+    from pipeline.audit_live import verify_live
 
     so = args.storage_options
     try:
@@ -583,7 +584,8 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from pipeline.audit import AuditError, inspect_document
+    from pipeline.audit import AuditError
+    from pipeline.audit_live import inspect_document
 
     try:
         print(

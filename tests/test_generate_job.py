@@ -508,7 +508,7 @@ def test_sentencepiece_student_targets_print_and_inspect(tiny_teacher_dir, tmp_p
     """A SentencePiece-style student (``▁`` pieces, byte fallback for "1"): the job's
     closing print-out and the audit's per-document view decode its pieces (both read
     tokens as byte-level BPE before, and the job crashed after committing)."""
-    from pipeline.audit import inspect_document
+    from pipeline.audit_live import inspect_document
     from tests.scoring.general_assets import sentencepiece_bpe
 
     student = tmp_path / "sp.json"
