@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError as ConfigError  # defined there; imported from here too
 
@@ -68,6 +75,15 @@ class TeacherConfig(_Strict):
         ge=16,
         description="teacher tokens per sequence (default: min(model limit, max_batch_tokens / 2))",
     )
+
+    @model_validator(mode="after")
+    def _context_fits_a_forward(self) -> TeacherConfig:
+        if self.max_context is not None and self.max_context > self.max_batch_tokens:
+            raise ValueError(
+                f"max_context ({self.max_context}) must not exceed max_batch_tokens "
+                f"({self.max_batch_tokens}): a chunk's context tree is one forward row"
+            )
+        return self
 
 
 class StudentConfig(_Strict):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import BadRecordError
 from pipeline.records import Document, Skip, read_shard
 from pipeline.scoring.factory import choose_scorer as choose_scorer  # importable here too
@@ -98,8 +98,8 @@ class GenerateStep:
         self.student_tokenizer = s_tok
         limit = min(self.teacher.max_positions, self.teacher.max_batch_tokens // 2)
         self.max_context = cfg.teacher.max_context or limit
-        if self.max_context > self.teacher.max_batch_tokens:
-            raise ValueError("teacher.max_context must not exceed teacher.max_batch_tokens")
+        if self.max_context > self.teacher.max_batch_tokens:  # checked by the config too
+            raise ConfigError("teacher.max_context must not exceed teacher.max_batch_tokens")
         tok = self.teacher.tokenizer
         self.chat_template: Callable[[list[dict]], str] | None = None
         if getattr(tok, "chat_template", None):

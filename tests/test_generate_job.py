@@ -255,6 +255,9 @@ def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys,
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="unknown_key"):
         load_config(None, ["scoring.unknown_key=1"])
+    # found when the config loads, not in every actor's set-up (it was a ValueError there)
+    with pytest.raises(ConfigError, match=r"max_context \(1024\) must not exceed max_batch_tokens"):
+        load_config(None, ["teacher.max_context=1024", "teacher.max_batch_tokens=512"])
     # missing input, unwritable output, not a subset pair: exit code 2 and a clear message
     assert main(["--show", "0", *_args(tiny_teacher_dir, tmp_path / "nope", out)]) == 2
     assert "matches no file" in capsys.readouterr().err

@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -79,19 +78,17 @@ def main(argv: list[str] | None = None) -> int:
                 "teacher.device=cpu",
             ],
         )
-        run_job(job_cfg, executor="ray")
+        result = run_job(job_cfg, executor="ray")
         t_job = time.perf_counter() - t
-        stats = json.loads(Path(out, "stats.json").read_text())
-        index = json.loads(Path(out, "index.json").read_text())
-        shard_seconds = sum(
-            json.loads(Path(out, s["manifest"]).read_text())["seconds"] for s in index["shards"]
-        )
+        stats = result.stats  # what stats.json holds
+        manifests = [result.manifests[s] for s in result.plan.shards]
+        shard_seconds = sum(m["seconds"] for m in manifests)
         # quantisation error against the in-process scores; bytes by column
         by_id = {}
         columns: dict[str, int] = {}
         ids_by_rank: list[np.ndarray] = []
-        for s in index["shards"]:
-            table = read_table(os.path.join(out, s["file"]))
+        for m in manifests:
+            table = read_table(os.path.join(out, m["file"]))
             for r in table.to_pylist():
                 by_id[(r["doc_id"], r["chunk"])] = r
             ids_by_rank.append(
@@ -101,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 .to_numpy()
                 .reshape(-1, cfg.scoring.top_k)
             )
-            for name, (packed, _) in column_bytes(os.path.join(out, s["file"])).items():
+            for name, (packed, _) in column_bytes(os.path.join(out, m["file"])).items():
                 columns[name] = columns.get(name, 0) + packed
         k = cfg.scoring.top_k
         err = 0.0
