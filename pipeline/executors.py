@@ -194,19 +194,19 @@ class Progress:
         el = time.perf_counter() - self.t0
         in_flight = sum(r["student_tokens"] for r in self.running.values())
         tokens = self.tokens + in_flight
-        # expected student tokens of each running shard, from the share of its text done
-        expected = [
-            r["student_tokens"] / r["fraction"]
+        # (tokens so far, expected tokens) of each running shard with a batch scored:
+        # the expected count from the share of its text done
+        seen = [
+            (r["student_tokens"], r["student_tokens"] / r["fraction"])
             for r in self.running.values()
             if r.get("fraction", 0) > 0 and r["student_tokens"] > 0
         ]
         per_shard = [self.tokens / self.this_run] * self.this_run if self.this_run else []
-        per_shard += expected
+        per_shard += [e for _, e in seen]
         eta = None
         if per_shard and tokens > 0 and el > 0:
             queued = max(0, self.total - self.done - len(self.running))
-            left = sum(e - r for e, r in zip(expected, self._running_tokens(), strict=False))
-            left += queued * sum(per_shard) / len(per_shard)
+            left = sum(e - r for r, e in seen) + queued * sum(per_shard) / len(per_shard)
             eta = max(0.0, left) / (tokens / el)
         return {
             "shards_done": self.done,
@@ -219,13 +219,6 @@ class Progress:
             "tokens_per_second": tokens / el if el > 0 else 0.0,
             "eta_seconds": eta,
         }
-
-    def _running_tokens(self) -> list[int]:
-        return [
-            r["student_tokens"]
-            for r in self.running.values()
-            if r.get("fraction", 0) > 0 and r["student_tokens"] > 0
-        ]
 
     def publish(self) -> dict[str, Any]:
         """Push a snapshot to the metrics sinks (attached on first use once available)."""

@@ -186,10 +186,6 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
-def ensure_ray(cfg: JobConfig) -> None:
-    connect(cfg.ray.address)
-
-
 def map_in_order(
     fn: Callable[..., Any],
     items: list[tuple[str, tuple[Any, ...]]],
@@ -440,7 +436,7 @@ def run_ray(
     """
     if not todo:
         return []
-    ensure_ray(cfg)
+    connect(cfg.ray.address)
     opts, capacity = _actor_options(cfg)
     n_actors = min(len(todo), cfg.ray.num_actors or max(1, capacity))
     threads = max(1, int(opts.get("num_cpus", 1)))
