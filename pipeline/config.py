@@ -116,6 +116,9 @@ class GeneralScorerConfig(_Strict):
     )
 
 
+TargetKind = Literal["student", "bytes", "teacher"]
+
+
 class ScoringConfig(_Strict):
     scorer: Literal["auto", "subset", "general"] = Field(
         "auto",
@@ -123,13 +126,37 @@ class ScoringConfig(_Strict):
         "truncated merge list, else general",
     )
     general: GeneralScorerConfig = Field(default_factory=GeneralScorerConfig)
+    targets: list[TargetKind] = Field(
+        default_factory=lambda: list[TargetKind](["student"]),
+        description="target kinds, any non-empty subset, all from the same teacher "
+        "forwards: student (rows over student.tokenizer's vocab), bytes (the teacher's "
+        "exact next-byte distributions, for byte-level distillation), teacher (the "
+        "teacher's log-probs of its own tokens with their byte spans, for ALM); bytes "
+        "and teacher serve any student tokenizer chosen at read time",
+    )
     top_k: int = Field(64, ge=1, le=4096, description="student tokens stored per row")
+    byte_top_k: int = Field(
+        8,
+        ge=1,
+        le=257,
+        description="byte symbols stored per byte row (kind bytes; 8 keeps 0.99+ of the "
+        "mass on real text, jobs/bench/README.md)",
+    )
     chunk_overlap: int = Field(
         64,
         ge=0,
         description="teacher tokens of context repeated at the start of the next chunk of "
         "a long document (their rows are not targets again)",
     )
+
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("scoring.targets: ask for at least one of student, bytes, teacher")
+        order = ("student", "bytes", "teacher")
+        return [k for k in order if k in v]
 
 
 class OutputConfig(_Strict):

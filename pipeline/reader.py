@@ -74,12 +74,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import (
     DECODE_COLUMNS,
-    DecodedRows,
     ShardError,
     ShardInfo,
+    decode_kinds_row_group,
     decode_row_group,
     folder_of,
     index_url_of,
+    kind_columns,
     open_shard,
     read_run_index,
     run_shards,
@@ -180,6 +181,16 @@ class TargetDataset(IterableDataset):
         drop_last: drop a worker's last incomplete batch.
         prefetch: row groups read ahead in a background thread per worker.
         storage_options: fsspec options (credentials, ``endpoint_url``).
+        student_tokenizer: read the run's ``teacher`` / ``bytes`` kinds for THIS
+            student (any HF tokenizer: `tokenizers.Tokenizer`, transformers fast
+            tokenizer, tokenizer.json, dir or hub id), chosen now, not when the run was
+            made: each stored text is encoded with it and the targets are aligned to its
+            positions (see "Any student" in the module docstring). None: the run's own
+            student rows.
+        targets: with ``student_tokenizer``: which of the run's kinds to align,
+            ``teacher`` (ALM chunks) and/or ``bytes`` (byte-head windows); default all
+            the run has.
+        byte_window: with ``bytes``: the ``m`` byte rows each position gets.
     """
 
     def __init__(
@@ -199,14 +210,21 @@ class TargetDataset(IterableDataset):
         drop_last: bool = False,
         prefetch: int = 2,
         storage_options: dict[str, Any] | None = None,
+        student_tokenizer: Any = None,
+        targets: Sequence[str] | None = None,
+        byte_window: int = 4,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if byte_window < 1:
+            raise ValueError("byte_window must be >= 1")
         if pack_length is not None and pack_length < 2:
             raise ValueError("pack_length must be >= 2")
         self.run = run if isinstance(run, Run) else open_run(run, storage_options)
         self.run.load_footers()
+        self.byte_window = byte_window
+        self._setup_student(student_tokenizer, targets)
         self.batch_size = batch_size
         self.pack_length = pack_length
         self.bos_id = bos_id
@@ -232,6 +250,44 @@ class TargetDataset(IterableDataset):
         # resume: batches already consumed per logical stream, and the stream rotation
         self._skip: dict[int, int] = {}
         self._rotation = 0
+
+    def _setup_student(self, student_tokenizer: Any, targets: Sequence[str] | None) -> None:
+        prov = self.run.provenance
+        stored = prov.kinds
+        self.align_kinds: tuple[str, ...] = ()
+        self.student_tok: Any = None
+        if student_tokenizer is None:
+            if targets is not None:
+                raise ValueError("targets= selects kinds to align: pass student_tokenizer= too")
+            if "student" not in stored:
+                raise ValueError(
+                    f"run {self.run.url} stores targets for any student ({', '.join(stored)}) "
+                    "and no student rows: pass student_tokenizer= (the trainer's tokenizer)"
+                )
+            return
+        any_student = [k for k in ("teacher", "bytes") if k in stored]
+        if not any_student:
+            raise ValueError(
+                f"run {self.run.url} stores student rows only (schema version "
+                f"{prov.schema_version}, targets {stored}): it can be read for its own "
+                "student only (leave student_tokenizer unset); generate with "
+                "scoring.targets=[student,bytes,teacher] to serve any student"
+            )
+        want = tuple(targets) if targets is not None else tuple(any_student)
+        bad = [k for k in want if k not in any_student]
+        if bad or not want:
+            raise ValueError(
+                f"targets={list(want)}: this run can align {any_student} (stored {stored})"
+            )
+        from pipeline.align import student_bytes
+        from pipeline.tokenization import load_tokenizer
+
+        self.student_tok = load_tokenizer(student_tokenizer)
+        self._student_bytes = student_bytes(self.student_tok)
+        self.align_kinds = want
+        self.byte_specials = {
+            c.encode("utf-8"): 257 + j for j, c in enumerate(prov.byte_specials or [])
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         # open files stay in the process that opened them (spawned DataLoader workers)
@@ -270,6 +326,12 @@ class TargetDataset(IterableDataset):
             "rank": self.rank,
             "world_size": self.world_size,
             "shards": f"{len(shards)} shards, {sequences} sequences, sha256 {digest}",
+            # how any-student runs are read (None for the run's own student rows)
+            "student_tokenizer": None
+            if self.student_tok is None
+            else hashlib.sha256(self.student_tok.to_str().encode()).hexdigest()[:16],
+            "targets": list(self.align_kinds) or None,
+            "byte_window": self.byte_window if "bytes" in self.align_kinds else None,
         }
 
     # ------------------------------------------------------------------ planning
@@ -334,7 +396,8 @@ class TargetDataset(IterableDataset):
         yield from self._stream(refs, stream, self._skip.get(stream, 0))
 
     def _stream(self, refs: list[Ref], stream: int, skip: int) -> Iterator[dict[str, Any]]:
-        k = self.run.top_k
+        aligned = self.student_tok is not None
+        k = 0 if aligned else self.run.top_k
         # open files are kept across epochs, per process (DataLoader workers fork: a
         # file handle inherited from the parent would share its read offset)
         if getattr(self, "_files_pid", None) != os.getpid():
@@ -362,6 +425,8 @@ class TargetDataset(IterableDataset):
 
         def length(ref: Ref) -> int:
             u, r = ref
+            if u in decoded or aligned:  # any student: the text must be encoded first
+                return get(u).length(r)
             if u in decoded:
                 return decoded[u].length(r)
             if u not in lengths:
@@ -369,8 +434,8 @@ class TargetDataset(IterableDataset):
                 lengths[u] = np.diff(col.offsets.to_numpy())
             return int(lengths[u][r])
 
-        decoded: dict[int, DecodedRows] = {}
-        pending: dict[int, Future[DecodedRows]] = {}
+        decoded: dict[int, Any] = {}  # DecodedRows | AlignedRows
+        pending: dict[int, Future[Any]] = {}
         # when each unit is first needed and last needed, in stream order
         first: dict[int, int] = {}
         last: dict[int, int] = {}
@@ -381,10 +446,12 @@ class TargetDataset(IterableDataset):
         ahead = 0  # index into upcoming of the next unit to prefetch
         pool = ThreadPoolExecutor(max_workers=1) if self.prefetch > 0 else None
 
-        def load(u: int) -> DecodedRows:
+        def load(u: int) -> Any:
+            if aligned:
+                return self._align_unit(read(u, kind_columns(self.align_kinds)))
             return decode_row_group(read(u, list(DECODE_COLUMNS)), k)
 
-        def get(u: int) -> DecodedRows:
+        def get(u: int) -> Any:
             if u not in decoded:
                 fut = pending.pop(u, None)
                 decoded[u] = fut.result() if fut is not None else load(u)
@@ -403,7 +470,7 @@ class TargetDataset(IterableDataset):
                     ahead += 1
                     if last[u] >= cursor and u not in decoded:
                         pending[u] = pool.submit(load, u)
-                batch = self._collate(plan, get)
+                batch = self._collate_aligned(plan, get) if aligned else self._collate(plan, get)
                 batch["_stream"] = stream
                 batch["_batch"] = b
                 yield batch
@@ -481,8 +548,148 @@ class TargetDataset(IterableDataset):
             out["segment_ids"] = torch.from_numpy(segment_ids)
         return out
 
+    # ------------------------------------------------------------------ any student
+    def _align_unit(self, table: pa.Table) -> AlignedRows:
+        """A row group's sequences encoded with the student and aligned (`pipeline.align`)."""
+        from pipeline.align import alm_batch_arrays, alm_chunks, byte_batch_arrays
+
+        prov = self.run.provenance
+        seqs = decode_kinds_row_group(table, prov.byte_top_k)
+        out = AlignedRows([])
+        for seq in seqs:
+            ids, ends = self._student_bytes.encode(seq.text.decode("utf-8"))
+            x = ids if self.bos_id is None else np.concatenate([[self.bos_id], ids])
+            labels = np.full(len(x), IGNORE_INDEX, np.int64)
+            labels[:-1] = x[1:]
+            per_pos: dict[str, np.ndarray] = {"input_ids": x.astype(np.int64), "labels": labels}
+            target = np.zeros(len(x), bool)
+            chunk_lp = np.zeros(0)
+            chunk_mask = np.zeros(0, bool)
+            if "teacher" in self.align_kinds:
+                assert seq.teacher_byte_end is not None and seq.teacher_logprob is not None
+                chunks = alm_chunks(
+                    seq.teacher_byte_end, seq.teacher_logprob, ends, target=seq.teacher_loss_mask
+                )
+                a = alm_batch_arrays(chunks, ids, bos_id=self.bos_id)
+                per_pos["alm_labels"] = a["alm_labels"]
+                per_pos["alm_chunk"] = a["alm_chunk"]
+                chunk_lp, chunk_mask = a["alm_chunk_logprob"], a["alm_chunk_mask"]
+                target |= (a["alm_chunk"] >= 0) & chunk_mask[np.maximum(a["alm_chunk"], 0)]
+            if "bytes" in self.align_kinds:
+                b = byte_batch_arrays(
+                    seq.byte_row_start,
+                    seq.byte_ids,
+                    seq.byte_logprobs,
+                    seq.byte_tail,
+                    seq.byte_loss_mask,
+                    seq.text,
+                    ends,
+                    self.byte_window,
+                    bos_id=self.bos_id,
+                    specials=self.byte_specials,
+                )
+                for key in ("byte_ids", "byte_logprobs", "byte_tail", "byte_mask", "byte_next"):
+                    per_pos[key] = b[key]
+                target |= b["byte_mask"][:, 0]
+            per_pos["labels"] = np.where(target, labels, IGNORE_INDEX)
+            per_pos["loss_mask"] = target
+            out.seqs.append(AlignedSequence(len(ids), per_pos, chunk_lp, chunk_mask))
+        return out
+
+    def _collate_aligned(self, plan: list[list[Piece]], get: Any) -> dict[str, Any]:
+        """A batch for a student of the trainer's choosing (any-student runs)."""
+        extra = 1 if self.bos_id is not None else 0
+        plan = [
+            [(ref, a, e if e >= 0 else get(ref[0]).length(ref[1]) + extra) for ref, a, e in row]
+            for row in plan
+        ]
+        B = len(plan)
+        packed = self.pack_length is not None
+        T = self.pack_length if packed else max(sum(e - s for _, s, e in row) for row in plan)
+        assert T is not None
+        first = get(plan[0][0][0][0]).seqs[plan[0][0][0][1]].per_pos
+        fill = {
+            "input_ids": self.pad_id,
+            "labels": IGNORE_INDEX,
+            "alm_labels": IGNORE_INDEX,
+            "alm_chunk": -1,
+            "byte_ids": -1,
+            "byte_next": -1,
+        }
+        arrays = {
+            key: np.full((B, T, *v.shape[1:]), fill.get(key, 0), dtype=v.dtype)
+            for key, v in first.items()
+        }
+        attn = np.zeros((B, T), bool)
+        position_ids = np.zeros((B, T), np.int64)
+        segment_ids = np.zeros((B, T), np.int32)
+        chunk_lps: list[list[np.ndarray]] = [[] for _ in range(B)]
+        chunk_masks: list[list[np.ndarray]] = [[] for _ in range(B)]
+        for b, row in enumerate(plan):
+            t = 0
+            n_chunks = 0
+            for seg, ((u, r), start, end) in enumerate(row, 1):
+                seq = get(u).seqs[r]
+                n = end - start
+                sl = slice(t, t + n)
+                for key, v in seq.per_pos.items():
+                    arrays[key][b, sl] = v[start:end]
+                if "alm_chunk" in seq.per_pos:
+                    # a chunk counts in this row only if all its positions are here
+                    ch = seq.per_pos["alm_chunk"]
+                    size = np.bincount(ch[ch >= 0], minlength=len(seq.chunk_logprob))
+                    here = ch[start:end]
+                    inside = np.bincount(here[here >= 0], minlength=len(seq.chunk_logprob))
+                    whole = np.flatnonzero(size == inside)
+                    whole = whole[size[whole] > 0]
+                    renum = np.full(len(seq.chunk_logprob), -1, np.int64)
+                    renum[whole] = n_chunks + np.arange(len(whole))
+                    arrays["alm_chunk"][b, sl] = np.where(here >= 0, renum[np.maximum(here, 0)], -1)
+                    chunk_lps[b].append(seq.chunk_logprob[whole])
+                    chunk_masks[b].append(seq.chunk_mask[whole])
+                    n_chunks += len(whole)
+                attn[b, sl] = True
+                position_ids[b, sl] = np.arange(n)
+                segment_ids[b, sl] = seg
+                t += n
+        out: dict[str, Any] = {key: torch.from_numpy(v) for key, v in arrays.items()}
+        out["attention_mask"] = torch.from_numpy(attn)
+        if "alm_chunk" in arrays:
+            C = max(1, max(sum(len(x) for x in row) for row in chunk_lps))
+            lp = np.zeros((B, C), np.float32)
+            cm = np.zeros((B, C), bool)
+            for b in range(B):
+                if chunk_lps[b]:
+                    vals = np.concatenate(chunk_lps[b])
+                    lp[b, : len(vals)] = vals
+                    cm[b, : len(vals)] = np.concatenate(chunk_masks[b])
+            out["alm_chunk_logprob"] = torch.from_numpy(lp)
+            out["alm_chunk_mask"] = torch.from_numpy(cm)
+        if packed:
+            out["position_ids"] = torch.from_numpy(position_ids)
+            out["segment_ids"] = torch.from_numpy(segment_ids)
+        return out
+
     def __len__(self) -> int:  # batches per epoch over all ranks' workers is not fixed
         raise TypeError("TargetDataset streams; count batches by iterating")
+
+
+@dataclass
+class AlignedSequence:
+    """A stored sequence encoded with the trainer's student and aligned to its positions."""
+
+    length_: int  # student tokens
+    per_pos: dict[str, np.ndarray]  # [P, ...] per position (P = tokens + BOS)
+    chunk_logprob: np.ndarray  # [C] teacher log-likelihood of each ALM chunk
+    chunk_mask: np.ndarray  # [C] which chunks count
+
+
+@dataclass
+class AlignedRows:
+    seqs: list[AlignedSequence]
+
+    def length(self, r: int) -> int:
+        return self.seqs[r].length_
 
 
 # ---------------------------------------------------------------------------- loader

@@ -30,10 +30,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,11 +46,15 @@ from schemas.run import Manifest, Provenance, RunIndex
 from schemas.targets import (
     BSS_LEAVES,
     CURRENT_VERSION,
+    DELTA_LEAVES,
     METADATA_KEY,
     decode_topk_logprobs,
     encode_topk_logprobs,
     targets_schema,
 )
+
+if TYPE_CHECKING:
+    from pipeline.scoring.kinds import ByteRows, TeacherTokens
 
 MANIFEST_SUFFIX = ".manifest.json"
 DATA_SUFFIX = ".parquet"
@@ -80,10 +85,18 @@ class SchemaVersionError(ShardFormatError):
 
 @dataclass
 class Sequence_:
+    """One stored sequence: its student rows (``scored``, ``loss_mask``) and, in runs
+    with those kinds, its text, teacher tokens and byte rows with their masks."""
+
     doc_id: str
     chunk: int
-    scored: ScoredDocument
-    loss_mask: np.ndarray  # [L+1] bool
+    scored: ScoredDocument | None  # the student rows (None without the student kind)
+    loss_mask: np.ndarray | None  # [L+1] bool
+    text: str = ""
+    teacher: TeacherTokens | None = None
+    teacher_loss_mask: np.ndarray | None = None  # [m+1] bool
+    bytes: ByteRows | None = None
+    byte_loss_mask: np.ndarray | None = None  # [R] bool
 
 
 def output_name(input_url: str) -> str:
@@ -104,65 +117,95 @@ def _list(values: np.ndarray, lengths: Sequence[int], typ: pa.DataType) -> pa.Ar
     )
 
 
+def _pad_topk(arr: np.ndarray, k: int, fill: float) -> np.ndarray:
+    """[rows, k'] -> [rows, k]: a vocabulary smaller than k pads with ``fill``."""
+    if arr.shape[1] >= k:
+        return arr
+    pad = np.full((arr.shape[0], k - arr.shape[1]), fill, arr.dtype)
+    return np.concatenate([arr, pad], axis=1)
+
+
 def build_table(
     seqs: Sequence[Sequence_],
     top_k: int,
     student_vocab_size: int,
     version: int = CURRENT_VERSION,
+    *,
+    kinds: Sequence[str] = ("student",),
+    byte_top_k: int = 8,
+    teacher_vocab_size: int = 1 << 32,
 ) -> pa.Table:
-    """One row per sequence, columns as in `schemas.targets` (top-k rows padded to k
-    with id 0 and log-prob -inf when the student vocab is smaller than k)."""
-    schema = targets_schema(version, student_vocab_size)
-    id_np = np.uint16 if schema.field("topk_ids").type.value_type == pa.uint16() else np.uint32
-    L1 = [len(s.scored.student_ids) + 1 for s in seqs]
+    """One row per sequence, columns as in `schemas.targets` for the target ``kinds``
+    (top-k rows padded to k with id 0 and log-prob -inf when the vocab is smaller than
+    k)."""
+    schema = targets_schema(version, student_vocab_size, tuple(kinds), teacher_vocab_size)
 
     def cat(get: Any, dtype: Any) -> np.ndarray:
         parts = [np.asarray(get(s), dtype=dtype).reshape(-1) for s in seqs]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
-    def topk(s: Sequence_, what: str) -> np.ndarray:
-        arr = getattr(s.scored, what)
-        if arr.shape[1] < top_k:  # tiny student vocab
-            pad = np.full(
-                (arr.shape[0], top_k - arr.shape[1]),
-                0 if what == "topk_ids" else -np.inf,
-                arr.dtype,
-            )
-            arr = np.concatenate([arr, pad], axis=1)
-        return arr
+    def lst(name: str, get: Any, lengths: Sequence[int]) -> pa.Array:
+        typ = schema.field(name).type.value_type
+        return _list(cat(get, typ.to_pandas_dtype()), lengths, typ)
 
-    cols = {
+    cols: dict[str, pa.Array] = {
         "doc_id": pa.array([s.doc_id for s in seqs], pa.string()),
         "chunk": pa.array([s.chunk for s in seqs], pa.int32()),
-        "input_ids": _list(
-            cat(lambda s: s.scored.student_ids, id_np),
-            [n - 1 for n in L1],
-            schema.field("input_ids").type.value_type,
-        ),
-        "loss_mask": _list(cat(lambda s: s.loss_mask, np.bool_), L1, pa.bool_()),
-        "topk_ids": _list(
-            cat(lambda s: topk(s, "topk_ids"), id_np),
-            [n * top_k for n in L1],
-            schema.field("topk_ids").type.value_type,
-        ),
-        "topk_logprob_dq": _list(
-            cat(lambda s: encode_topk_logprobs(topk(s, "topk_logprobs")), np.uint16),
-            [n * top_k for n in L1],
-            pa.uint16(),
-        ),
     }
-    for name in (
-        "tail_mass",
-        "target_logprob",
-        "unaccounted_mass",
-        "noncanonical_mass",
-        "unmapped_mass",
-    ):
-        attr = "target_logprobs" if name == "target_logprob" else name
-        cols[name] = _list(
-            cat(lambda s, a=attr: getattr(s.scored, a), np.float32), L1, pa.float32()
+    if "student" in kinds:
+        sc = [s.scored for s in seqs]
+        if any(x is None for x in sc):
+            raise ValueError("a sequence without student rows in a run with the student kind")
+        L1 = [len(x.student_ids) + 1 for x in sc]  # type: ignore[union-attr]
+        kL1 = [n * top_k for n in L1]
+        cols["input_ids"] = lst("input_ids", lambda s: s.scored.student_ids, [n - 1 for n in L1])
+        cols["loss_mask"] = lst("loss_mask", lambda s: s.loss_mask, L1)
+        cols["topk_ids"] = lst("topk_ids", lambda s: _pad_topk(s.scored.topk_ids, top_k, 0), kL1)
+        cols["topk_logprob_dq"] = lst(
+            "topk_logprob_dq",
+            lambda s: encode_topk_logprobs(_pad_topk(s.scored.topk_logprobs, top_k, -np.inf)),
+            kL1,
         )
-    cols["regime"] = _list(cat(lambda s: s.scored.regime, np.uint8), L1, pa.uint8())
+        for name in ("tail_mass", "target_logprob", "unaccounted_mass", "noncanonical_mass"):
+            attr = "target_logprobs" if name == "target_logprob" else name
+            cols[name] = lst(name, lambda s, a=attr: getattr(s.scored, a), L1)
+        cols["unmapped_mass"] = lst("unmapped_mass", lambda s: s.scored.unmapped_mass, L1)
+        cols["regime"] = lst("regime", lambda s: s.scored.regime, L1)
+    if "bytes" in kinds or "teacher" in kinds:
+        cols["text"] = pa.array([s.text.encode("utf-8") for s in seqs], pa.binary())
+    if "teacher" in kinds:
+        if any(s.teacher is None for s in seqs):
+            raise ValueError("a sequence without teacher tokens in a run with the teacher kind")
+        m = [len(s.teacher.ids) for s in seqs]  # type: ignore[union-attr]
+        m1 = [n + 1 for n in m]
+        cols["teacher_ids"] = lst("teacher_ids", lambda s: s.teacher.ids, m)
+        cols["teacher_logprob"] = lst("teacher_logprob", lambda s: s.teacher.logprob, m1)
+        cols["teacher_byte_end"] = lst("teacher_byte_end", lambda s: s.teacher.byte_end, m)
+        cols["teacher_loss_mask"] = lst("teacher_loss_mask", lambda s: s.teacher_loss_mask, m1)
+    if "bytes" in kinds:
+        if any(s.bytes is None for s in seqs):
+            raise ValueError("a sequence without byte rows in a run with the bytes kind")
+        R = [len(s.bytes.row_start) for s in seqs]  # type: ignore[union-attr]
+        kR = [n * byte_top_k for n in R]
+        cols["byte_row_start"] = lst("byte_row_start", lambda s: s.bytes.row_start, R)
+        cols["byte_loss_mask"] = lst("byte_loss_mask", lambda s: s.byte_loss_mask, R)
+        cols["byte_topk_ids"] = lst(
+            "byte_topk_ids", lambda s: _pad_topk(s.bytes.scored.topk_ids, byte_top_k, 0), kR
+        )
+        cols["byte_topk_logprob_dq"] = lst(
+            "byte_topk_logprob_dq",
+            lambda s: encode_topk_logprobs(
+                _pad_topk(s.bytes.scored.topk_logprobs, byte_top_k, -np.inf)
+            ),
+            kR,
+        )
+        for name, attr in (
+            ("byte_tail_mass", "tail_mass"),
+            ("byte_target_logprob", "target_logprobs"),
+            ("byte_noncanonical_mass", "noncanonical_mass"),
+            ("byte_unmapped_mass", "unmapped_mass"),
+        ):
+            cols[name] = lst(name, lambda s, a=attr: getattr(s.bytes.scored, a), R)
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
@@ -172,6 +215,7 @@ def encode_parquet(
     meta = dict(table.schema.metadata or {})
     meta[METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
+    names = set(table.column_names)
     buf = io.BytesIO()
     pq.write_table(
         table,
@@ -181,7 +225,10 @@ def encode_parquet(
         row_group_size=row_group_rows,
         use_dictionary=["doc_id"],
         write_statistics=["doc_id", "chunk"],
-        use_byte_stream_split=BSS_LEAVES,
+        use_byte_stream_split=[c for c in BSS_LEAVES if c.split(".")[0] in names],
+        column_encoding={
+            c: "DELTA_BINARY_PACKED" for c in DELTA_LEAVES if c.split(".")[0] in names
+        },
         write_page_checksum=True,  # readers of a few row groups verify what they read
     )
     return buf.getvalue()
@@ -518,12 +565,91 @@ def decode_row_group(table: pa.Table, k: int) -> DecodedRows:
     )
 
 
+# the columns `decode_kinds_row_group` reads, per kind (a trainer with any student)
+KIND_COLUMNS = {
+    "teacher": ("teacher_byte_end", "teacher_logprob", "teacher_loss_mask"),
+    "bytes": (
+        "byte_row_start",
+        "byte_loss_mask",
+        "byte_topk_ids",
+        "byte_topk_logprob_dq",
+        "byte_tail_mass",
+    ),
+}
+
+
+@dataclass
+class KindSequence:
+    """One sequence of a v2 shard as a trainer with its own tokenizer reads it
+    (`decode_kinds_row_group`); absent kinds are None."""
+
+    text: bytes
+    teacher_byte_end: np.ndarray | None = None  # [m] int64
+    teacher_logprob: np.ndarray | None = None  # [m + 1] float64
+    teacher_loss_mask: np.ndarray | None = None  # [m + 1] bool
+    byte_row_start: np.ndarray | None = None  # [R] int64
+    byte_loss_mask: np.ndarray | None = None  # [R] bool
+    byte_ids: np.ndarray | None = None  # [R, k] int64
+    byte_logprobs: np.ndarray | None = None  # [R, k] float32 (-inf: missing)
+    byte_tail: np.ndarray | None = None  # [R] float32
+
+
+def kind_columns(kinds: Sequence[str]) -> list[str]:
+    """The columns `decode_kinds_row_group` needs for ``kinds`` (teacher and/or bytes)."""
+    return ["text", *(c for k in kinds for c in KIND_COLUMNS.get(k, ()))]
+
+
+def decode_kinds_row_group(table: pa.Table, byte_top_k: int | None) -> list[KindSequence]:
+    """The text and the teacher / byte kinds a row group holds, one `KindSequence` each."""
+    texts = table["text"].to_pylist()
+    out = [KindSequence(bytes(t)) for t in texts]
+
+    def split(name: str, dtype: Any, width: int = 1) -> list[np.ndarray]:
+        values, off = flat_list(table[name])
+        values = values.astype(dtype)
+        return [
+            values[a:b].reshape(-1, width) if width > 1 else values[a:b]
+            for a, b in itertools.pairwise(off)
+        ]
+
+    names = set(table.column_names)
+    if "teacher_logprob" in names:
+        for seq, e, lp, m in zip(
+            out,
+            split("teacher_byte_end", np.int64),
+            split("teacher_logprob", np.float64),
+            split("teacher_loss_mask", bool),
+            strict=True,
+        ):
+            seq.teacher_byte_end, seq.teacher_logprob, seq.teacher_loss_mask = e, lp, m
+    if "byte_row_start" in names:
+        if not byte_top_k:
+            raise ShardFormatError("a shard with byte rows but no byte_top_k in its provenance")
+        k = byte_top_k
+        dq = split("byte_topk_logprob_dq", np.uint16, k)
+        for seq, rs, m, ids, q, tail in zip(
+            out,
+            split("byte_row_start", np.int64),
+            split("byte_loss_mask", bool),
+            split("byte_topk_ids", np.int64, k),
+            dq,
+            split("byte_tail_mass", np.float32),
+            strict=True,
+        ):
+            seq.byte_row_start, seq.byte_loss_mask, seq.byte_tail = rs, m, tail
+            seq.byte_ids = ids.reshape(-1, k)
+            seq.byte_logprobs = decode_topk_logprobs(q.reshape(-1, k))
+    return out
+
+
 __all__ = [
     "DATA_SUFFIX",
     "DECODE_COLUMNS",
     "INDEX_NAME",
+    "KIND_COLUMNS",
     "MANIFEST_SUFFIX",
     "DecodedRows",
+    "KindSequence",
     "OpenShard",
     "SchemaVersionError",
     "Sequence_",
@@ -535,11 +661,13 @@ __all__ = [
     "check_schema_version",
     "column_bytes",
     "commit_shard",
+    "decode_kinds_row_group",
     "decode_row_group",
     "encode_parquet",
     "flat_list",
     "folder_of",
     "index_url_of",
+    "kind_columns",
     "open_shard",
     "output_name",
     "read_manifest",

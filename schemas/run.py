@@ -81,6 +81,16 @@ class Provenance(Record):
     teacher_device: str | None = None
     max_context: int | None = None
     max_batch_tokens: int | None = None
+    # schema version 2: the target kinds (runs before kinds existed: student only)
+    targets: list[str] | None = None
+    byte_top_k: int | None = None
+    byte_specials: list[str] | None = None  # byte symbol 257 + j is byte_specials[j]
+    teacher_eos_id: int | None = None
+
+    @property
+    def kinds(self) -> list[str]:
+        """The target kinds the run stores (``["student"]`` for a schema 1 run)."""
+        return list(self.targets or ["student"])
 
 
 class SkippedRecord(Record):
@@ -110,6 +120,9 @@ class Manifest(Provenance):
     student_tokens: int | None = None
     target_rows: int | None = None
     mean_topk_mass: float | None = None
+    teacher_tokens: int | None = None  # kind teacher or bytes: canonical teacher tokens
+    text_bytes: int | None = None  # kind teacher or bytes: UTF-8 bytes of the texts
+    byte_rows: int | None = None  # kind bytes
     skipped: list[SkippedRecord] | None = None
     seconds: float | None = None
     host: str | None = None

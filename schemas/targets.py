@@ -37,6 +37,30 @@ Version 1 (row convention: ``row i`` of a sequence predicts ``input_ids[i]`` giv
 Row ``i`` is the target for the student's logits at the position whose input is
 ``input_ids[i - 1]`` (row 0: after the start of text). A trainer that feeds
 ``input_ids`` and reads logits ``[0, L)`` uses rows ``1..L``; row 0 needs a BOS input.
+
+Version 2 (target kinds, provenance ``targets``; a v1 shard is a v2 shard with only
+``student``): ``doc_id`` and ``chunk``, then the columns of each kind the run asked for.
+
+- ``student``: the version 1 columns above, unchanged.
+- ``text`` (binary; with ``bytes`` or ``teacher``): the sequence's text as scored (after
+  the teacher's normalizer), UTF-8. Any student tokenizer encodes it at read time.
+- ``teacher`` (``m`` canonical teacher tokens):
+  ``teacher_ids`` (list<uint16|uint32> by the teacher vocab, ``m``),
+  ``teacher_logprob`` (list<float32>, ``m + 1``: natural log of
+  P(token j | tokens < j) at the run's temperature; entry ``m`` is the end-of-text
+  token after the text), ``teacher_byte_end`` (list<uint32>, ``m``: byte end of token
+  j in ``text``; the last is ``len(text)``), ``teacher_loss_mask`` (list<bool>,
+  ``m + 1``: which log-probs are training targets, as ``loss_mask``).
+- ``bytes`` (``R`` rows: one per byte of ``text``, an added token such as
+  ``<|im_start|>`` being one symbol, plus end of text): ``byte_row_start``
+  (list<uint32>, ``R``: the byte offset of the symbol row r predicts; the last is
+  ``len(text)``), ``byte_loss_mask`` (list<bool>, ``R``), ``byte_topk_ids``
+  (list<uint16>, ``R * byte_top_k``: symbols 0..255 are byte values, 256 end of text,
+  ``257 + j`` the added token ``provenance["byte_specials"][j]``), ``byte_topk_logprob_dq``
+  (list<uint16>, as ``topk_logprob_dq``), ``byte_tail_mass``, ``byte_target_logprob``
+  (log P of the actual next symbol), ``byte_noncanonical_mass``, ``byte_unmapped_mass``
+  (list<float32>, ``R`` each; as the student columns). Row r is the teacher's exact
+  next-symbol distribution given the bytes before ``byte_row_start[r]``.
 """
 
 from __future__ import annotations
@@ -44,7 +68,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-CURRENT_VERSION = 1
+CURRENT_VERSION = 2
+KINDS = ("student", "bytes", "teacher")  # `pipeline.scoring.kinds.KINDS`
 METADATA_KEY = b"xtok"  # JSON provenance in the Parquet key-value metadata
 
 _LIST_FLOAT = pa.list_(pa.float32())
@@ -55,26 +80,62 @@ def id_type(student_vocab_size: int) -> pa.DataType:
     return pa.uint16() if student_vocab_size <= 1 << 16 else pa.uint32()
 
 
-def targets_schema(version: int = CURRENT_VERSION, student_vocab_size: int = 1 << 32) -> pa.Schema:
-    if version != 1:
-        raise ValueError(f"unknown targets schema version {version} (this code knows 1)")
-    ids = id_type(student_vocab_size)
-    return pa.schema(
-        [
-            pa.field("doc_id", pa.string(), nullable=False),
-            pa.field("chunk", pa.int32(), nullable=False),
-            pa.field("input_ids", pa.list_(ids), nullable=False),
-            pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
-            pa.field("topk_ids", pa.list_(ids), nullable=False),
-            pa.field("topk_logprob_dq", pa.list_(pa.uint16()), nullable=False),
-            pa.field("tail_mass", _LIST_FLOAT, nullable=False),
-            pa.field("target_logprob", _LIST_FLOAT, nullable=False),
-            pa.field("regime", pa.list_(pa.uint8()), nullable=False),
-            pa.field("unaccounted_mass", _LIST_FLOAT, nullable=False),
-            pa.field("noncanonical_mass", _LIST_FLOAT, nullable=False),
-            pa.field("unmapped_mass", _LIST_FLOAT, nullable=False),
+def targets_schema(
+    version: int = CURRENT_VERSION,
+    student_vocab_size: int = 1 << 32,
+    kinds: tuple[str, ...] | list[str] = ("student",),
+    teacher_vocab_size: int = 1 << 32,
+) -> pa.Schema:
+    """The schema of a shard of ``version`` holding the target ``kinds``."""
+    if version not in (1, 2):
+        raise ValueError(f"unknown targets schema version {version} (this code knows 1, 2)")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"target kinds {list(kinds)}: choose a non-empty subset of {KINDS}")
+    if version == 1 and tuple(kinds) != ("student",):
+        raise ValueError("schema version 1 holds student rows only")
+    fields = [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("chunk", pa.int32(), nullable=False),
+    ]
+    if "student" in kinds:
+        fields += _student_fields(id_type(student_vocab_size))
+    if "bytes" in kinds or "teacher" in kinds:
+        fields.append(pa.field("text", pa.binary(), nullable=False))
+    if "teacher" in kinds:
+        fields += [
+            pa.field("teacher_ids", pa.list_(id_type(teacher_vocab_size)), nullable=False),
+            pa.field("teacher_logprob", _LIST_FLOAT, nullable=False),
+            pa.field("teacher_byte_end", pa.list_(pa.uint32()), nullable=False),
+            pa.field("teacher_loss_mask", pa.list_(pa.bool_()), nullable=False),
         ]
-    )
+    if "bytes" in kinds:
+        fields += [
+            pa.field("byte_row_start", pa.list_(pa.uint32()), nullable=False),
+            pa.field("byte_loss_mask", pa.list_(pa.bool_()), nullable=False),
+            pa.field("byte_topk_ids", pa.list_(pa.uint16()), nullable=False),
+            pa.field("byte_topk_logprob_dq", pa.list_(pa.uint16()), nullable=False),
+            pa.field("byte_tail_mass", _LIST_FLOAT, nullable=False),
+            pa.field("byte_target_logprob", _LIST_FLOAT, nullable=False),
+            pa.field("byte_noncanonical_mass", _LIST_FLOAT, nullable=False),
+            pa.field("byte_unmapped_mass", _LIST_FLOAT, nullable=False),
+        ]
+    return pa.schema(fields)
+
+
+def _student_fields(ids: pa.DataType) -> list[pa.Field]:
+    return [
+        pa.field("input_ids", pa.list_(ids), nullable=False),
+        pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
+        pa.field("topk_ids", pa.list_(ids), nullable=False),
+        pa.field("topk_logprob_dq", pa.list_(pa.uint16()), nullable=False),
+        pa.field("tail_mass", _LIST_FLOAT, nullable=False),
+        pa.field("target_logprob", _LIST_FLOAT, nullable=False),
+        pa.field("regime", pa.list_(pa.uint8()), nullable=False),
+        pa.field("unaccounted_mass", _LIST_FLOAT, nullable=False),
+        pa.field("noncanonical_mass", _LIST_FLOAT, nullable=False),
+        pa.field("unmapped_mass", _LIST_FLOAT, nullable=False),
+    ]
 
 
 LOGPROB_STEP = 0.0018  # nats per quantisation step (max error 0.0009)
@@ -119,5 +180,13 @@ BSS_LEAVES = [
         "unaccounted_mass",
         "noncanonical_mass",
         "unmapped_mass",
+        "teacher_logprob",
+        "byte_topk_logprob_dq",
+        "byte_tail_mass",
+        "byte_target_logprob",
+        "byte_noncanonical_mass",
+        "byte_unmapped_mass",
     )
 ]
+# Monotone offsets: Parquet's delta encoding stores their (small) differences.
+DELTA_LEAVES = [f"{name}.list.element" for name in ("teacher_byte_end", "byte_row_start")]

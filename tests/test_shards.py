@@ -114,7 +114,7 @@ def test_round_trip_and_integrity_checks(tmp_path):
     with pytest.raises(ValueError, match="schema version"):
         read_table(str(tmp_path / "y.parquet"))
     with pytest.raises(ValueError, match="unknown targets schema version"):
-        targets_schema(2)
+        targets_schema(3)
 
 
 # ---------------------------------------------------------------------------- reading back
@@ -178,7 +178,7 @@ def test_open_shard_names_the_shard_and_what_failed(tmp_path):
     with pytest.raises(ShardError, match=r"shard s: data file .* is missing"):
         open_shard(ShardInfo("s", str(tmp_path / "nope.parquet"), m))
     _, m = _shard(tmp_path, "future", metadata={"schema_version": CURRENT_VERSION + 1})
-    with pytest.raises(SchemaVersionError, match="shard future: unknown schema version 2"):
+    with pytest.raises(SchemaVersionError, match=f"shard future: unknown schema version {CURRENT_VERSION + 1}"):
         open_shard(ShardInfo("future", str(tmp_path / "future.parquet"), m))
 
 
@@ -242,7 +242,7 @@ def test_run_index_and_manifests_parse_to_typed_models(tmp_path):
     _index(tmp_path, m, schema_version=CURRENT_VERSION + 1)
     with pytest.raises(SchemaVersionError, match=r"index\.json: unknown schema version"):
         read_run_index(f"{tmp_path}/index.json")
-    assert read_run_index(f"{tmp_path}/index.json", check_version=False).schema_version == 2
+    assert read_run_index(f"{tmp_path}/index.json", check_version=False).schema_version == CURRENT_VERSION + 1
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(ShardError, match="not valid JSON"):
         read_run_index(f"{tmp_path}/index.json")
@@ -297,6 +297,9 @@ def test_the_models_accept_what_the_writers_write():
         "student_tokens": 40,
         "target_rows": 30,
         "mean_topk_mass": 0.97,
+        "teacher_tokens": 35,
+        "text_bytes": 150,
+        "byte_rows": 152,
         "skipped": skipped,
         "seconds": 1.5,
         "host": "h",
