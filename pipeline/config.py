@@ -149,7 +149,6 @@ class ScoringConfig(_Strict):
         "a long document (their rows are not targets again)",
     )
 
-
     @field_validator("targets")
     @classmethod
     def _some_targets(cls, v: list[str]) -> list[str]:

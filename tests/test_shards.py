@@ -178,7 +178,9 @@ def test_open_shard_names_the_shard_and_what_failed(tmp_path):
     with pytest.raises(ShardError, match=r"shard s: data file .* is missing"):
         open_shard(ShardInfo("s", str(tmp_path / "nope.parquet"), m))
     _, m = _shard(tmp_path, "future", metadata={"schema_version": CURRENT_VERSION + 1})
-    with pytest.raises(SchemaVersionError, match=f"shard future: unknown schema version {CURRENT_VERSION + 1}"):
+    with pytest.raises(
+        SchemaVersionError, match=f"shard future: unknown schema version {CURRENT_VERSION + 1}"
+    ):
         open_shard(ShardInfo("future", str(tmp_path / "future.parquet"), m))
 
 
@@ -242,7 +244,10 @@ def test_run_index_and_manifests_parse_to_typed_models(tmp_path):
     _index(tmp_path, m, schema_version=CURRENT_VERSION + 1)
     with pytest.raises(SchemaVersionError, match=r"index\.json: unknown schema version"):
         read_run_index(f"{tmp_path}/index.json")
-    assert read_run_index(f"{tmp_path}/index.json", check_version=False).schema_version == CURRENT_VERSION + 1
+    assert (
+        read_run_index(f"{tmp_path}/index.json", check_version=False).schema_version
+        == CURRENT_VERSION + 1
+    )
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(ShardError, match="not valid JSON"):
         read_run_index(f"{tmp_path}/index.json")
