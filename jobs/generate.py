@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"documents            {stats['documents']} ({stats['skipped']} records skipped: {stats['skipped_by_reason']})"
     )
-    print(f"student tokens       {stats['student_tokens']}")
+    if "student" in cfg.scoring.targets:
+        print(f"student tokens       {stats['student_tokens']}")
+    if "teacher_tokens" in stats:
+        print(f"teacher tokens       {stats['teacher_tokens']} ({stats['text_bytes']} text bytes)")
     rate = stats["student_tokens_per_second"]
     print(
         f"tokens/s             {rate}"
@@ -152,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
     )
-    print(f"bytes/student token  {stats['bytes_per_student_token']}")
-    print(f"mean top-k mass      {stats['mean_topk_mass']} (target rows)")
+    if "student" in cfg.scoring.targets:
+        print(f"bytes/student token  {stats['bytes_per_student_token']}")
+        print(f"mean top-k mass      {stats['mean_topk_mass']} (target rows)")
+    if "bytes_per_teacher_token" in stats:
+        print(f"bytes/teacher token  {stats['bytes_per_teacher_token']} (all kinds)")
     if stats["documents"] == 0:
         print(
             f"error: no document was scored: all {stats['skipped']} records of the "
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.show:
+    if args.show and "student" in cfg.scoring.targets:  # decoded student rows
         show_targets(cfg, p, manifests, args.show)
     return 0
 

@@ -130,6 +130,14 @@ def _differences(previous: dict[str, Any], current: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in diff)
 
 
+def work_tokens(manifest: dict[str, Any]) -> int:
+    """The tokens progress and rates count: the student's, or the teacher's in a run
+    without the student kind."""
+    if "student_tokens" in manifest:
+        return int(manifest["student_tokens"])
+    return int(manifest.get("teacher_tokens", 0))
+
+
 def preflight(cfg: JobConfig) -> None:
     """Choose the scorer on the driver (tokenizers only, no model weights) and say which
     and why; a pair the chosen scorer cannot handle is refused before any actor starts."""
@@ -276,7 +284,7 @@ class Progress:
     def shard_done(self, manifest: dict[str, Any]) -> None:
         self.done += 1
         self.this_run += 1
-        self.tokens += int(manifest.get("student_tokens", 0))
+        self.tokens += work_tokens(manifest)
         name = manifest.get("file", "").rsplit(".parquet", 1)[0]
         self.running.pop(name, None)
         snap = self.publish()
@@ -522,7 +530,8 @@ def finalize(
                 "input": s,
                 "sequences": m["sequences"],
                 "documents": m["documents"],
-                "student_tokens": m["student_tokens"],
+                "student_tokens": m.get("student_tokens", 0),
+                **{str(k): m[k] for k in ("teacher_tokens", "text_bytes") if k in m},
                 "bytes": m["bytes"],
                 "sha256": m["sha256"],
                 "skipped": len(m["skipped"]),
@@ -532,6 +541,9 @@ def finalize(
         k: sum(x[k] for x in shards)
         for k in ("sequences", "documents", "student_tokens", "bytes", "skipped")
     }
+    for k in ("teacher_tokens", "text_bytes"):  # runs with the bytes or teacher kind
+        if all(k in x for x in shards):
+            totals[k] = sum(x[k] for x in shards)
     first = manifests[p.shards[0]]
     index = {
         "schema_version": first["schema_version"],
@@ -541,7 +553,7 @@ def finalize(
         "totals": totals,
     }
     xio.write_json_atomic(index_url, index, so)
-    new_tokens = sum(m["student_tokens"] for m in new)
+    new_tokens = sum(work_tokens(m) for m in new)
     rate = round(new_tokens / elapsed, 1) if elapsed > 0 and new else None
     nodes = {p.names[s]: m["ray_node_id"] for s, m in manifests.items() if "ray_node_id" in m}
     runs = list(old.get("runs", []))
@@ -565,9 +577,18 @@ def finalize(
         "student_tokens_per_second": rate,
         "bytes_per_student_token": round(totals["bytes"] / max(1, totals["student_tokens"]), 2),
         "mean_topk_mass": round(
-            sum(m["mean_topk_mass"] * m["target_rows"] for m in manifests.values())
-            / max(1, sum(m["target_rows"] for m in manifests.values())),
+            sum(m.get("mean_topk_mass", 0.0) * m.get("target_rows", 0) for m in manifests.values())
+            / max(1, sum(m.get("target_rows", 0) for m in manifests.values())),
             4,
+        ),
+        **(
+            {
+                "bytes_per_teacher_token": round(
+                    totals["bytes"] / max(1, totals["teacher_tokens"]), 2
+                )
+            }
+            if "teacher_tokens" in totals
+            else {}
         ),
         "skipped_by_reason": skipped_by_kind(manifests.values()),
         "runs": runs,

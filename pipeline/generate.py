@@ -148,6 +148,7 @@ class GenerateStep:
             self.provenance.update(
                 byte_top_k=cfg.scoring.byte_top_k,
                 byte_specials=self.targets.byte_specials,
+                byte_eos=self.targets.T.token_bytes[self.targets.teacher_eos].decode("utf-8"),
             )
         self.ready = True
 
@@ -301,7 +302,10 @@ class GenerateStep:
             for (rec, c, chunk, _), r, mask in zip(batch, results, masks, strict=True):
                 seq = self._sequence(rec, c, chunk, r, mask)
                 scored.append((rec.index, seq))
-                state.student_tokens += len(r.student.student_ids) if r.student else 0
+                # the unit of progress: student tokens, or teacher tokens without a student
+                state.student_tokens += (
+                    len(r.student.student_ids) if r.student else r.stats["canonical_tokens"]
+                )
                 state.sequences += 1
                 # the document's characters this chunk adds (chunks overlap)
                 state.text_chars += chunk.start + len(chunk.text) - chunk.masked_until

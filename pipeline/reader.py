@@ -288,6 +288,8 @@ class TargetDataset(IterableDataset):
         self.byte_specials = {
             c.encode("utf-8"): 257 + j for j, c in enumerate(prov.byte_specials or [])
         }
+        if prov.byte_eos:  # the end-of-text token inside a text (symbol 256)
+            self.byte_specials[prov.byte_eos.encode("utf-8")] = 256
 
     def __getstate__(self) -> dict[str, Any]:
         # open files stay in the process that opened them (spawned DataLoader workers)

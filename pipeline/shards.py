@@ -48,7 +48,9 @@ from schemas.targets import (
     CURRENT_VERSION,
     DELTA_LEAVES,
     METADATA_KEY,
+    decode_teacher_logprobs,
     decode_topk_logprobs,
+    encode_teacher_logprobs,
     encode_topk_logprobs,
     targets_schema,
 )
@@ -179,8 +181,12 @@ def build_table(
         m = [len(s.teacher.ids) for s in seqs]  # type: ignore[union-attr]
         m1 = [n + 1 for n in m]
         cols["teacher_ids"] = lst("teacher_ids", lambda s: s.teacher.ids, m)
-        cols["teacher_logprob"] = lst("teacher_logprob", lambda s: s.teacher.logprob, m1)
-        cols["teacher_byte_end"] = lst("teacher_byte_end", lambda s: s.teacher.byte_end, m)
+        cols["teacher_logprob_q"] = lst(
+            "teacher_logprob_q", lambda s: encode_teacher_logprobs(s.teacher.logprob), m1
+        )
+        cols["teacher_byte_len"] = lst(
+            "teacher_byte_len", lambda s: np.diff(s.teacher.byte_end, prepend=0), m
+        )
         cols["teacher_loss_mask"] = lst("teacher_loss_mask", lambda s: s.teacher_loss_mask, m1)
     if "bytes" in kinds:
         if any(s.bytes is None for s in seqs):
@@ -567,7 +573,7 @@ def decode_row_group(table: pa.Table, k: int) -> DecodedRows:
 
 # the columns `decode_kinds_row_group` reads, per kind (a trainer with any student)
 KIND_COLUMNS = {
-    "teacher": ("teacher_byte_end", "teacher_logprob", "teacher_loss_mask"),
+    "teacher": ("teacher_byte_len", "teacher_logprob_q", "teacher_loss_mask"),
     "bytes": (
         "byte_row_start",
         "byte_loss_mask",
@@ -613,15 +619,17 @@ def decode_kinds_row_group(table: pa.Table, byte_top_k: int | None) -> list[Kind
         ]
 
     names = set(table.column_names)
-    if "teacher_logprob" in names:
-        for seq, e, lp, m in zip(
+    if "teacher_logprob_q" in names:
+        for seq, n, q, m in zip(
             out,
-            split("teacher_byte_end", np.int64),
-            split("teacher_logprob", np.float64),
+            split("teacher_byte_len", np.int64),
+            split("teacher_logprob_q", np.int64),
             split("teacher_loss_mask", bool),
             strict=True,
         ):
-            seq.teacher_byte_end, seq.teacher_logprob, seq.teacher_loss_mask = e, lp, m
+            seq.teacher_byte_end = np.cumsum(n)
+            seq.teacher_logprob = decode_teacher_logprobs(q)
+            seq.teacher_loss_mask = m
     if "byte_row_start" in names:
         if not byte_top_k:
             raise ShardFormatError("a shard with byte rows but no byte_top_k in its provenance")

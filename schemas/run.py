@@ -85,6 +85,7 @@ class Provenance(Record):
     targets: list[str] | None = None
     byte_top_k: int | None = None
     byte_specials: list[str] | None = None  # byte symbol 257 + j is byte_specials[j]
+    byte_eos: str | None = None  # the added token symbol 256 stands for (end of text)
     teacher_eos_id: int | None = None
 
     @property

@@ -46,16 +46,22 @@ Version 2 (target kinds, provenance ``targets``; a v1 shard is a v2 shard with o
   the teacher's normalizer), UTF-8. Any student tokenizer encodes it at read time.
 - ``teacher`` (``m`` canonical teacher tokens):
   ``teacher_ids`` (list<uint16|uint32> by the teacher vocab, ``m``),
-  ``teacher_logprob`` (list<float32>, ``m + 1``: natural log of
-  P(token j | tokens < j) at the run's temperature; entry ``m`` is the end-of-text
-  token after the text), ``teacher_byte_end`` (list<uint32>, ``m``: byte end of token
-  j in ``text``; the last is ``len(text)``), ``teacher_loss_mask`` (list<bool>,
-  ``m + 1``: which log-probs are training targets, as ``loss_mask``).
+  ``teacher_logprob_q`` (list<uint32>, ``m + 1``: the natural log of P(token j |
+  tokens < j) at the run's temperature, entry ``m`` the end-of-text token after the
+  text, quantised WITH ERROR FEEDBACK: ``q_j = R_j - R_{j-1}``, ``R_j = round(-(lp_0 +
+  ... + lp_j) / TEACHER_LOGPROB_STEP)``, so each log-prob is within one step (2^-12 =
+  0.00024 nats) and every sum over consecutive tokens (an ALM chunk, the whole
+  sequence) within one step as well, whatever its length; use
+  `decode_teacher_logprobs`), ``teacher_byte_len`` (list<uint16>, ``m``: the UTF-8
+  bytes of each token in ``text``; byte ends are their running sum, the last is
+  ``len(text)``), ``teacher_loss_mask`` (list<bool>, ``m + 1``: which log-probs are
+  training targets, as ``loss_mask``).
 - ``bytes`` (``R`` rows: one per byte of ``text``, an added token such as
   ``<|im_start|>`` being one symbol, plus end of text): ``byte_row_start``
   (list<uint32>, ``R``: the byte offset of the symbol row r predicts; the last is
   ``len(text)``), ``byte_loss_mask`` (list<bool>, ``R``), ``byte_topk_ids``
-  (list<uint16>, ``R * byte_top_k``: symbols 0..255 are byte values, 256 end of text,
+  (list<uint16>, ``R * byte_top_k``: symbols 0..255 are byte values, 256 end of text
+  (and ``provenance["byte_eos"]`` when that token appears inside a text),
   ``257 + j`` the added token ``provenance["byte_specials"][j]``), ``byte_topk_logprob_dq``
   (list<uint16>, as ``topk_logprob_dq``), ``byte_tail_mass``, ``byte_target_logprob``
   (log P of the actual next symbol), ``byte_noncanonical_mass``, ``byte_unmapped_mass``
@@ -105,8 +111,8 @@ def targets_schema(
     if "teacher" in kinds:
         fields += [
             pa.field("teacher_ids", pa.list_(id_type(teacher_vocab_size)), nullable=False),
-            pa.field("teacher_logprob", _LIST_FLOAT, nullable=False),
-            pa.field("teacher_byte_end", pa.list_(pa.uint32()), nullable=False),
+            pa.field("teacher_logprob_q", pa.list_(pa.uint32()), nullable=False),
+            pa.field("teacher_byte_len", pa.list_(pa.uint16()), nullable=False),
             pa.field("teacher_loss_mask", pa.list_(pa.bool_()), nullable=False),
         ]
     if "bytes" in kinds:
@@ -180,7 +186,9 @@ BSS_LEAVES = [
         "unaccounted_mass",
         "noncanonical_mass",
         "unmapped_mass",
-        "teacher_logprob",
+        "teacher_ids",
+        "teacher_logprob_q",
+        "teacher_byte_len",
         "byte_topk_logprob_dq",
         "byte_tail_mass",
         "byte_target_logprob",
@@ -189,4 +197,23 @@ BSS_LEAVES = [
     )
 ]
 # Monotone offsets: Parquet's delta encoding stores their (small) differences.
-DELTA_LEAVES = [f"{name}.list.element" for name in ("teacher_byte_end", "byte_row_start")]
+DELTA_LEAVES = [f"{name}.list.element" for name in ("byte_row_start",)]
+
+TEACHER_LOGPROB_STEP = 2.0**-12  # nats per step of ``teacher_logprob_q``
+_TEACHER_FLOOR = -1.0e5  # log-probs below are stored as this (q stays below 2**32)
+
+
+def encode_teacher_logprobs(lp: np.ndarray) -> np.ndarray:
+    """One sequence's teacher log-probs [m + 1] -> ``teacher_logprob_q`` (uint32): the
+    steps of the quantised running sum, so that any sum of consecutive entries decodes
+    within one `TEACHER_LOGPROB_STEP`."""
+    lp = np.maximum(np.asarray(lp, dtype=np.float64), _TEACHER_FLOOR)
+    if np.any(lp > 0) or np.any(np.isnan(lp)):
+        raise ValueError("teacher log-probs must be <= 0")
+    running = np.rint(-np.cumsum(lp) / TEACHER_LOGPROB_STEP).astype(np.int64)
+    return np.diff(running, prepend=0).astype(np.uint32)
+
+
+def decode_teacher_logprobs(q: np.ndarray) -> np.ndarray:
+    """``teacher_logprob_q`` -> float64 log-probs (see `encode_teacher_logprobs`)."""
+    return -np.asarray(q, dtype=np.float64) * TEACHER_LOGPROB_STEP
