@@ -21,9 +21,20 @@ mass, teacher log-likelihood per token. Consistency: the provenance (teacher, re
 tokenizer hashes, k, temperature, schema version, config hash, ...) of every shard must
 equal the run index's; differences are listed per shard.
 
+Runs with target kinds (scoring.targets with bytes and/or teacher, schema version 2) add,
+per shard and run: the byte rows' kept mass (1 - tail), entropy and log-likelihood per
+byte; the teacher tokens' log-likelihood per token and per text byte (nats and bits);
+stored bytes per kind (per student token, text byte, teacher token); integrity checks
+per kind (lengths, offsets, byte rows summing to 1, log-probs <= 0); and the telescoping
+identity between every pair of kinds per sequence (check "kinds": the worst |difference|
+in nats per pair, each sequence outside the tolerance named). A run without the student
+kind needs no student tokenizer. See `pipeline.audit`.
+
 --verify-live N re-scores N seeded sampled sequences with the live teacher of the run's
 config.yaml and reports the largest top-k log-prob difference from the stored rows
-(allowed: the storage quantisation LOGPROB_STEP/2 plus 1e-4).
+(allowed: the storage quantisation LOGPROB_STEP/2 plus 1e-4); with target kinds, the
+byte rows likewise and the teacher tokens' log-probs (allowed: one teacher quantisation
+step plus 1e-4), re-scored from the stored text.
 
 Exit status: 0 all good; 1 an integrity check failed, shards disagree in provenance,
 or --verify-live is outside its bound (the audit still covers every other shard);
@@ -192,7 +203,7 @@ def _contents_row(name: str, ok: str, s: dict[str, Any] | None, e: dict[str, Any
 
 
 def _quality_row(name: str, s: dict[str, Any] | None) -> list[Any]:
-    if not s:
+    if not s or "regime_share" not in s:  # no student rows (a run without that kind)
         return [name] + ["-"] * 11
     r = s["regime_share"]
     return [
@@ -239,8 +250,129 @@ QUALITY_HEADERS = [
 ]
 
 
+BYTES_HEADERS = [
+    "shard",
+    "rows tgt/all",
+    "kept mass",
+    "p5",
+    "entropy",
+    "logP/row",
+    "nats/byte",
+    "bits/byte",
+    "B/text byte",
+    "B/teacher tok",
+]
+TEACHER_HEADERS = [
+    "shard",
+    "tokens",
+    "rows tgt/all",
+    "logP/token",
+    "nats/byte",
+    "bits/byte",
+    "B/teacher tok",
+    "B/text byte",
+]
+CONSISTENCY_HEADERS = ["pair", "sequences", "failed", "max |diff| nats", "worst: shard doc chunk"]
+KINDS_NOTE = {
+    "bytes": "bytes (target rows: byte_loss_mask; kept mass 1 - tail; entropy: stored top-k "
+    "+ tail as one bin, nats; per byte: -log-likelihood of the target rows over their bytes)",
+    "teacher": "teacher (target tokens: teacher_loss_mask; per byte: -log-likelihood of the "
+    "target tokens, end of text included, over their bytes)",
+}
+
+
+def _kind_row(
+    kind: str, name: str, s: dict[str, Any] | None, stored: dict[str, Any] | None
+) -> list[Any]:
+    k = ((s or {}).get("kinds") or {}).get(kind)
+    b = (stored or {}).get(kind) or {}
+    if kind == "bytes":
+        if not k:
+            return [name] + ["-"] * 9
+        return [
+            name,
+            f"{k['target_rows']}/{k['rows']}",
+            _fmt(k["kept_mass"]["mean"]),
+            _fmt(k["kept_mass"]["p5"]),
+            _fmt(k["entropy_nats"]["mean"], ".3f"),
+            _fmt(k["target_logprob"]["mean"], ".3f"),
+            _fmt(k["nats_per_byte"], ".3f"),
+            _fmt(k["bits_per_byte"], ".3f"),
+            _fmt(b.get("per_text_byte"), ".2f"),
+            _fmt(b.get("per_teacher_token"), ".2f"),
+        ]
+    if not k:
+        return [name] + ["-"] * 7
+    return [
+        name,
+        _fmt(k["tokens"]),
+        f"{k['target_rows']}/{k['rows']}",
+        _fmt(k["logprob"]["mean"], ".3f"),
+        _fmt(k["nats_per_byte"], ".3f"),
+        _fmt(k["bits_per_byte"], ".3f"),
+        _fmt(b.get("per_teacher_token"), ".2f"),
+        _fmt(b.get("per_text_byte"), ".2f"),
+    ]
+
+
+def _consistency_rows(kinds: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for pair, p in ((kinds.get("consistency") or {}).get("pairs") or {}).items():
+        w = p.get("worst") or {}
+        rows.append(
+            [
+                pair,
+                p["sequences"],
+                p["failed"],
+                _fmt(p["max_abs_diff_nats"], ".2e"),
+                f"{w['shard']} {w['doc_id']!r} {w['chunk']}" if w else "-",
+            ]
+        )
+    return rows
+
+
+def kind_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """(title, headers, rows) of the target kinds' tables (none for a student-only run)."""
+    run = summary["run"]
+    kinds = run.get("kinds")
+    if not kinds:
+        return []
+    out = []
+    for kind, headers in (("bytes", BYTES_HEADERS), ("teacher", TEACHER_HEADERS)):
+        if kind in kinds["targets"]:
+            rows = [
+                _kind_row(kind, s["name"], s["stats"], s.get("bytes_by_kind"))
+                for s in summary["shards"]
+            ]
+            rows.append(_kind_row(kind, "TOTAL", run, run.get("bytes_by_kind")))
+            out.append((KINDS_NOTE[kind], headers, rows))
+    cons = kinds.get("consistency")
+    if cons:
+        title = (
+            "kind consistency (telescoping identity per sequence; tolerance "
+            f"{cons['tolerance']}): " + ("ok" if cons["ok"] else "FAILED")
+        )
+        if cons["not_applicable"]:
+            title += "; not applicable (rows not exact): " + ", ".join(
+                f"{k} {n} sequences" for k, n in cons["not_applicable"].items()
+            )
+        out.append((title, CONSISTENCY_HEADERS, _consistency_rows(kinds)))
+    return out
+
+
+def _kinds_line(run: dict[str, Any]) -> str:
+    k = run["kinds"]
+    text = (run.get("bytes_by_kind") or {}).get("text") or {}
+    return (
+        f"target kinds: {', '.join(k['targets'])} ({k['text_bytes']} text bytes, "
+        f"{k['teacher_tokens']} teacher tokens; text stored at "
+        f"{_fmt(text.get('per_text_byte'), '.2f')} B/text byte)"
+    )
+
+
 def render_text(summary: dict[str, Any]) -> str:
     run = summary["run"]
+    student = "kinds" not in run or "student" in run["kinds"]["targets"]
     out = [
         f"audit of {summary['source']} ({summary['shards_audited']} shards"
         + (f", index {summary['index']}" if summary["index"] else ", no index")
@@ -259,14 +391,21 @@ def render_text(summary: dict[str, Any]) -> str:
                 )
             ],
         ),
-        "",
-        "target quality (target rows; entropy: stored top-k + tail as one bin, nats)",
-        table(
-            QUALITY_HEADERS,
-            [_quality_row(s["name"], s["stats"]) for s in summary["shards"]]
-            + [_quality_row("TOTAL", run)],
-        ),
     ]
+    if student:
+        out += [
+            "",
+            "target quality (target rows; entropy: stored top-k + tail as one bin, nats)",
+            table(
+                QUALITY_HEADERS,
+                [_quality_row(s["name"], s["stats"]) for s in summary["shards"]]
+                + [_quality_row("TOTAL", run)],
+            ),
+        ]
+    if "kinds" in run:
+        out += ["", _kinds_line(run)]
+    for title, headers, rows in kind_tables(summary):
+        out += ["", title, table(headers, rows)]
     if run["skipped_by_reason"]:
         out += [
             "",
@@ -410,17 +549,43 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
             + [_contents_row("TOTAL", status, run, run)],
         )
     )
-    parts.append(
-        "<h2>Target quality</h2><p>Target rows only (loss_mask). Entropy over the stored top-k "
-        "probabilities plus the tail as one bin, in nats.</p>"
-    )
-    parts.append(
-        tab(
-            QUALITY_HEADERS,
-            [_quality_row(s["name"], s["stats"]) for s in summary["shards"]]
-            + [_quality_row("TOTAL", run)],
+    if "kinds" not in run or "student" in run["kinds"]["targets"]:
+        parts.append(
+            "<h2>Target quality</h2><p>Target rows only (loss_mask). Entropy over the stored "
+            "top-k probabilities plus the tail as one bin, in nats.</p>"
         )
-    )
+        parts.append(
+            tab(
+                QUALITY_HEADERS,
+                [_quality_row(s["name"], s["stats"]) for s in summary["shards"]]
+                + [_quality_row("TOTAL", run)],
+            )
+        )
+    if "kinds" in run:
+        parts.append(f"<h2>Target kinds</h2><p>{e(_kinds_line(run))}</p>")
+        for title, headers, rows in kind_tables(summary):
+            parts.append(f"<p>{e(title)}</p>")
+            parts.append(tab(headers, rows))
+    if "bytes_by_kind" in run:
+        parts.append("<h2>Bytes by kind</h2>")
+        parts.append(
+            tab(
+                ["kind", "compressed bytes", "uncompressed bytes", "per unit"],
+                [
+                    [
+                        kind,
+                        v["compressed"],
+                        v["uncompressed"],
+                        ", ".join(
+                            f"{_fmt(x, '.2f')} B {key.removeprefix('per_').replace('_', ' ')}"
+                            for key, x in v.items()
+                            if key.startswith("per_")
+                        ),
+                    ]
+                    for kind, v in run["bytes_by_kind"].items()
+                ],
+            )
+        )
     parts.append("<h2>Bytes by column</h2>")
     parts.append(
         tab(
@@ -475,33 +640,45 @@ def render_html(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
         parts.append(
             f"<h2>Live re-score</h2><p class='{'ok' if v['ok'] else 'fail'}'>{e(v['verdict'])}</p>"
         )
-        parts.append(
-            tab(
-                [
-                    "shard",
-                    "doc",
-                    "chunk",
-                    "tokens",
-                    "max |dlogP| top-k",
-                    "id agreement",
-                    "max |d tail|",
-                    "max |d logP target|",
-                ],
-                [
-                    [
-                        s["shard"],
-                        s["doc_id"],
-                        s["chunk"],
-                        s["tokens"],
-                        _fmt(s["max_abs_logprob_diff"], ".6f"),
-                        _fmt(s["topk_id_agreement"], ".3f"),
-                        _fmt(s["max_tail_mass_diff"], ".2e"),
-                        _fmt(s["max_target_logprob_diff"], ".2e"),
-                    ]
-                    for s in v["sequences"]
-                ],
-            )
-        )
+        kinds = bool(v.get("kinds"))
+        headers = [
+            "shard",
+            "doc",
+            "chunk",
+            "tokens",
+            "max |dlogP| top-k",
+            "id agreement",
+            "max |d tail|",
+            "max |d logP target|",
+        ]
+        if kinds:
+            headers += [
+                "bytes: max |dlogP| top-k",
+                "bytes: max |d logP target|",
+                "teacher: max |d logP|",
+            ]
+
+        def live_row(s: dict[str, Any]) -> list[Any]:
+            row = [
+                s["shard"],
+                s["doc_id"],
+                s["chunk"],
+                _fmt(s.get("tokens")),
+                _fmt(s.get("max_abs_logprob_diff"), ".6f"),
+                _fmt(s.get("topk_id_agreement"), ".3f"),
+                _fmt(s.get("max_tail_mass_diff"), ".2e"),
+                _fmt(s.get("max_target_logprob_diff"), ".2e"),
+            ]
+            if kinds:
+                b, t = s.get("bytes") or {}, s.get("teacher") or {}
+                row += [
+                    _fmt(b.get("max_abs_logprob_diff"), ".6f"),
+                    _fmt(b.get("max_target_logprob_diff"), ".2e"),
+                    _fmt(t.get("max_abs_logprob_diff"), ".2e"),
+                ]
+            return row
+
+        parts.append(tab(headers, [live_row(s) for s in v["sequences"]]))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -547,7 +724,7 @@ def run_audit(args: argparse.Namespace) -> int:
     def on_result(a: Any) -> None:
         e = audit.add(a)
         if not args.quiet:
-            rows = e["stats"]["rows"] if e["stats"] else 0
+            rows = e["stats"].get("rows", 0) if e["stats"] else 0
             log.info(
                 "[%d/%d] %s: %s (%d rows, %.2fs)%s",
                 len(audit.shards),
@@ -575,7 +752,12 @@ def run_audit(args: argparse.Namespace) -> int:
             return 2
     summary = audit.summary()
     summary["seconds"] = round(seconds, 3)
-    summary["rows_per_second"] = round(summary["run"]["rows"] / seconds, 1) if seconds > 0 else None
+    run_ = summary["run"]
+    kinds = run_.get("kinds") or {}
+    rows = run_.get("rows", 0) + sum(
+        (kinds.get(k) or {}).get("rows", 0) for k in ("bytes", "teacher")
+    )  # every stored row, of every kind
+    summary["rows_per_second"] = round(rows / seconds, 1) if seconds > 0 else None
     print(render_text(summary))
     out = args.out or default_report_dir(source)
     written = write_report(summary, out, None if "://" not in out else so)

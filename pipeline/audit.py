@@ -42,6 +42,38 @@ separately):
 
 Quantiles come from the histograms (error at most one bin: 0.0005 of top-k mass,
 0.01 nats); means are exact.
+
+**Target kinds** (schema version 2, provenance ``targets``; a run without them, e.g. of
+schema version 1, is audited exactly as above and its summary has none of the keys
+below). A run without ``student`` has no student columns: its statistics have only
+``documents`` and ``sequences`` of the student keys. Per kind:
+
+- checks ``teacher`` and ``bytes`` (each fails the audit, naming the first sequence of
+  each kind of problem): lengths (``teacher_logprob`` and ``teacher_loss_mask``
+  ``m + 1`` for ``m`` teacher ids, ``teacher_byte_end`` ``m``; every byte column ``R``
+  rows, ``byte_top_k`` entries per row), ``teacher_byte_end`` strictly increasing and
+  ending at ``len(text)``, ``byte_row_start`` nondecreasing from 0 to ``len(text)``,
+  ids inside the teacher vocab / byte symbols, each byte row's stored probabilities plus
+  its tail summing to 1 within `ROW_SUM_TOLERANCE`, log-probs <= 0, masses in [0, 1],
+  no NaN;
+- check ``kinds`` (runs with two kinds or more): the telescoping identity of
+  `pipeline.scoring.kinds` per sequence between every pair of kinds present: ``sum
+  (target log-probs) + sum(log1p(-noncanonical)) + sum(log1p(-unmapped))`` of the student
+  rows and of the byte rows, and ``sum(teacher_logprob)``, are each the teacher's
+  log-likelihood of the sequence, so every pair must agree within `identity_tolerance`.
+  Student rows count only in sequences whose rows are all exact (the subset scorer; the
+  general scorer's rows are another quantity, counted as not applicable). The worst
+  |difference| per pair is reported (``kinds.consistency``);
+- statistics under ``kinds`` (with ``targets``, ``text_bytes``, ``teacher_tokens``):
+  ``teacher`` (tokens, target rows, mean log-prob per token, log-likelihood
+  per text byte over target tokens as ``nats_per_byte`` and ``bits_per_byte``: minus the
+  target tokens' log-probs, end of text included, over their bytes) and ``bytes`` (rows,
+  kept mass ``1 - tail``, entropy of the stored top-k plus the tail as one bin, target
+  log-prob per row and per byte, non-canonical and unmapped mass), over target rows
+  (``teacher_loss_mask``, ``byte_loss_mask``);
+- stored bytes per kind (``bytes_by_kind``, from the Parquet footer: each column
+  attributed to its kind by `column_kind`, ``text`` counted once apart): per student
+  token, per text byte, per teacher token.
 """
 
 from __future__ import annotations
@@ -60,6 +92,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import io as xio
@@ -81,7 +114,12 @@ from pipeline.shards import (
 from schemas.run import Manifest, Provenance, skipped_by_kind
 from schemas.targets import (
     CURRENT_VERSION,
+    KINDS,
+    LOGPROB_STEP,
+    TEACHER_LOGPROB_STEP,
+    decode_teacher_logprobs,
     decode_topk_logprobs,
+    targets_schema,
 )
 
 REGIMES = ("exact", "lossless", "approximate")  # codes 0, 1, 2
@@ -91,9 +129,35 @@ HISTOGRAMS: dict[str, tuple[float, float, int]] = {
     "entropy": (0.0, 12.0, 1200),  # nats; ln(4097) = 8.3 is the most k + 1 bins can hold
     "target_logprob": (-30.0, 0.0, 3000),
 }
+# the same for the statistics of the other target kinds
+KIND_HISTOGRAMS: dict[str, tuple[float, float, int]] = {
+    "byte_kept_mass": (0.0, 1.0, 2000),
+    "byte_entropy": (0.0, 12.0, 1200),
+    "teacher_logprob": (-30.0, 0.0, 3000),
+}
+_HIST_SPECS = {**HISTOGRAMS, **KIND_HISTOGRAMS}
 # what --verify-live tolerates beyond the storage quantisation (float noise of a re-score
 # batched differently)
 LIVE_TOLERANCE = 1e-4
+# float32 unit roundoff: a stored float32 value is within 2**-24 * |value| of the float64
+# value the job computed
+FLOAT32_UNIT = 2.0**-24
+# A stored row's probabilities: each top-k log-prob is quantised to within LOGPROB_STEP / 2
+# nats, so each p_j is within a factor exp(+-STEP / 2) of the computed one and their sum
+# within expm1(STEP / 2) * (1 - tail) <= 9.0e-4 of it; the tail is float32 (2**-24
+# relative) and the computed row sums to 1 within 1e-9 (float64). A row further than this
+# from 1 is not what the job computed.
+ROW_SUM_TOLERANCE = float(np.expm1(LOGPROB_STEP / 2)) + 1e-6
+# a float64 log-prob of a probability 1 may round a hair above 0
+LOGPROB_MAX = 1e-6
+# the lowest teacher log-prob `schemas.targets.encode_teacher_logprobs` stores (-inf and
+# anything below are stored as this)
+TEACHER_FLOOR = -1.0e5
+# Absolute part of the telescoping tolerance (`identity_tolerance`): the job computes each
+# kind's sum in float64 from the same teacher forward, every context renormalised in
+# float64, so the kinds agree before storage within ~1e-12 relative (the scorer tests);
+# 1e-4 nats covers that with a wide margin and is far below any real damage.
+IDENTITY_ATOL = 1e-4
 _ROW_COLUMNS = (
     "tail_mass",
     "target_logprob",
@@ -115,22 +179,23 @@ class _BadRows(ValueError):
 
 # ---------------------------------------------------------------------------- statistics
 def _hist(name: str) -> np.ndarray:
-    return np.zeros(HISTOGRAMS[name][2], dtype=np.int64)
+    return np.zeros(_HIST_SPECS[name][2], dtype=np.int64)
 
 
 def _hist_add(h: np.ndarray, name: str, values: np.ndarray) -> None:
-    lo, hi, n = HISTOGRAMS[name]
+    lo, hi, n = _HIST_SPECS[name]
     idx = (np.asarray(values, dtype=np.float64) - lo) * (n / (hi - lo))
     np.clip(idx, 0, n - 1, out=idx)
     h += np.bincount(idx.astype(np.int64), minlength=n)
 
 
 def hist_quantile(h: np.ndarray, name: str, q: float) -> float | None:
-    """The ``q`` quantile of a histogram of `HISTOGRAMS` (linear within a bin)."""
+    """The ``q`` quantile of a histogram of `HISTOGRAMS` or `KIND_HISTOGRAMS` (linear
+    within a bin)."""
     total = int(h.sum())
     if total == 0:
         return None
-    lo, hi, n = HISTOGRAMS[name]
+    lo, hi, n = _HIST_SPECS[name]
     cum = np.cumsum(h)
     target = q * total
     i = int(np.searchsorted(cum, target, side="left"))
@@ -138,6 +203,332 @@ def hist_quantile(h: np.ndarray, name: str, q: float) -> float | None:
     before = float(cum[i - 1]) if i else 0.0
     frac = (target - before) / h[i] if h[i] else 0.0
     return lo + (i + float(frac)) * (hi - lo) / n
+
+
+# ---------------------------------------------------------------------------- target kinds
+class _KindProblem(ValueError):
+    """A row group's columns of one kind do not fit together (its statistics are skipped)."""
+
+
+def identity_tolerance(bound_a: np.ndarray | float, bound_b: np.ndarray | float) -> Any:
+    """The largest |difference| in nats the telescoping identity allows between two kinds'
+    totals of a sequence, each total stored within ``bound_a`` / ``bound_b`` nats of the
+    float64 value the job computed (`_identity_terms`, `_teacher_terms`):
+    ``IDENTITY_ATOL + bound_a + bound_b``.
+
+    What storage allows, per kind (the quantised top-k log-probs are no part of the
+    identity):
+
+    - student and byte rows: float32 ``target_logprob`` / ``byte_target_logprob`` and
+      masses, not quantised; a stored log-prob ``v`` is within ``2**-24 |v|`` of the
+      float64 value, and a stored mass ``x`` moves ``log1p(-x)`` by at most ``2**-24 x /
+      (1 - x)``: the bound is their sum over the sequence's rows (worst case: every
+      rounding in one direction; the typical error is ~sqrt(rows) times smaller);
+    - teacher tokens: ``teacher_logprob_q`` stores the rounded running sum of the
+      log-probs (error feedback), so the sequence's total is within half a step
+      (``TEACHER_LOGPROB_STEP / 2`` = 0.00012 nats) whatever its length.
+
+    `IDENTITY_ATOL` covers the float64 arithmetic before storage. A changed log-prob
+    moves its sequence's total by the change itself, so damage above ~1e-3 nats is caught
+    (more on sequences of thousands of tokens, whose float32 bound is ~1e-3 nats)."""
+    return IDENTITY_ATOL + np.asarray(bound_a) + np.asarray(bound_b)
+
+
+def _segments(values: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """Per-sequence sums (float64) of a flat array cut at offsets ``off``."""
+    cs = np.zeros(len(values) + 1, dtype=np.float64)
+    np.cumsum(values, dtype=np.float64, out=cs[1:])
+    return cs[off[1:]] - cs[off[:-1]]
+
+
+def _identity_terms(
+    logprob: np.ndarray, masses: Sequence[np.ndarray], off: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence: ``sum(logprob) + sum(log1p(-mass))`` over float32 columns (-inf when
+    a term is -inf) and how far float32 storage may have moved it (`identity_tolerance`)."""
+    lp = logprob.astype(np.float64)
+    terms = [lp]
+    sens = [np.abs(np.where(np.isfinite(lp), lp, 0.0))]
+    for x in masses:
+        x = np.clip(x.astype(np.float64), 0.0, 1.0)
+        with np.errstate(divide="ignore"):
+            terms.append(np.log1p(-x))
+            sens.append(np.where(x < 1.0, x / np.where(x < 1.0, 1.0 - x, 1.0), 0.0))
+    total = np.zeros(len(off) - 1)
+    neginf = np.zeros(len(off) - 1)
+    for t in terms:
+        fin = np.isfinite(t)
+        total += _segments(np.where(fin, t, 0.0), off)
+        neginf += _segments((~fin).astype(np.float64), off)
+    total[neginf > 0] = -np.inf
+    magnitude = np.zeros(len(off) - 1)
+    for s in sens:
+        magnitude += _segments(s, off)
+    return total, FLOAT32_UNIT * magnitude
+
+
+def _first(bad: np.ndarray, off: np.ndarray) -> int | None:
+    """The sequence (index into ``off``'s segments) of the first True of ``bad``, a flat
+    per-value mask, or None."""
+    hit = np.flatnonzero(bad)
+    if not len(hit):
+        return None
+    return int(np.searchsorted(off, hit[0], side="right") - 1)
+
+
+def _first_seq(bad: np.ndarray) -> int | None:
+    hit = np.flatnonzero(bad)
+    return int(hit[0]) if len(hit) else None
+
+
+def _entropy(dq: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(stored probabilities [rows, k], entropy of the stored top-k plus the tail as one
+    bin, nats) of rows of quantised log-probs."""
+    lp = decode_topk_logprobs(dq)
+    np.maximum(lp, np.float32(-1e4), out=lp)  # missing (-inf) -> p = 0, p ln p = 0
+    p = np.exp(lp.astype(np.float64))
+    ent = -np.einsum("ij,ij->i", p, lp.astype(np.float64))
+    t = tail.astype(np.float64)
+    pos = t > 0
+    ent[pos] -= t[pos] * np.log(t[pos])
+    return p, ent
+
+
+def _mass_summary(total: float, mx: float, above: int, n: int) -> dict[str, Any]:
+    return {"mean": total / n if n else None, "max": mx, "rows_above_zero": above}
+
+
+def _per_byte(logprob_sum: float, nbytes: int) -> dict[str, float | None]:
+    nats = -logprob_sum / nbytes if nbytes else None
+    return {"nats_per_byte": nats, "bits_per_byte": None if nats is None else nats / np.log(2)}
+
+
+@dataclass
+class TeacherStats:
+    """Mergeable aggregate of the ``teacher`` kind (target rows: ``teacher_loss_mask``)."""
+
+    sequences: int = 0
+    tokens: int = 0  # teacher tokens (m per sequence)
+    rows: int = 0  # log-probs (m + 1 per sequence: the last is end of text)
+    target_rows: int = 0
+    target_bytes: int = 0  # text bytes of the target tokens (end of text: none)
+    logprob_sum: float = 0.0  # over finite target log-probs
+    logprob_neginf: int = 0
+    neginf_bytes: int = 0  # bytes of the target tokens at -inf (left out of per byte)
+    hist: np.ndarray = field(default_factory=lambda: _hist("teacher_logprob"))
+
+    def merge(self, o: TeacherStats) -> None:
+        for name in (
+            "sequences",
+            "tokens",
+            "rows",
+            "target_rows",
+            "target_bytes",
+            "logprob_sum",
+            "logprob_neginf",
+            "neginf_bytes",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        self.hist = self.hist + o.hist
+
+    def summary(self) -> dict[str, Any]:
+        fin = self.target_rows - self.logprob_neginf
+        mean = self.logprob_sum / fin if fin else None
+        return {
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "rows": self.rows,
+            "target_rows": self.target_rows,
+            "target_bytes": self.target_bytes,
+            "logprob": {
+                "mean": mean,
+                "perplexity": float(np.exp(-mean)) if mean is not None else None,
+                "p50": hist_quantile(self.hist, "teacher_logprob", 0.5),
+                "neginf_rows": self.logprob_neginf,
+            },
+            **_per_byte(self.logprob_sum, self.target_bytes - self.neginf_bytes),
+        }
+
+
+_BYTE_MASSES = ("byte_noncanonical_mass", "byte_unmapped_mass")
+
+
+@dataclass
+class ByteStats:
+    """Mergeable aggregate of the ``bytes`` kind (target rows: ``byte_loss_mask``)."""
+
+    sequences: int = 0
+    rows: int = 0
+    target_rows: int = 0
+    target_bytes: int = 0  # text bytes of the symbols target rows predict
+    kept_sum: float = 0.0  # 1 - tail
+    entropy_sum: float = 0.0
+    target_logprob_sum: float = 0.0  # over finite values
+    target_logprob_neginf: int = 0
+    neginf_bytes: int = 0
+    mass_sum: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_BYTE_MASSES, 0.0))
+    mass_max: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_BYTE_MASSES, 0.0))
+    mass_rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_BYTE_MASSES, 0))
+    hists: dict[str, np.ndarray] = field(
+        default_factory=lambda: {n: _hist(n) for n in ("byte_kept_mass", "byte_entropy")}
+    )
+
+    def merge(self, o: ByteStats) -> None:
+        for name in (
+            "sequences",
+            "rows",
+            "target_rows",
+            "target_bytes",
+            "kept_sum",
+            "entropy_sum",
+            "target_logprob_sum",
+            "target_logprob_neginf",
+            "neginf_bytes",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        for c in _BYTE_MASSES:
+            self.mass_sum[c] += o.mass_sum[c]
+            self.mass_max[c] = max(self.mass_max[c], o.mass_max[c])
+            self.mass_rows[c] += o.mass_rows[c]
+        for n in self.hists:
+            self.hists[n] = self.hists[n] + o.hists[n]
+
+    def summary(self) -> dict[str, Any]:
+        n = self.target_rows
+        fin = n - self.target_logprob_neginf
+        kept = self.kept_sum / n if n else None
+
+        def q(name: str, p: float) -> float | None:
+            return hist_quantile(self.hists[name], name, p)
+
+        return {
+            "sequences": self.sequences,
+            "rows": self.rows,
+            "target_rows": n,
+            "target_bytes": self.target_bytes,
+            "kept_mass": {
+                "mean": kept,
+                "p5": q("byte_kept_mass", 0.05),
+                "p50": q("byte_kept_mass", 0.5),
+            },
+            "tail_mass": {
+                "mean": None if kept is None else 1.0 - kept,
+                "p95": _flip(q("byte_kept_mass", 0.05)),
+            },
+            "entropy_nats": {
+                "mean": self.entropy_sum / n if n else None,
+                "p50": q("byte_entropy", 0.5),
+                "p95": q("byte_entropy", 0.95),
+                "definition": "stored top-k probabilities plus the tail as one bin",
+            },
+            "target_logprob": {
+                "mean": self.target_logprob_sum / fin if fin else None,
+                "neginf_rows": self.target_logprob_neginf,
+            },
+            **_per_byte(self.target_logprob_sum, self.target_bytes - self.neginf_bytes),
+            **{
+                c.removeprefix("byte_"): _mass_summary(
+                    self.mass_sum[c], self.mass_max[c], self.mass_rows[c], n
+                )
+                for c in _BYTE_MASSES
+            },
+        }
+
+
+@dataclass
+class PairStats:
+    """The telescoping identity between two kinds over the sequences both apply to."""
+
+    sequences: int = 0
+    failed: int = 0
+    max_abs_diff: float = 0.0  # nats
+    worst: dict[str, Any] = field(default_factory=dict)  # the sequence of max_abs_diff
+
+    def merge(self, o: PairStats) -> None:
+        self.sequences += o.sequences
+        self.failed += o.failed
+        if o.sequences and (not self.worst or o.max_abs_diff > self.max_abs_diff):
+            self.max_abs_diff, self.worst = o.max_abs_diff, dict(o.worst)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sequences": self.sequences,
+            "failed": self.failed,
+            "max_abs_diff_nats": self.max_abs_diff if self.sequences else None,
+            "worst": self.worst or None,
+        }
+
+
+def _pairs(kinds: Sequence[str]) -> list[tuple[str, str]]:
+    ks = [k for k in KINDS if k in kinds]
+    return [(a, b) for i, a in enumerate(ks) for b in ks[i + 1 :]]
+
+
+def column_kind(name: str) -> str:
+    """The target kind a shard column belongs to (`schemas.targets`), ``"text"`` for the
+    text (shared by ``bytes`` and ``teacher``), ``"common"`` for ``doc_id`` and ``chunk``."""
+    return _COLUMN_KIND.get(name, "common" if name in ("doc_id", "chunk") else "student")
+
+
+_COLUMN_KIND = {
+    f.name: kind
+    for kind in KINDS
+    for f in targets_schema(CURRENT_VERSION, kinds=(kind,))
+    if f.name not in ("doc_id", "chunk", "text")
+}
+_COLUMN_KIND["text"] = "text"
+
+
+def bytes_by_kind(columns: dict[str, list[int]], st: Stats | None) -> dict[str, Any]:
+    """Stored bytes per kind (compressed / uncompressed, from the footer) and per unit:
+    ``per_student_token`` (student), ``per_text_byte`` (text, bytes, teacher),
+    ``per_teacher_token`` (bytes, teacher)."""
+    acc: dict[str, list[int]] = {}
+    for c, v in columns.items():
+        a = acc.setdefault(column_kind(c), [0, 0])
+        a[0] += v[0]
+        a[1] += v[1]
+    units = {
+        "student": (("per_student_token", st.student_tokens if st else 0),),
+        "text": (("per_text_byte", st.text_bytes if st else 0),),
+        "teacher": (
+            ("per_teacher_token", st.teacher_tokens if st else 0),
+            ("per_text_byte", st.text_bytes if st else 0),
+        ),
+        "bytes": (
+            ("per_text_byte", st.text_bytes if st else 0),
+            ("per_teacher_token", st.teacher_tokens if st else 0),
+        ),
+        "common": (),
+    }
+    out: dict[str, Any] = {}
+    for kind in ("student", "bytes", "teacher", "text", "common"):
+        if kind not in acc:
+            continue
+        comp, raw = acc[kind]
+        out[kind] = {
+            "compressed": comp,
+            "uncompressed": raw,
+            **{key: (comp / n if n else None) for key, n in units[kind]},
+        }
+    return out
+
+
+def _describe_identity(fails: list[tuple[str, str, float, float]]) -> str:
+    """What disagrees in one sequence: ``[(kind a, kind b, a - b, tolerance)]``."""
+    pairs = [{a, b} for a, b, _, _ in fails]
+    common = set.intersection(*pairs)
+    if len(fails) > 1 and len(common) == 1:
+        odd = common.pop()
+        others = [k for k in KINDS if k != odd and any(k in p for p in pairs)]
+        head = f"{odd} disagrees with {' and '.join(others)}"
+    else:
+        head = "; ".join(f"{a} and {b} disagree" for a, b, _, _ in fails)
+    return (
+        head
+        + " (telescoping identity): "
+        + ", ".join(f"{a} - {b} = {d:+.6g} nats (tolerance {t:.2g})" for a, b, d, t in fails)
+    )
 
 
 @dataclass
@@ -160,6 +551,14 @@ class Stats:
     hists: dict[str, np.ndarray] = field(
         default_factory=lambda: {name: _hist(name) for name in HISTOGRAMS}
     )
+    # target kinds (schema version 2; see the module docstring)
+    kinds: list[str] = field(default_factory=list)  # of the shards merged in
+    text_bytes: int = 0  # UTF-8 bytes of the texts (kinds bytes, teacher)
+    teacher_tokens: int = 0  # from teacher_ids, else (bytes only) the manifests
+    teacher_stats: TeacherStats | None = None
+    byte_stats: ByteStats | None = None
+    identity: dict[str, PairStats] = field(default_factory=dict)  # "a-b" -> PairStats
+    identity_not_applicable: dict[str, int] = field(default_factory=dict)  # sequences
 
     def merge(self, other: Stats) -> Stats:
         """Add ``other`` into this aggregate (in place) and return it."""
@@ -182,7 +581,25 @@ class Stats:
             self.mass_rows[c] += other.mass_rows[c]
         for name in HISTOGRAMS:
             self.hists[name] = self.hists[name] + other.hists[name]
+        self.kinds = [k for k in KINDS if k in self.kinds or k in other.kinds]
+        self.text_bytes += other.text_bytes
+        self.teacher_tokens += other.teacher_tokens
+        if other.teacher_stats is not None:
+            self.teacher_stats = self.teacher_stats or TeacherStats()
+            self.teacher_stats.merge(other.teacher_stats)
+        if other.byte_stats is not None:
+            self.byte_stats = self.byte_stats or ByteStats()
+            self.byte_stats.merge(other.byte_stats)
+        for pair, ps in other.identity.items():
+            self.identity.setdefault(pair, PairStats()).merge(ps)
+        for kind, n in other.identity_not_applicable.items():
+            self.identity_not_applicable[kind] = self.identity_not_applicable.get(kind, 0) + n
         return self
+
+    @property
+    def has_kinds(self) -> bool:
+        """Whether kinds other than ``student`` were merged in."""
+        return bool(set(self.kinds) - {"student"})
 
     def add_rows(self, table: pa.Table, k: int, vocab_size: int | None) -> None:
         """Accumulate one decoded row group (all columns of schema v1).
@@ -263,6 +680,8 @@ class Stats:
         def q(name: str, p: float) -> float | None:
             return hist_quantile(self.hists[name], name, p)
 
+        if self.kinds and "student" not in self.kinds:
+            return {"documents": self.documents, "sequences": self.sequences, **self._kinds()}
         mtk = mean(self.topk_mass_sum, n)
         mlp = mean(self.target_logprob_sum, fin)
         return {
@@ -301,33 +720,306 @@ class Stats:
                 "p50": q("target_logprob", 0.5),
                 "neginf_rows": self.target_logprob_neginf,
             },
+            **self._kinds(),
         }
+
+    def _kinds(self) -> dict[str, Any]:
+        """The summary key ``kinds`` of the target kinds (none for a student-only run)."""
+        if not self.has_kinds:
+            return {}
+        out: dict[str, Any] = {
+            "targets": list(self.kinds),
+            "text_bytes": self.text_bytes,
+            "teacher_tokens": self.teacher_tokens,
+        }
+        if self.teacher_stats is not None:
+            out["teacher"] = self.teacher_stats.summary()
+        if self.byte_stats is not None:
+            out["bytes"] = self.byte_stats.summary()
+        pairs = _pairs(self.kinds)
+        if pairs:
+            stats = {f"{a}-{b}": self.identity.get(f"{a}-{b}", PairStats()) for a, b in pairs}
+            out["consistency"] = {
+                "ok": all(ps.failed == 0 for ps in stats.values()),
+                "tolerance": f"{IDENTITY_ATOL} nats + what storage allows each kind "
+                "(float32: 2**-24 of each stored term; teacher: half a quantisation step)",
+                "pairs": {p: ps.summary() for p, ps in stats.items()},
+                "not_applicable": dict(self.identity_not_applicable),
+            }
+        return {"kinds": out}
+
+    def kind_histograms(self, bins: int = 100) -> dict[str, dict[str, Any]]:
+        """`histograms` of the kinds' statistics present (`KIND_HISTOGRAMS`)."""
+        hists: dict[str, np.ndarray] = {}
+        if self.byte_stats is not None:
+            hists.update(self.byte_stats.hists)
+        if self.teacher_stats is not None:
+            hists["teacher_logprob"] = self.teacher_stats.hist
+        return {name: _rebin(h, name, bins) for name, h in hists.items()}
 
     def histograms(self, bins: int = 100) -> dict[str, dict[str, Any]]:
         """The histograms cut to their occupied range and re-binned to at most ``bins``
         equal bins: ``{name: {"low", "high", "counts"}}`` (for plots and the summary)."""
-        out = {}
-        for name, (lo, hi, n) in HISTOGRAMS.items():
-            h = self.hists[name]
-            nz = np.flatnonzero(h)
-            a, b = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, n)
-            factor = max(1, -(-(b - a) // bins))
-            nb = -(-(b - a) // factor)
-            b = a + nb * factor
-            if b > n:  # keep whole bins inside the range
-                a = max(0, n - nb * factor)
-                b = a + nb * factor
-            part = np.zeros(b - a, dtype=np.int64)
-            valid = h[a : min(b, n)]
-            part[: len(valid)] = valid
-            counts = part.reshape(-1, factor).sum(1)
-            width = (hi - lo) / n
-            out[name] = {
-                "low": lo + a * width,
-                "high": lo + b * width,
-                "counts": [int(c) for c in counts],
-            }
-        return out
+        return {name: _rebin(self.hists[name], name, bins) for name in HISTOGRAMS}
+
+    # the kinds (methods of `Stats`, so a shard's pass fills one mergeable object)
+    def add_sequences(self, table: pa.Table) -> None:
+        """Count the sequences and documents of a row group without student columns."""
+        chunk = table["chunk"].to_numpy()
+        self.sequences += len(chunk)
+        self.documents += int((chunk == 0).sum())
+
+    def add_kinds(self, table: pa.Table, prov: Provenance, first: int) -> list[tuple[str, str]]:
+        """Check and accumulate the ``teacher`` and ``bytes`` kinds of one row group (its
+        sequences are numbered from ``first`` in the shard; student rows already added by
+        `add_rows`) and check the telescoping identity between the kinds of each
+        sequence. Returns the problems as ``(check name, message)``; a kind with a problem
+        in the row group is left out of its statistics and of the identity there."""
+        kinds = prov.kinds
+        doc = table["doc_id"].to_pylist()
+        chunk = table["chunk"].to_numpy()
+
+        def name(i: int) -> str:
+            return f"sequence {first + i} (doc {doc[i]!r} chunk {int(chunk[i])})"
+
+        text_len = pc.binary_length(table["text"]).to_numpy().astype(np.int64)
+        self.text_bytes += int(text_len.sum())
+        problems: list[tuple[str, str]] = []
+        totals: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        if "student" in kinds:
+            tlp, off = flat_list(table["target_logprob"])
+            regime, _ = flat_list(table["regime"])
+            masses = [flat_list(table[c])[0] for c in ("noncanonical_mass", "unmapped_mass")]
+            exact = _segments((regime != 0).astype(np.float64), off) == 0
+            total, mag = _identity_terms(tlp, masses, off)
+            totals["student"] = (total, mag, exact)
+            if not exact.all():
+                na = self.identity_not_applicable
+                na["student"] = na.get("student", 0) + int((~exact).sum())
+        for kind, add in (("teacher", self._add_teacher), ("bytes", self._add_bytes)):
+            if kind in kinds:
+                try:
+                    totals[kind] = add(table, prov, text_len, name)
+                except _KindProblem as err:
+                    problems.append((kind, str(err)))
+        fails: dict[int, list[tuple[str, str, float, float]]] = {}
+        for a, b in _pairs(kinds):
+            if a not in totals or b not in totals:
+                continue
+            (ta, ma, aa), (tb, mb, ab) = totals[a], totals[b]
+            sel = aa & ab
+            with np.errstate(invalid="ignore"):
+                diff = ta - tb
+            diff[np.isneginf(ta) & np.isneginf(tb)] = 0.0
+            d = np.abs(diff)
+            d[np.isnan(d)] = np.inf
+            tol = identity_tolerance(ma, mb)
+            bad = sel & ~(d <= tol)
+            ps = PairStats(sequences=int(sel.sum()), failed=int(bad.sum()))
+            if sel.any():
+                i = int(np.flatnonzero(sel)[np.argmax(d[sel])])
+                ps.max_abs_diff = float(d[i])
+                ps.worst = {
+                    "sequence": first + i,
+                    "doc_id": doc[i],
+                    "chunk": int(chunk[i]),
+                    "diff_nats": float(diff[i]),
+                    "tolerance_nats": float(tol[i]),
+                }
+            self.identity.setdefault(f"{a}-{b}", PairStats()).merge(ps)
+            for j in np.flatnonzero(bad).tolist():
+                fails.setdefault(j, []).append((a, b, float(diff[j]), float(tol[j])))
+        for i, f in sorted(fails.items()):
+            problems.append(("kinds", f"{name(i)}: {_describe_identity(f)}"))
+        return problems
+
+    def _add_teacher(
+        self, table: pa.Table, prov: Provenance, text_len: np.ndarray, name: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Check and accumulate the ``teacher`` kind of a row group; returns its identity
+        totals, their storage bound (`identity_tolerance`) and where they apply. Raises
+        `_KindProblem`."""
+        ids, id_off = flat_list(table["teacher_ids"])
+        q, q_off = flat_list(table["teacher_logprob_q"])
+        blen, len_off = flat_list(table["teacher_byte_len"])
+        mask, mask_off = flat_list(table["teacher_loss_mask"])
+        m = np.diff(id_off)
+        n = len(m)
+        for col, off, want, what in (
+            ("teacher_logprob_q", q_off, m + 1, "m + 1"),
+            ("teacher_byte_len", len_off, m, "m"),
+            ("teacher_loss_mask", mask_off, m + 1, "m + 1"),
+        ):
+            i = _first_seq(np.diff(off) != want)
+            if i is not None:
+                raise _KindProblem(
+                    f"{name(i)}: {col} has {int(off[i + 1] - off[i])} values for "
+                    f"m = {int(m[i])} teacher tokens (want {what})"
+                )
+        errs = []
+        vocab = prov.teacher_vocab_size
+        if vocab is not None and (i := _first(ids >= vocab, id_off)) is not None:
+            errs.append(f"{name(i)}: teacher id outside the teacher vocab ({vocab})")
+        q = q.astype(np.int64)
+        # the steps of a running sum of log-probs <= 0 are >= 0: a negative one stored as
+        # uint32 wraps above 2**31 (a log-prob above 0, or a damaged value)
+        if (i := _first(q >= 1 << 31, q_off)) is not None:
+            errs.append(f"{name(i)}: teacher_logprob_q holds a negative step (a log-prob above 0)")
+        blen = blen.astype(np.int64)
+        if (i := _first(blen < 1, len_off)) is not None:
+            errs.append(f"{name(i)}: a teacher token of no bytes (byte ends not increasing)")
+        ends = _segments(blen, len_off).astype(np.int64)
+        if (i := _first_seq(ends != text_len)) is not None:
+            errs.append(
+                f"{name(i)}: teacher tokens end at byte {int(ends[i])}, the text has "
+                f"{int(text_len[i])} bytes"
+            )
+        if errs:
+            raise _KindProblem("; ".join(errs))
+        lp = decode_teacher_logprobs(q)
+        mk = mask.astype(bool, copy=False)
+        row_bytes = np.zeros(len(lp), dtype=np.int64)  # end of text: no bytes
+        row_bytes[np.arange(len(blen)) + np.repeat(np.arange(n), m)] = blen
+        ts = self.teacher_stats = self.teacher_stats or TeacherStats()
+        ts.sequences += n
+        ts.tokens += len(ids)
+        ts.rows += len(lp)
+        t, tb = lp[mk], row_bytes[mk]
+        fin = t > TEACHER_FLOOR + 1.0  # the floor stands for -inf
+        ts.target_rows += int(mk.sum())
+        ts.target_bytes += int(tb.sum())
+        ts.logprob_sum += float(t[fin].sum())
+        ts.logprob_neginf += int((~fin).sum())
+        ts.neginf_bytes += int(tb[~fin].sum())
+        _hist_add(ts.hist, "teacher_logprob", t[fin])
+        self.teacher_tokens += len(ids)
+        # the total is the last rounded running sum: exact in int64, within half a step;
+        # a log-prob stored at the floor was -inf (or as good as): so is the total
+        total = -TEACHER_LOGPROB_STEP * _segments(q, q_off)
+        total[_segments((lp <= TEACHER_FLOOR + 1.0).astype(np.float64), q_off) > 0] = -np.inf
+        return total, np.full(n, TEACHER_LOGPROB_STEP / 2), np.ones(n, dtype=bool)
+
+    def _add_bytes(
+        self, table: pa.Table, prov: Provenance, text_len: np.ndarray, name: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Check and accumulate the ``bytes`` kind of a row group (as `_add_teacher`)."""
+        kb = prov.byte_top_k
+        if not kb:
+            raise _KindProblem("a shard with byte rows but no byte_top_k in its provenance")
+        rs, off = flat_list(table["byte_row_start"])
+        R = np.diff(off)
+        n = len(R)
+        if (i := _first_seq(R < 1)) is not None:
+            raise _KindProblem(f"{name(i)}: no byte row (the last predicts end of text)")
+        cols: dict[str, np.ndarray] = {}
+        for col, per_row in (
+            ("byte_loss_mask", 1),
+            ("byte_tail_mass", 1),
+            ("byte_target_logprob", 1),
+            ("byte_noncanonical_mass", 1),
+            ("byte_unmapped_mass", 1),
+            ("byte_topk_ids", kb),
+            ("byte_topk_logprob_dq", kb),
+        ):
+            values, o = flat_list(table[col])
+            i = _first_seq(np.diff(o) != R * per_row)
+            if i is not None:
+                raise _KindProblem(
+                    f"{name(i)}: {col} has {int(o[i + 1] - o[i])} values for {int(R[i])} "
+                    f"byte rows (want {'R' if per_row == 1 else f'R * byte_top_k = R * {kb}'})"
+                )
+            cols[col] = values
+        errs = []
+        rs = rs.astype(np.int64)
+        prev = np.zeros_like(rs)
+        prev[1:] = rs[:-1]
+        prev[off[:-1]] = 0
+        if (i := _first_seq(rs[off[:-1]] != 0)) is not None:
+            errs.append(f"{name(i)}: byte_row_start does not start at 0")
+        if (i := _first(rs < prev, off)) is not None:
+            errs.append(f"{name(i)}: byte_row_start decreases")
+        last = rs[off[1:] - 1]
+        if (i := _first_seq(last != text_len)) is not None:
+            errs.append(
+                f"{name(i)}: byte_row_start ends at {int(last[i])}, the text has "
+                f"{int(text_len[i])} bytes"
+            )
+        ids = cols["byte_topk_ids"].reshape(-1, kb)
+        if prov.byte_specials is not None:
+            symbols = 257 + len(prov.byte_specials)
+            if (i := _first(np.any(ids >= symbols, axis=1), off)) is not None:
+                errs.append(f"{name(i)}: byte symbol outside 0..{symbols - 1}")
+        tail = cols["byte_tail_mass"].astype(np.float64)
+        p, ent = _entropy(cols["byte_topk_logprob_dq"].reshape(-1, kb), tail)
+        with np.errstate(invalid="ignore"):
+            total = p.sum(1) + tail
+            off_one = ~(np.abs(total - 1.0) <= ROW_SUM_TOLERANCE)
+            if (i := _first(off_one, off)) is not None:
+                r = int(np.flatnonzero(off_one)[0])
+                errs.append(
+                    f"{name(i)}: byte row {r - int(off[i])} has probabilities + tail = "
+                    f"{total[r]:.6f} (1 within {ROW_SUM_TOLERANCE:.2g})"
+                )
+            if (i := _first(~((tail >= 0) & (tail <= 1)), off)) is not None:
+                errs.append(f"{name(i)}: byte_tail_mass outside [0, 1]")
+            tlp = cols["byte_target_logprob"].astype(np.float64)
+            if (i := _first(~(tlp <= LOGPROB_MAX), off)) is not None:
+                errs.append(f"{name(i)}: byte_target_logprob above 0 or NaN")
+            for c in _BYTE_MASSES:
+                x = cols[c]
+                if (i := _first(~((x >= 0) & (x <= 1)), off)) is not None:
+                    errs.append(f"{name(i)}: {c} outside [0, 1]")
+        if errs:
+            raise _KindProblem("; ".join(errs))
+        mk = cols["byte_loss_mask"].astype(bool, copy=False)
+        row_bytes = np.zeros(len(rs), dtype=np.int64)
+        row_bytes[:-1] = rs[1:] - rs[:-1]
+        row_bytes[off[1:] - 1] = 0  # the end-of-text row of each sequence
+        bs = self.byte_stats = self.byte_stats or ByteStats()
+        bs.sequences += n
+        bs.rows += len(rs)
+        nt = int(mk.sum())
+        bs.target_rows += nt
+        kept = 1.0 - tail[mk]
+        bs.kept_sum += float(kept.sum())
+        _hist_add(bs.hists["byte_kept_mass"], "byte_kept_mass", kept)
+        bs.entropy_sum += float(ent[mk].sum())
+        _hist_add(bs.hists["byte_entropy"], "byte_entropy", ent[mk])
+        t, tb = tlp[mk], row_bytes[mk]
+        fin = np.isfinite(t)
+        bs.target_bytes += int(tb.sum())
+        bs.target_logprob_sum += float(t[fin].sum())
+        bs.target_logprob_neginf += int((~fin).sum())
+        bs.neginf_bytes += int(tb[~fin].sum())
+        if nt:
+            for c in _BYTE_MASSES:
+                v = cols[c][mk]
+                bs.mass_sum[c] += float(v.sum(dtype=np.float64))
+                bs.mass_max[c] = max(bs.mass_max[c], float(v.max()))
+                bs.mass_rows[c] += int((v > 0).sum())
+        total_id, mag = _identity_terms(
+            cols["byte_target_logprob"], [cols[c] for c in _BYTE_MASSES], off
+        )
+        return total_id, mag, np.ones(n, dtype=bool)
+
+
+def _rebin(h: np.ndarray, name: str, bins: int) -> dict[str, Any]:
+    """A histogram cut to its occupied range, re-binned to at most ``bins`` equal bins."""
+    lo, hi, n = _HIST_SPECS[name]
+    nz = np.flatnonzero(h)
+    a, b = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, n)
+    factor = max(1, -(-(b - a) // bins))
+    nb = -(-(b - a) // factor)
+    b = a + nb * factor
+    if b > n:  # keep whole bins inside the range
+        a = max(0, n - nb * factor)
+        b = a + nb * factor
+    part = np.zeros(b - a, dtype=np.int64)
+    valid = h[a : min(b, n)]
+    part[: len(valid)] = valid
+    counts = part.reshape(-1, factor).sum(1)
+    width = (hi - lo) / n
+    return {"low": lo + a * width, "high": lo + b * width, "counts": [int(c) for c in counts]}
 
 
 def _flip(x: float | None) -> float | None:
@@ -487,9 +1179,20 @@ def _check_contents(
             not differ,
             "" if not differ else "file metadata and manifest differ in " + ", ".join(differ),
         )
-        k = int(opened.provenance.top_k or m.top_k or 0)
-        vocab = opened.provenance.student_vocab_size
-        st = Stats()
+        prov = opened.provenance
+        k = int(prov.top_k or m.top_k or 0)
+        vocab = prov.student_vocab_size
+        kinds = prov.kinds
+        st = Stats(kinds=list(kinds))
+        extra = bool(set(kinds) - {"student"})
+        # the columns a shard of these kinds has (checked for runs with kinds only: a
+        # student-only shard is read as before)
+        want_cols = (
+            targets_schema(int(prov.schema_version or CURRENT_VERSION), kinds=tuple(kinds)).names
+            if extra
+            else None
+        )
+        problems: list[tuple[str, str]] = []
         try:
             for g in range(len(groups)):
                 try:
@@ -498,23 +1201,56 @@ def _check_contents(
                     raise _BadRows(
                         f"row group {g} failed to read ({_bad_columns(pf, g)}): {err}"
                     ) from err
+                if want_cols is not None and table.column_names != want_cols:
+                    raise _BadRows(
+                        f"row group {g}: columns {table.column_names} are not those of "
+                        f"the kinds {kinds} ({want_cols})"
+                    )
+                first = st.sequences
                 try:
-                    st.add_rows(table, k, int(vocab) if vocab is not None else None)
+                    if "student" in kinds:
+                        st.add_rows(table, k, int(vocab) if vocab is not None else None)
+                    else:
+                        st.add_sequences(table)
                 except _BadRows as err:
                     raise _BadRows(f"row group {g}: {err}") from err
                 except Exception as err:  # reshape of a wrong k, wrong types
                     raise _BadRows(f"row group {g} does not decode: {err}") from err
+                if extra:
+                    try:
+                        problems += st.add_kinds(table, prov, first)
+                    except Exception as err:  # wrong types
+                        problems.append(("kinds", f"row group {g} does not decode: {err}"))
         except _BadRows as err:
             a.check("pages", False, str(err))
             return
         a.check("pages", True)
+        if extra:
+            checks = [c for c in ("teacher", "bytes") if c in kinds]
+            for check in checks + (["kinds"] if len(kinds) > 1 else []):
+                found = [msg for c, msg in problems if c == check]
+                more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+                a.check(check, not found, "; ".join(found[:3]) + more)
+            if "teacher" not in kinds:  # bytes only: the tokens are counted by the job
+                st.teacher_tokens = int(m.teacher_tokens or 0)
+            for ps in st.identity.values():
+                if ps.worst:
+                    ps.worst = {"shard": ref.name, **ps.worst}
         a.stats = st
         wrong = []
-        for key, got in (
-            ("documents", st.documents),
-            ("student_tokens", st.student_tokens),
-            ("target_rows", st.target_rows),
-        ):
+        counts: list[tuple[str, int]] = [("documents", st.documents)]
+        if "student" in kinds:
+            counts += [("student_tokens", st.student_tokens), ("target_rows", st.target_rows)]
+        if extra:
+            counts.append(("text_bytes", st.text_bytes))
+        # (a kind whose check failed has row groups left out of its statistics: its
+        # count is not compared, the failure is already named)
+        failed = {c.name for c in a.checks if not c.ok}
+        if "teacher" in kinds and "teacher" not in failed:
+            counts.append(("teacher_tokens", st.teacher_tokens))
+        if "bytes" in kinds and "bytes" not in failed:
+            counts.append(("byte_rows", st.byte_stats.rows if st.byte_stats else 0))
+        for key, got in counts:
             want = m.get(key)
             if want is not None and int(want) != got:
                 wrong.append(f"{key} {got} in the file, {want} in the manifest")
@@ -675,6 +1411,8 @@ class RunAudit:
             "seconds": round(a.seconds, 4),
             "stats": s.summary() if s is not None else None,
         }
+        if s is not None and s.has_kinds:
+            entry["bytes_by_kind"] = bytes_by_kind(a.columns, s)
         self.shards.append(entry)
         if a.provenance:
             self._provenance[a.name] = a.provenance
@@ -740,6 +1478,10 @@ class RunAudit:
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(sorted(self.skipped.items())),
         }
+        histograms = self.totals.histograms()
+        if st.has_kinds:
+            run["bytes_by_kind"] = bytes_by_kind(self.columns, st)
+            histograms.update(st.kind_histograms())
         return {
             "ok": not failures,
             "source": self.source.url,
@@ -751,7 +1493,7 @@ class RunAudit:
             "shards_failed": [s["name"] for s in self.shards if not s["ok"]],
             "totals_cover": list(self.covered),
             "run": run,
-            "histograms": self.totals.histograms(),
+            "histograms": histograms,
             "shards": self.shards,
             "consistency": cons,
             "verify_live": self.verify_live,

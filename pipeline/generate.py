@@ -123,7 +123,8 @@ class GenerateStep:
             "teacher_vocab_size": T.size,
             "teacher_eos_id": self.targets.teacher_eos,
             "temperature": cfg.teacher.temperature,
-            "logprobs": "natural log, normalised over the student vocab",
+            "logprobs": "natural log of normalised distributions (student rows: over the "
+            "student vocab; byte rows: over byte symbols; teacher: over the teacher vocab)",
             "logprob_step": LOGPROB_STEP,
             "config_hash": cfg.target_hash(),
             # resolved where they run: a CPU/GPU or float32/bfloat16 mix in one run is

@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(r, Document)
         ]
     texts = [c.text for d in docs for c, _ in step.prepared_chunks(d.text)]
-    step.scorer.score(step.teacher, texts[:2], top_k=64)  # warm-up
+    scorer = step.scorer
+    assert scorer is not None  # the demo config has the student kind
+    scorer.score(step.teacher, texts[:2], top_k=64)  # warm-up
     t = time.perf_counter()
-    scored = step.scorer.score(step.teacher, texts, top_k=64)
+    scored = scorer.score(step.teacher, texts, top_k=64)
     t_bare = time.perf_counter() - t
     tokens = sum(len(r.student_ids) for r in scored)
     bare = tokens / t_bare
