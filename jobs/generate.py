@@ -18,6 +18,13 @@ in the same output path is refused unless ``--overwrite``.
 Overrides are ``section.key=value`` (YAML values), e.g. ``scoring.top_k=32``,
 ``input.paths=[s3://bucket/corpus/*.jsonl.zst]``, ``ray.num_actors=8``;
 ``--help-config`` lists every key with its default.
+
+Target kinds: ``scoring.targets=[student,bytes,teacher]`` (any non-empty subset; default
+``[student]``), all from the same teacher forwards. ``student``: rows over
+``student.tokenizer``'s vocab. ``bytes`` (byte-level distillation) and ``teacher`` (ALM:
+the teacher's log-probs of its own tokens) serve any student tokenizer chosen when the
+run is read (``TargetDataset(run, student_tokenizer=...)``); a run with only those needs
+no student tokenizer (``student.merges=null``).
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ class Progress:
     text scored; each queued shard at the mean of the shards seen) at this run's rate.
     """
 
-    def __init__(self, total_shards: int, already: int = 0) -> None:
+    def __init__(self, total_shards: int, already: int = 0, unit: str = "student") -> None:
+        self.unit = unit  # whose tokens are counted: "student", or "teacher" without one
         self.total = total_shards
         self.done = already
         self.this_run = 0
@@ -269,7 +270,7 @@ class Progress:
             f"{n} {100 * r.get('fraction', 0):.0f}%" for n, r in sorted(self.running.items())
         )
         log.info(
-            "run: %d/%d shards committed, %d running%s%s; %d student tokens this run, "
+            "run: %d/%d shards committed, %d running%s%s; %d %s tokens this run, "
             "%.0f tokens/s, ETA %s",
             self.done,
             self.total,
@@ -277,6 +278,7 @@ class Progress:
             f" ({shards})" if shards else "",
             f", {queued} queued" if queued is not None else "",
             self.tokens + snap["student_tokens_in_flight"],
+            self.unit,
             snap["tokens_per_second"],
             _duration(snap["eta_seconds"]),
         )
@@ -290,13 +292,14 @@ class Progress:
         snap = self.publish()
         self._last_line = time.monotonic()
         log.info(
-            "shard %s committed (%d skipped records): %d/%d shards, %d student tokens, "
+            "shard %s committed (%d skipped records): %d/%d shards, %d %s tokens, "
             "%.0f tokens/s, ETA %s",
             manifest.get("file"),
             len(manifest.get("skipped", [])),
             self.done,
             self.total,
             self.tokens,
+            self.unit,
             snap["tokens_per_second"],
             _duration(snap["eta_seconds"] if self.done < self.total else 0.0),
         )
@@ -390,11 +393,12 @@ def process_logged(
         def batch(state: Any) -> None:
             eta = state.eta_seconds()
             slog.info(
-                "shard %s: batch %d scored: %d student tokens, %d sequences, %.0f%% of the "
+                "shard %s: batch %d scored: %d %s tokens, %d sequences, %.0f%% of the "
                 "text (%d/%d records), %.0f tokens/s, shard ETA %s",
                 name,
                 state.batches,
                 state.student_tokens,
+                "student" if "student" in cfg.scoring.targets else "teacher",
                 state.sequences,
                 100 * state.fraction,
                 state.records,

@@ -51,7 +51,8 @@ def run(cfg: JobConfig, executor: Executor = "ray", overwrite: bool = False) -> 
         len(p.todo),
         cfg.output.path,
     )
-    progress = Progress(len(p.shards), len(p.done))
+    unit = "student" if "student" in cfg.scoring.targets else "teacher"
+    progress = Progress(len(p.shards), len(p.done), unit=unit)
     t0 = time.perf_counter()
     if executor == "local":
         new = run_local(cfg, p.todo, progress.shard_done, progress=progress)

@@ -556,6 +556,12 @@ class TargetDataset(IterableDataset):
         from pipeline.align import alm_batch_arrays, alm_chunks, byte_batch_arrays
 
         prov = self.run.provenance
+        missing = [c for c in kind_columns(self.align_kinds) if c not in table.column_names]
+        if missing:
+            raise ShardError(
+                f"run {self.run.url}: a shard lacks the columns {missing} of the kinds "
+                f"{list(self.align_kinds)} its provenance lists (written by another version?)"
+            )
         seqs = decode_kinds_row_group(table, prov.byte_top_k)
         out = AlignedRows([])
         for seq in seqs:
