@@ -411,7 +411,7 @@ def test_long_documents_are_chunked_and_every_position_is_a_target_once(tiny_tea
         assert text[c.start : c.start + len(c.text)] == c.text
         (r,) = step.scorer.score(step.teacher, [c.text], top_k=4)
         assert len(r.teacher_ids) + 1 <= 64
-        mask = step._loss_mask(type("D", (), {"target_spans": None})(), c, r.student_ids)
+        mask = step._student_mask(type("D", (), {"target_spans": None})(), c, r)
         # char offset each target row predicts, in document coordinates
         offs = np.cumsum([0, *(len(step.scorer.S.token_bytes[int(t)]) for t in r.student_ids)])
         covered += [c.start + int(o) for o, m in zip(offs, mask, strict=True) if m]
@@ -450,7 +450,7 @@ def test_chunks_are_sized_by_context_tree_not_canonical_tokens(tiny_teacher_dir,
     assert max(step.scorer.prepare(c.text).num_nodes for c in naive) > 128
     pieces = step.prepared_chunks(text)
     assert len(pieces) > len(naive)
-    assert all(p.num_nodes - 1 + len(step.teacher.start_ids) <= 128 for _, p in pieces)
+    assert all(step.targets.tree_tokens(p) + len(step.teacher.start_ids) <= 128 for _, p in pieces)
     assert step.prepared_chunks(text) == pieces  # deterministic
     # and the shard scores end to end, every student position a target exactly once
     (tmp_path / "long.jsonl").write_text(json.dumps({"id": "d", "text": text}) + "\n")
