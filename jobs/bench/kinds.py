@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=16, help="held-out documents (max 24)")
     p.add_argument("--chars", type=int, default=2000, help="characters per document (about)")
     p.add_argument("--merges", type=int, default=8000, help="merges of the student kind")
-    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--max-batch-tokens", type=int, default=8192)
     args = p.parse_args(argv)
 
     import numpy as np
