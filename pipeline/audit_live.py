@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import io as xio
-from pipeline.audit import LIVE_TOLERANCE, TEACHER_FLOOR, AuditError, Source
+from pipeline.audit import TEACHER_FLOOR, AuditError, Source, live_tolerance
 from pipeline.shards import (
     ShardError,
     ShardRef,
@@ -210,13 +210,26 @@ def verify_live(
     cfg = load_run_config(source.base, storage_options, config_url)
     if device:
         cfg.teacher.device = device
+    # like with like: re-score in the dtype the run resolved (``auto`` is bfloat16 on a
+    # GPU, float32 on a CPU auditor)
+    stored_dtype = next(
+        (r.manifest.get("teacher_dtype") for r in shards if r.manifest is not None),
+        None,
+    )
+    if stored_dtype in ("float32", "bfloat16", "float16") and cfg.teacher.dtype == "auto":
+        cfg.teacher.dtype = stored_dtype
     step = GenerateStep(cfg)
     step.setup()
-    bound = LOGPROB_STEP / 2 + LIVE_TOLERANCE
+    tol_max, tol_p99 = live_tolerance(str(step.provenance.get("teacher_dtype")))
+    bound = LOGPROB_STEP / 2 + tol_max
+    p99_bound = LOGPROB_STEP / 2 + tol_p99
+    diffs: list[np.ndarray] = []  # every compared top-k entry's |diff| (student, bytes)
     result: dict[str, Any] = {
         "requested": n,
         "seed": seed,
         "bound": bound,
+        "p99_bound": p99_bound,
+        "teacher_dtype": step.provenance.get("teacher_dtype"),
         "logprob_step": LOGPROB_STEP,
         "config": xio.join(source.base, "config.yaml") if config_url is None else config_url,
         "config_differences": {},
@@ -278,19 +291,31 @@ def verify_live(
             teacher, [t[1] for t in batch], top_k=k, rows=[t[3]["loss_mask"] for t in batch]
         )
         for (info, _, _, stored), doc in zip(batch, live, strict=True):
-            entry = _compare_student(stored, doc, k)
+            entry = _compare_student(stored, doc, k, diffs)
             worst = max(worst, entry["max_abs_logprob_diff"])
             result["sequences"].append({**info, **entry})
     per_kind: dict[str, dict[str, Any]] = {}
     if kind_todo:
-        worst = max(worst, _score_kinds(step, kind_todo, result, per_kind, bound))
+        worst = max(worst, _score_kinds(step, kind_todo, result, per_kind, bound, tol_max, diffs))
     compared = len(result["sequences"])
+    every = np.concatenate(diffs) if diffs else np.zeros(0)
+    every = every[np.isfinite(every)]
+    quant = {
+        q: float(np.quantile(every, v)) if every.size else None
+        for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+    }
+    result["diff_quantiles"] = {
+        **quant,
+        "max": float(every.max()) if every.size else None,
+        "entries": int(every.size),
+    }
+    p99_ok = quant["p99"] is None or quant["p99"] <= p99_bound
     result["compared"] = compared
     result["max_abs_logprob_diff"] = worst if compared else None
     if per_kind:
         result["kinds"] = per_kind
     kinds_ok = all(v["ok"] for v in per_kind.values())
-    ok = compared > 0 and not result["not_reencoded"] and worst <= bound and kinds_ok
+    ok = compared > 0 and not result["not_reencoded"] and worst <= bound and kinds_ok and p99_ok
     result["ok"] = ok
     if ok:
         verdict = f"{compared} sequences re-scored, max |diff| {worst:.6f} <= {bound:.6f}"
@@ -380,7 +405,12 @@ def _student_items(
 
 
 def _compare_topk(
-    want_lp: np.ndarray, want_ids: np.ndarray, live_lp: Any, live_ids: Any, k: int
+    want_lp: np.ndarray,
+    want_ids: np.ndarray,
+    live_lp: Any,
+    live_ids: Any,
+    k: int,
+    sink: list[np.ndarray] | None = None,
 ) -> tuple[float, int, float]:
     """Stored vs live top-k rows: (max |log-prob difference| over the entries both have,
     inf when a row count or a missing entry differs; entries missing in one only; share
@@ -398,6 +428,8 @@ def _compare_topk(
     missing = int((fin_w != fin_g).sum())
     both = fin_w & fin_g
     d = float(np.abs(want[both] - got[both]).max()) if both.any() else 0.0
+    if sink is not None:
+        sink.append(np.abs(want[both] - got[both]))
     if missing:
         d = float("inf")
     ids_live = np.zeros((lk.shape[0], k), dtype=np.int64)
@@ -405,10 +437,12 @@ def _compare_topk(
     return d, missing, float((ids_live == want_ids).mean()) if want_ids.size else 1.0
 
 
-def _compare_student(stored: dict[str, np.ndarray], doc: Any, k: int) -> dict[str, Any]:
+def _compare_student(
+    stored: dict[str, np.ndarray], doc: Any, k: int, sink: list[np.ndarray] | None = None
+) -> dict[str, Any]:
     """The per-sequence comparison of student rows (the keys of a student-only run)."""
     d, missing, agree = _compare_topk(
-        stored["topk_lp"], stored["topk_ids"], doc.topk_logprobs, doc.topk_ids, k
+        stored["topk_lp"], stored["topk_ids"], doc.topk_logprobs, doc.topk_ids, k, sink
     )
     return {
         "max_abs_logprob_diff": d,
@@ -520,12 +554,14 @@ def _score_kinds(
     result: dict[str, Any],
     per_kind: dict[str, dict[str, Any]],
     bound: float,
+    tolerance: float,
+    sink: list[np.ndarray] | None = None,
 ) -> float:
     """Re-score the items with the run's `TargetKinds`, append each sequence's comparison
     to ``result["sequences"]`` and fill ``per_kind``; returns the max |diff| of the
     quantised rows (student, bytes)."""
     worst = 0.0
-    teacher_bound = TEACHER_LOGPROB_STEP + LIVE_TOLERANCE
+    teacher_bound = TEACHER_LOGPROB_STEP + tolerance
 
     def note(kind: str, d: float, limit: float, info: dict[str, Any], ok: bool) -> None:
         v = per_kind.setdefault(
@@ -550,7 +586,7 @@ def _score_kinds(
             entry: dict[str, Any] = dict(item.info)
             if item.student is not None:
                 assert item.top_k is not None
-                cmp = _compare_student(item.student, res.student, item.top_k)
+                cmp = _compare_student(item.student, res.student, item.top_k, sink)
                 entry.update(cmp)
                 d = cmp["max_abs_logprob_diff"]
                 worst = max(worst, d)
@@ -565,6 +601,7 @@ def _score_kinds(
                     scored.topk_logprobs,
                     scored.topk_ids,
                     item.byte_top_k,
+                    sink,
                 )
                 same = item.byte_lp.shape[0] == len(scored.tail_mass)
                 entry["bytes"] = {

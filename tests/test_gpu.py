@@ -115,3 +115,33 @@ def test_cuda_float32_tree_forward_equals_cpu_float32(arch, highest_matmul_preci
     ref = _forward(_teacher(arch, "cpu", "float32"), trees)
     got = _forward(_teacher(arch, "cuda", "float32"), trees)
     torch.testing.assert_close(got, ref, atol=F32_TOL, rtol=0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_short_job_on_one_gpu(tiny_teacher_dir, tmp_path):
+    """The generate job end to end on one GPU (bf16 by default there), every target
+    kind, then the audit with --verify-live re-scoring in the run's dtype."""
+    import json
+
+    from pipeline.job import run
+    from tests.tiny_assets import tiny_job_config
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    texts = ["The quick brown fox jumps over the lazy dog.", "Numbers 12 and 345, tab\there."]
+    (inp / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = tiny_job_config(
+        tiny_teacher_dir,
+        f"{inp}/*.jsonl",
+        str(tmp_path / "out"),
+        "teacher.device=cuda",
+        "scoring.targets=[student,bytes,teacher]",
+    )
+    result = run(cfg, executor="local")
+    (m,) = result.manifests.values()
+    assert m["teacher_device"] == "cuda" and m["teacher_dtype"] == "bfloat16"
+    assert m["documents"] == 2 and m["teacher_tokens"] > 0
+    from jobs.audit import main as audit
+
+    assert audit([str(tmp_path / "out"), "--verify-live", "2", "--out", str(tmp_path / "rep")]) == 0

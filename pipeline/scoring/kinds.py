@@ -46,6 +46,11 @@ KINDS = ("student", "bytes", "teacher")
 
 BYTE_EOS = 256  # the byte rows' end-of-text symbol; 257 + j: the j-th of `byte_specials`
 
+# Teacher nodes per teacher call, in units of ``max_batch_tokens``: the log-probs of one
+# call ([nodes, V] float32) are held until its rows are computed, so 1 keeps the device
+# memory at one forward batch's (the teacher's `estimate_forward_bytes`), not four.
+CALL_FORWARDS = 1
+
 
 def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     """``kinds`` in `KINDS` order, duplicates dropped; `ValueError` when empty or unknown."""
@@ -109,6 +114,14 @@ class KindsResult:
     bytes: ByteRows | None
     teacher: TeacherTokens | None
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _take(lp: torch.Tensor, nodes: list[int]) -> torch.Tensor:
+    """The rows of ``lp`` of a kind's local nodes: a view when they are the whole tree
+    in order (one kind alone), else a copy of those rows only."""
+    if len(nodes) == lp.shape[0] and nodes == list(range(len(nodes))):
+        return lp
+    return lp[torch.as_tensor(nodes, device=lp.device)]
 
 
 @dataclass
@@ -264,7 +277,7 @@ class TargetKinds:
             for o, s in zip(out, students, strict=True):
                 o.student = s
         have = [i for i, p in enumerate(prepared) if p.tree is not None]
-        budget = max_batch_nodes or 4 * int(getattr(teacher, "max_batch_tokens", 1024))
+        budget = max_batch_nodes or CALL_FORWARDS * int(getattr(teacher, "max_batch_tokens", 1024))
         vt = self.T.size
         for batch in _batches([len(prepared[i].tree[0]) for i in have], budget):  # type: ignore[index]
             idx = [have[b] for b in batch]
@@ -276,16 +289,16 @@ class TargetKinds:
                 lp = lp[:, :vt]
                 if "student" in p.maps:
                     assert self.student_scorer is not None
-                    node = torch.as_tensor(p.maps["student"], device=lp.device)
-                    o.student = self.student_scorer._rows(p.student, lp[node], top_k)  # type: ignore[attr-defined]
+                    rows_of = self.student_scorer._rows  # type: ignore[attr-defined]
+                    o.student = rows_of(p.student, _take(lp, p.maps["student"]), top_k)
                 if "bytes" in p.maps:
-                    node = torch.as_tensor(p.maps["bytes"], device=lp.device)
                     o.bytes = self._byte_rows(
-                        p, self.byte_scorer._rows(p.bytes, lp[node], byte_top_k)
+                        p, self.byte_scorer._rows(p.bytes, _take(lp, p.maps["bytes"]), byte_top_k)
                     )
                 if "teacher" in self.kinds:
                     o.teacher = self._teacher_tokens(p, lp)
                 o.stats["tree_nodes"] = len(p.tree[0])  # type: ignore[index]
+            del logps  # the call's log-probs go before the next call's forward
         for p, o in zip(prepared, out, strict=True):
             o.stats["canonical_tokens"] = len(p.teacher_ids)
         return out
