@@ -136,20 +136,18 @@ KIND_HISTOGRAMS: dict[str, tuple[float, float, int]] = {
     "teacher_logprob": (-30.0, 0.0, 3000),
 }
 _HIST_SPECS = {**HISTOGRAMS, **KIND_HISTOGRAMS}
-# what --verify-live tolerates beyond the storage quantisation (float noise of a re-score
-# batched differently)
-LIVE_TOLERANCE = 1e-4
-# ... by the teacher dtype the run resolved, as (max |diff|, 99th percentile of |diff|)
-# over the compared top-k log-probs. float32: forwards of the same contexts packed
-# differently agree within ~2e-5 (tests/scoring/float64_teacher.py). bfloat16/float16:
-# the packing changes the rounding of every activation; measured on CPU with SmolLM2
-# (`jobs/bench/precision.py`: the same documents scored alone vs packed, top-64
-# log-probs, bf16), see LIVE_TOLERANCE_BY_DTYPE's values and the README's precision notes.
+# what --verify-live tolerates beyond the storage quantisation, by the teacher dtype the
+# run resolved, as (max |diff|, 99th percentile of |diff|) over the compared top-k
+# log-probs. Measured with `jobs/bench/precision.py` (SmolLM2, 6 demo chats, top-64 rows
+# of the 8,000-merge student, CPU, 76,480 entries; the same documents scored alone vs
+# packed, which is what a re-score changes): float32 p99 1.3e-5, max 1.06e-4; bfloat16
+# p99 0.142, max 0.749 (and bfloat16 vs float32: p99 0.35, max 0.75, mean 0.071).
+LIVE_TOLERANCE = 2e-4  # float32: twice the measured max
 LIVE_TOLERANCE_BY_DTYPE: dict[str, tuple[float, float]] = {
     "float64": (LIVE_TOLERANCE, LIVE_TOLERANCE),
     "float32": (LIVE_TOLERANCE, LIVE_TOLERANCE),
-    "bfloat16": (1.0, 0.25),
-    "float16": (1.0, 0.25),
+    "bfloat16": (1.0, 0.25),  # 1.3x the measured max, 1.8x the measured p99
+    "float16": (1.0, 0.25),  # not measured: bfloat16's (float16 keeps 3 more bits)
 }
 
 

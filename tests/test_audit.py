@@ -21,7 +21,7 @@ import yaml
 from jobs.audit import PLOTS
 from jobs.audit import main as audit_main
 from jobs.generate import main as generate
-from pipeline.audit import HISTOGRAMS
+from pipeline.audit import HISTOGRAMS, LIVE_TOLERANCE
 from pipeline.shards import read_table
 from schemas.targets import LOGPROB_STEP, decode_topk_logprobs
 from tests.tiny_assets import tiny_job_args
@@ -420,7 +420,7 @@ def test_inspect_prints_decoded_tokens_and_top_targets(run, capsys):
 
 # ---------------------------------------------------------------------------- live re-score
 def test_verify_live_is_within_the_quantisation_bound(run, tmp_path):
-    bound = LOGPROB_STEP / 2 + 1e-4
+    bound = LOGPROB_STEP / 2 + LIVE_TOLERANCE
     rc, summary = _audit(run["dir"], tmp_path / "report", "--verify-live", "4", "--seed", "3")
     v = summary["verify_live"]
     assert rc == 0 and v["ok"], v
@@ -539,7 +539,7 @@ def _verified(out: Path, report: Path, n: int) -> dict:
     assert rc == 0 and v["ok"], v
     assert v["compared"] == n and len(v["sequences"]) == n and v["not_reencoded"] == []
     assert v["config_differences"] == {}
-    assert v["max_abs_logprob_diff"] <= v["bound"] == LOGPROB_STEP / 2 + 1e-4
+    assert v["max_abs_logprob_diff"] <= v["bound"] == LOGPROB_STEP / 2 + LIVE_TOLERANCE
     assert all(s["topk_id_agreement"] > 0.9 for s in v["sequences"])
     return v
 

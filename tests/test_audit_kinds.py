@@ -19,12 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.audit import main as audit_main
+from pipeline.audit import LIVE_TOLERANCE
 from pipeline.shards import column_bytes, decode_kinds_row_group, encode_parquet
 from schemas.targets import LOGPROB_STEP, METADATA_KEY, TEACHER_LOGPROB_STEP
 from tests.tiny_assets import tiny_job_config
 
 DAMAGE = 205 * TEACHER_LOGPROB_STEP  # 0.05 nats off one teacher log-prob
-BOUND = LOGPROB_STEP / 2 + 1e-4  # --verify-live's bound on quantised top-k log-probs
+BOUND = LOGPROB_STEP / 2 + LIVE_TOLERANCE  # --verify-live's bound on quantised top-k log-probs
 STUDENT_CHECKS = ["manifest", "size", "sha256", "parquet", "metadata", "pages", "counts"]
 WORDS = ["alpha", "beta", "gamma", "délta", "épsilon", "zeta", "中文", "theta", "12", "345"]
 
@@ -422,7 +423,7 @@ def test_verify_live_re_scores_every_kind(which, request, tmp_path):
     assert all(v["kinds"][k]["compared"] == 5 for k in kinds)
     assert 0 < v["max_abs_logprob_diff"] <= v["bound"] == BOUND
     assert v["kinds"]["teacher"]["max_abs_diff"] <= v["kinds"]["teacher"]["bound"]
-    assert v["kinds"]["teacher"]["bound"] == TEACHER_LOGPROB_STEP + 1e-4
+    assert v["kinds"]["teacher"]["bound"] == TEACHER_LOGPROB_STEP + LIVE_TOLERANCE
     for s in v["sequences"]:
         assert s["bytes"]["topk_id_agreement"] > 0.9 and s["bytes"]["max_tail_mass_diff"] < 1e-4
         assert s["bytes"]["max_target_logprob_diff"] < 1e-4
