@@ -64,11 +64,19 @@ class TeacherConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="model weights; auto: bfloat16 on cuda, else float32"
     )
-    max_batch_tokens: int = Field(
-        2048, ge=16, description="teacher tokens per forward pass (padded batch size)"
+    max_batch_tokens: int | Literal["auto"] = Field(
+        2048,
+        description="teacher tokens per forward pass (padded batch size), >= 16; auto: on "
+        "cuda the most that fit the GPU memory free after the weights (pipeline.teacher."
+        "plan_max_batch_tokens), else 2048",
     )
     temperature: float = Field(
         1.0, gt=0, description="teacher logits are divided by it before the log-softmax"
+    )
+    deterministic: bool = Field(
+        False,
+        description="bit-identical reruns on the same hardware: deterministic torch "
+        "kernels (slower on CUDA); see the README's precision notes",
     )
     max_context: int | None = Field(
         None,
@@ -78,7 +86,23 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _context_fits_a_forward(self) -> TeacherConfig:
-        if self.max_context is not None and self.max_context > self.max_batch_tokens:
+        mbt = self.max_batch_tokens
+        if mbt != "auto" and mbt < 16:
+            raise ValueError(f"max_batch_tokens must be >= 16 or 'auto', not {mbt}")
+        if mbt == "auto" and self.max_context is None:
+            # the default max_context is max_batch_tokens / 2: the chunking, and so the
+            # stored targets, would depend on the GPU's free memory
+            raise ValueError(
+                "teacher.max_batch_tokens=auto needs teacher.max_context set (the chunk "
+                "length in teacher tokens; its default derives from max_batch_tokens)"
+            )
+        if mbt == "auto" and self.deterministic:
+            raise ValueError(
+                "teacher.deterministic needs a fixed teacher.max_batch_tokens (auto "
+                "depends on the free GPU memory, and it decides which texts share a forward)"
+            )
+        # with auto the teacher checks max_context against the resolved number
+        if self.max_context is not None and mbt != "auto" and self.max_context > mbt:
             raise ValueError(
                 f"max_context ({self.max_context}) must not exceed max_batch_tokens "
                 f"({self.max_batch_tokens}): a chunk's context tree is one forward row"

@@ -12,14 +12,22 @@ is bfloat16 on GPU and float32 on CPU. Log-softmax is always computed in float32
 logits are sliced to the tokenizer's real ids (padding columns such as Qwen2.5's
 151,936 vs 151,665 are dropped). On GPU, use SDPA (the default here): flash-attention
 kernels do not take arbitrary masks.
+
+The host sends only ids, position ids and each position's Euler interval ([B, W] each) to
+the device, which builds the [B, 1, W, W] mask (`tree_attention_mask`); forwards run with
+``use_cache=False``. `estimate_forward_bytes` is the peak device memory of a forward batch
+(formula below, checked against measured CPU peaks in tests/test_memory_plan.py) and
+`plan_max_batch_tokens` the largest batch that fits (``max_batch_tokens="auto"``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,6 +80,225 @@ def _euler_intervals(parents: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np
     return tin, tout, depth
 
 
+# On CUDA the mask's rows are allocated 8 elements wide: SDPA's memory-efficient kernel
+# takes a mask whose strides are multiples of 8 as it is, and copies any other (per layer).
+MASK_ALIGN = 8
+
+
+def tree_attention_mask(
+    tin: torch.Tensor, tout: torch.Tensor, dtype: torch.dtype, align: int = 1
+) -> torch.Tensor:
+    """The additive tree mask [B, 1, W, W] of rows with Euler intervals tin/tout [B, W],
+    built where tin lives: query j attends to key i iff tin[i] <= tin[j] < tout[i]
+    (0 there, the dtype's min elsewhere). ``align`` > 1 rounds the allocated row length
+    up to a multiple of it (the result is a view of the first W columns).
+
+    Memory: B*W*W bools twice while it is built, then the mask B*W*roundup(W, align)
+    entries of ``dtype``."""
+    B, W = tin.shape
+    q = tin[:, :, None]
+    blocked = tin[:, None, :] <= q
+    blocked &= q < tout[:, None, :]
+    blocked.logical_not_()
+    wa = -(-W // align) * align
+    mask = torch.zeros((B, 1, W, wa), dtype=dtype, device=tin.device)[..., :W]
+    mask.masked_fill_(blocked[:, None], torch.finfo(dtype).min)
+    return mask
+
+
+# ---------------------------------------------------------------- memory planning
+# The peak memory of one `HFTeacher.tree_logprobs` forward batch. Symbols: N tokens per
+# forward (``max_batch_tokens``, padding included), W the row width (B = N // W rows),
+# Wa = W rounded up to MASK_ALIGN on CUDA, L = the model's logits (config.vocab_size), V
+# the tokenizer's ids (L >= V), h hidden size, I MLP width, kv = key/value heads *
+# head_dim, d = bytes of the model dtype, T the tree nodes one call returns (held by the
+# caller as float32 [T, V]).
+#
+#   mask      = B*W*Wa*d                      (alive during the whole forward)
+#   mask_make = B*W*(Wa*d + W)                (while built: the mask and a bool [B, W, W])
+#   layer     = N*d*(5h + max(5h + 2kv, 3I))  (at least N*(5h*d + 12h) when d < 4:
+#               RMSNorm computes in float32). 5h: the embeddings, the layer's input,
+#               residual, normed input (+1 measured); then attention (q, rotary
+#               temporaries, k/v repeated to all heads: SDPA gets no GQA with a mask,
+#               output and its contiguous copy) or the MLP (act(gate), up, their product)
+#   rope      = N*hd*8                        (cos and sin, float32)
+#   logits    = N*L*d
+#   head      = logits + max(3*N*h*d, N*V*4 + S)
+#               N*V*4: the batch's float32 log-probs; S = 12*V*min(W, max(4, 256 MiB / (12 V)))
+#               the log-softmax's float32 exp and float64 copy of a slice of one tree's rows
+#   held      = (T - N)*V*4                   (log-probs of the call's earlier batches)
+#
+#   peak(N, W, T) = held + max(mask_make, mask + layer + rope, head)
+#
+# The layer count does not enter: forwards run with use_cache=False (a KV cache would
+# add 2*layers*N*kv*d) and without gradients, so one layer's activations are alive at a
+# time. The weights are not included (they are loaded before the plan is made). The
+# attention scores are not materialised: SDPA's fused kernels (memory-efficient on CUDA,
+# flash on CPU) take the mask; a math fallback would add B*heads*W*W*4 bytes.
+LOG_SOFTMAX_SLICE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer that the memory estimate needs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    logits: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """From a `transformers` config (Llama, Qwen2 and alike; the text config of a
+        multimodal one)."""
+        get_text = getattr(config, "get_text_config", None)
+        cfg = get_text() if callable(get_text) else config
+        h = int(cfg.hidden_size)
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
+        return cls(
+            hidden_size=h,
+            intermediate_size=int(getattr(cfg, "intermediate_size", None) or 4 * h),
+            num_layers=int(cfg.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            logits=int(cfg.vocab_size),
+        )
+
+
+def _dtype_bytes(dtype: torch.dtype | str) -> int:
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, torch.device("cuda"))
+    return int(dtype.itemsize)
+
+
+def forward_memory_terms(
+    shape: ModelShape,
+    n_tokens: int,
+    vocab_size: int,
+    dtype: torch.dtype | str,
+    *,
+    width: int | None = None,
+    call_nodes: int | None = None,
+    device_type: str = "cuda",
+    slice_bytes: int = LOG_SOFTMAX_SLICE_BYTES,
+) -> dict[str, int]:
+    """The terms of the memory formula above (bytes) for ``n_tokens`` per forward in
+    rows of ``width`` (default: one row of ``n_tokens``, the worst case), a call that
+    returns ``call_nodes`` nodes (default ``n_tokens``); ``peak`` is their combination."""
+    N = int(n_tokens)
+    W = int(width or N)
+    B = max(1, N // W)
+    align = MASK_ALIGN if device_type == "cuda" else 1
+    Wa = -(-W // align) * align
+    d = _dtype_bytes(dtype)
+    h, mlp = shape.hidden_size, shape.intermediate_size
+    kv = shape.num_kv_heads * shape.head_dim
+    V, L = int(vocab_size), shape.logits
+    mask = B * W * Wa * d
+    mask_make = B * W * (Wa * d + W)
+    layer = N * d * (5 * h + max(5 * h + 2 * kv, 3 * mlp))
+    if d < 4:
+        layer = max(layer, N * (5 * h * d + 12 * h))
+    rope = N * shape.head_dim * 8
+    logits = N * L * d
+    slice_rows = min(W, max(4, slice_bytes // (12 * V)))  # a tree fits a row
+    softmax = N * V * 4 + slice_rows * V * 12
+    head = logits + max(3 * N * h * d, softmax)
+    held = max(0, int(call_nodes if call_nodes is not None else N) - N) * V * 4
+    peak = held + max(mask_make, mask + layer + rope, head)
+    return {
+        "mask": mask,
+        "mask_make": mask_make,
+        "layer": layer,
+        "rope": rope,
+        "logits": logits,
+        "log_softmax": softmax,
+        "head": head,
+        "held": held,
+        "peak": peak,
+    }
+
+
+def estimate_forward_bytes(
+    shape: ModelShape | Any,
+    n_tokens: int,
+    vocab_size: int,
+    dtype: torch.dtype | str,
+    **kwargs: Any,
+) -> int:
+    """Peak memory (bytes, weights excluded) of a `tree_logprobs` call's forward batch of
+    ``n_tokens``: see `forward_memory_terms` (same keywords; ``shape`` may be a
+    `transformers` config)."""
+    if not isinstance(shape, ModelShape):
+        shape = ModelShape.from_config(shape)
+    return forward_memory_terms(shape, n_tokens, vocab_size, dtype, **kwargs)["peak"]
+
+
+def plan_max_batch_tokens(
+    model_config: ModelShape | Any,
+    vocab_size: int,
+    dtype: torch.dtype | str,
+    free_bytes: int,
+    safety: float = 0.9,
+    *,
+    call_batches: float = 1.0,
+    width: int | None = None,
+    multiple: int = 64,
+    max_tokens: int = 1 << 16,
+    device_type: str = "cuda",
+) -> int:
+    """The largest ``max_batch_tokens`` (a multiple of ``multiple``, at most
+    ``max_tokens``) whose `estimate_forward_bytes` fits ``safety * free_bytes``, with a
+    call returning ``call_batches * N`` nodes and rows of ``width`` (default N: one tree
+    may fill a forward). Raises ValueError when not even ``multiple`` tokens fit."""
+    shape = (
+        model_config
+        if isinstance(model_config, ModelShape)
+        else ModelShape.from_config(model_config)
+    )
+    budget = safety * free_bytes
+
+    def estimate(n: int) -> int:
+        return estimate_forward_bytes(
+            shape,
+            n,
+            vocab_size,
+            dtype,
+            width=min(width, n) if width else None,
+            call_nodes=math.ceil(call_batches * n),
+            device_type=device_type,
+        )
+
+    if estimate(multiple) > budget:
+        raise ValueError(
+            f"{free_bytes / 2**30:.2f} GiB free is too little for a forward of {multiple} "
+            f"tokens (estimate {estimate(multiple) / 2**30:.2f} GiB, safety {safety})"
+        )
+    lo, hi = 1, max(1, max_tokens // multiple)  # the estimate grows with N: bisect
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(mid * multiple) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * multiple
+
+
+def set_deterministic() -> None:
+    """Deterministic torch kernels for this process (see `HFTeacher`'s ``deterministic``)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 class HFTeacher:
     """A `transformers` causal LM as a teacher.
 
@@ -81,14 +308,29 @@ class HFTeacher:
             a loaded tokenizer); default: loaded from ``model``.
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: "auto", "float32", "bfloat16", "float16" (model weights; log-softmax is float32).
-        max_batch_tokens: tree nodes (incl. padding) per forward pass.
+        max_batch_tokens: tree nodes (incl. padding) per forward pass, or "auto": on
+            CUDA the largest that `plan_max_batch_tokens` fits in the memory free after
+            the weights are loaded (``torch.cuda.mem_get_info``), on CPU 2048. The
+            resolved number is ``self.max_batch_tokens``.
         start_token: the context token for "start of text": "auto" uses the BOS the
             tokenizer adds by itself if any, else the first document-end token the vocab
             has (``<|endoftext|>`` for Qwen and SmolLM2: documents are separated by it in
             pre-training), else the tokenizer's EOS.
         temperature: logits are divided by it before the softmax.
         gguf_file: load weights from this GGUF file inside ``model`` (a directory).
+        auto_call_batches: for ``max_batch_tokens="auto"``: a `tree_logprobs` call returns
+            up to this many forward batches' worth of log-probs (the memory plan holds
+            them; `SubsetExactScorer.score` passes up to 4 x max_batch_tokens nodes per
+            call, the job's `pipeline.scoring.kinds` one batch's worth).
+        deterministic: bit-identical reruns on the same hardware and software:
+            ``torch.use_deterministic_algorithms(True)`` (process-wide; CUDA scatter-adds
+            such as the row phase's ``index_add_`` take their deterministic kernels),
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, no cuDNN autotuning, no TF32. Slower on
+            CUDA; on CPU the kernels are deterministic already.
     """
+
+    # bytes of float32 exp + float64 copy per slice of rows in `_log_softmax`
+    log_softmax_slice_bytes = LOG_SOFTMAX_SLICE_BYTES
 
     def __init__(
         self,
@@ -97,13 +339,19 @@ class HFTeacher:
         *,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
-        max_batch_tokens: int = 2048,
+        max_batch_tokens: int | str = 2048,
         start_token: str | int = "auto",
         temperature: float = 1.0,
         revision: str | None = None,
         gguf_file: str | None = None,
+        auto_call_batches: float = 4.0,
+        deterministic: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.deterministic = deterministic
+        if deterministic:
+            set_deterministic()
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -136,7 +384,7 @@ class HFTeacher:
             raise ValueError(
                 f"model has {n_logits} logits but the tokenizer has {self.vocab_size} ids"
             )
-        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_batch_tokens = self._resolve_max_batch_tokens(max_batch_tokens, auto_call_batches)
         self.temperature = float(temperature)
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
@@ -145,6 +393,38 @@ class HFTeacher:
         self.attention_scale = 8 * int(getattr(self.model.config, "hidden_size", 512))
         self.start_ids = self._start_ids(start_token)
         self.forwarded_tokens = 0  # incl. padding, for benchmarks
+
+    def _resolve_max_batch_tokens(self, value: int | str, call_batches: float) -> int:
+        if value != "auto":
+            if isinstance(value, str) and not value.isdigit():
+                raise ValueError(f"max_batch_tokens must be an int or 'auto', not {value!r}")
+            return int(value)
+        if self.device.type != "cuda":
+            log.info("teacher max_batch_tokens=auto: 2048 on %s", self.device)
+            return 2048
+        free, total = torch.cuda.mem_get_info(self.device)
+        shape = ModelShape.from_config(self.model.config)
+        n = plan_max_batch_tokens(
+            shape, self.vocab_size, self.dtype, free, call_batches=call_batches
+        )
+        terms = forward_memory_terms(
+            shape, n, self.vocab_size, self.dtype, call_nodes=math.ceil(call_batches * n)
+        )
+        log.info(
+            "teacher max_batch_tokens=auto: %d (free %.2f of %.2f GiB after the weights, "
+            "safety 0.9; %s, vocab %d, dtype %s, call holds %g batches; estimated peak "
+            "%.2f GiB: %s)",
+            n,
+            free / 2**30,
+            total / 2**30,
+            shape,
+            self.vocab_size,
+            self.dtype,
+            call_batches,
+            terms["peak"] / 2**30,
+            ", ".join(f"{k} {v / 2**30:.2f}" for k, v in terms.items() if k != "peak"),
+        )
+        return n
 
     def _start_ids(self, start_token: str | int) -> list[int]:
         tok = self.tokenizer
@@ -254,23 +534,25 @@ class HFTeacher:
             j = k
         return plan[::-1]
 
-    def _forward_rows(
+    def _row_inputs(
         self,
         trees: Sequence[tuple[Sequence[int], Sequence[int]]],
         group: list[list[int]],
         width: int,
-        out: list[torch.Tensor | None],
-    ) -> None:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[int, int, int, int]]]:
+        """Host side of a forward batch, O(B * width): token ids and position ids [B, W]
+        (int64), the Euler intervals tin/tout [B, W] (int32) from which the device builds
+        the tree mask (`tree_attention_mask`), and where each tree's nodes are:
+        (tree, row, offset of its first node's logits, nodes)."""
         s = len(self.start_ids)
         B = len(group)
         ids = np.zeros((B, width), np.int64)
         pos = np.zeros((B, width), np.int64)
-        tin_all = np.full((B, width), -1, np.int64)
-        tout_all = np.full((B, width), -1, np.int64)
+        tin_all = np.empty((B, width), np.int32)
+        tout_all = np.empty((B, width), np.int32)
         where: list[tuple[int, int, int, int]] = []  # (tree, row, offset, n)
         for b, members in enumerate(group):
             off = 0
-            clock = 0
             for ti in members:
                 tokens, parents = trees[ti]
                 n = len(tokens)
@@ -285,45 +567,69 @@ class HFTeacher:
                 m = len(full_tokens)
                 ids[b, off : off + m] = full_tokens
                 pos[b, off : off + m] = depth
-                tin_all[b, off : off + m] = tin + clock
-                tout_all[b, off : off + m] = tout + clock
+                # the row's clock is its offset: trees in a row get disjoint intervals
+                tin_all[b, off : off + m] = tin + off
+                tout_all[b, off : off + m] = tout + off
                 where.append((ti, b, off + s - 1, n))
                 off += m
-                clock += m
             # padding: each pad position attends to itself only
-            npad = width - off
-            if npad:
-                tin_all[b, off:] = np.arange(clock, clock + npad)
-                tout_all[b, off:] = tin_all[b, off:] + 1
-        tin_t = torch.as_tensor(tin_all)
-        tout_t = torch.as_tensor(tout_all)
-        allowed = (tin_t[:, None, :] <= tin_t[:, :, None]) & (
-            tin_t[:, :, None] < tout_t[:, None, :]
-        )
-        mask = torch.zeros((B, 1, width, width), dtype=self.dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
-        pin = self.device.type == "cuda"
-        ids_t, pos_t = torch.as_tensor(ids), torch.as_tensor(pos)
-        if pin:
-            ids_t, pos_t, mask = ids_t.pin_memory(), pos_t.pin_memory(), mask.pin_memory()
+            tin_all[b, off:] = np.arange(off, width)
+            tout_all[b, off:] = tin_all[b, off:] + 1
+        return ids, pos, tin_all, tout_all, where
+
+    def _forward_rows(
+        self,
+        trees: Sequence[tuple[Sequence[int], Sequence[int]]],
+        group: list[list[int]],
+        width: int,
+        out: list[torch.Tensor | None],
+    ) -> None:
+        ids, pos, tin, tout, where = self._row_inputs(trees, group, width)
+        cuda = self.device.type == "cuda"
+        host = [torch.from_numpy(a) for a in (ids, pos, tin, tout)]
+        if cuda:  # pinned, so that the copies are asynchronous
+            host = [t.pin_memory() for t in host]
+        ids_d, pos_d, tin_d, tout_d = (t.to(self.device, non_blocking=cuda) for t in host)
+        mask = tree_attention_mask(tin_d, tout_d, self.dtype, align=MASK_ALIGN if cuda else 1)
+        del tin_d, tout_d
         logits = self.model(
-            input_ids=ids_t.to(self.device, non_blocking=pin),
-            attention_mask=mask.to(self.device, non_blocking=pin),
-            position_ids=pos_t.to(self.device, non_blocking=pin),
+            input_ids=ids_d, attention_mask=mask, position_ids=pos_d, use_cache=False
         ).logits
-        self.forwarded_tokens += B * width
+        del mask, ids_d, pos_d
+        self.forwarded_tokens += len(group) * width
         for ti, b, start, n in where:
             out[ti] = self._log_softmax(logits[b, start : start + n])
 
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 log-softmax over the real ids; the normaliser is summed in float64 so
-        that exp(row) sums to 1 within ~1e-7 (float32 summation leaves ~1e-5)."""
-        lg = logits[..., : self.vocab_size].float()
+        that exp(row) sums to 1 within ~1e-7 (float32 summation leaves ~1e-5).
+
+        Memory: the float32 result [n, V] plus, per slice of rows, the float32 exp and its
+        float64 copy (``torch.sum(x, dtype=float64)`` copies ``x`` to float64 too), at most
+        ``log_softmax_slice_bytes`` (12 bytes per entry; at least 4 rows). Slices are of
+        equal size (at least 2 rows when n >= 2), so that on CPU every row is summed in
+        the same order as one reduction over all rows would (bit-identical)."""
+        lg = logits[..., : self.vocab_size]
+        out = torch.empty(lg.shape, dtype=torch.float32, device=lg.device)
+        out.copy_(lg)
         if self.temperature != 1.0:
-            lg = lg / self.temperature
-        mx = lg.max(dim=-1, keepdim=True).values
-        lse = torch.log(torch.exp(lg - mx).double().sum(dim=-1, keepdim=True)).float() + mx
-        return lg - lse
+            out.div_(self.temperature)
+        vocab = out.shape[-1]
+        flat = out.view(-1, vocab)
+        n = flat.shape[0]
+        if n == 0:
+            return out
+        mx = flat.max(dim=-1, keepdim=True).values
+        lse = torch.empty_like(mx)
+        max_rows = max(4, self.log_softmax_slice_bytes // (12 * vocab))
+        slices = -(-n // max_rows)
+        bounds = [n * k // slices for k in range(slices + 1)]
+        for a, b in itertools.pairwise(bounds):
+            e = torch.sub(flat[a:b], mx[a:b]).exp_()
+            lse[a:b] = torch.log(e.double().sum(dim=-1, keepdim=True)).float() + mx[a:b]
+            del e
+        flat.sub_(lse)
+        return out
 
     @torch.inference_mode()
     def teacher_forcing_logprobs(
@@ -351,7 +657,7 @@ class HFTeacher:
                 ids[b, : len(row)] = torch.as_tensor(row)
                 att[b, : len(row)] = 1
             logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=att.to(self.device)
+                input_ids=ids.to(self.device), attention_mask=att.to(self.device), use_cache=False
             ).logits
             self.forwarded_tokens += len(grp) * width
             lp = torch.stack([self._log_softmax(row) for row in logits])
