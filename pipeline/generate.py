@@ -11,16 +11,34 @@ the document). Chunk ``c + 1`` starts ``scoring.chunk_overlap`` teacher tokens (
 least) before chunk ``c`` ends; its rows that predict tokens inside that overlap, and
 the last row of every chunk but the final one (which would predict end-of-text), have
 ``loss_mask = False``, so each position of the document is a target exactly once.
+
+Overlap (``GenerateStep(cfg, overlap=...)``): the tokenizer phase of a shard (chunking,
+`TargetKinds.prepare`, the student loss masks: pure Python) runs in a producer thread
+that keeps up to `PREFETCH_BATCHES` ready batches in a bounded queue, while the calling
+thread scores the batch before (teacher forward, row phase). On a GPU the calling thread
+waits in CUDA syncs and torch ops, which release the GIL, so the next batch is prepared
+in that time. The producer shares the GIL with the scoring thread, so the two threads'
+Python work adds up; with ``prepare_workers=N`` the tokenizer phase runs in N worker
+processes instead (each builds its scorer from the config) and the producer thread only
+collects their results in document order. Every path cuts the same batches from the
+same generator (`GenerateStep._work`), so the shards are byte-identical; skips and
+progress reach the calling thread in the same order as without overlap.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
+import pickle
 import platform
+import queue
+import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -70,40 +88,208 @@ class Chunk:
     final: bool
 
 
+# Ready batches the producer may hold ahead of the scoring loop (besides the one it is
+# preparing): one hides the prepare of a batch behind the forward of the one before;
+# two absorb batches whose prepare and forward times vary.
+PREFETCH_BATCHES = 2
+
+# The interpreter's thread switch interval (seconds) while a producer runs. Every torch op
+# of the scoring thread releases the GIL and takes it back; with the producer busy in
+# pure Python, taking it back waits up to the switch interval (CPython's default 5 ms),
+# so a forward of hundreds of ops would crawl (the convoy effect). 0.5 ms bounds that
+# wait; measured in `jobs.bench.overlap` (with 5 ms the overlap gained about a third as
+# much). Restored when the producer ends.
+OVERLAP_SWITCH_INTERVAL = 0.0005
+
+
+@dataclass
+class _Work:
+    """One step of a shard's tokenizer phase, in record order: the records skipped since
+    the previous step (their `Skip.as_dict` and the characters they take off the shard's
+    total), then a batch to score (may be empty at the end of a shard) and the records
+    read when it is full (for `ShardProgress.records`)."""
+
+    skips: list[tuple[dict[str, Any], int]] = field(default_factory=list)
+    # (record, chunk index, chunk, prepared, student loss mask)
+    batch: list[tuple[Document, int, Chunk, Any, np.ndarray | None]] = field(default_factory=list)
+    records_seen: int = 0
+
+
+class _Stop(Exception):
+    """The scoring loop has ended: the producer quits."""
+
+
+# the outcome of `GenerateStep._prepare_record` for one document: its chunks, prepared,
+# with their student loss masks, or the bad-record error that makes it a skip
+_Prepared = list[tuple[Chunk, Any, np.ndarray | None]] | BadRecordError
+
+# documents sent ahead to each prepare worker (results come back in order)
+WORKER_INFLIGHT = 16
+
+
+def _prepare_worker(cfg: JobConfig, limits: dict[str, Any], tasks: Any, results: Any) -> None:
+    """A prepare worker process: the step's tokenizer phase, built from ``cfg`` and the
+    teacher's limits; answers each `Document` of ``tasks`` on ``results`` with the pickle
+    of ("ok", pieces), ("bad", message) or ("error", exception), until None (pickled
+    here, so that an object that does not pickle is an error, not a lost answer)."""
+    try:
+        step = GenerateStep(cfg)
+        step.teacher = SimpleNamespace(**limits)
+        step.max_context = limits["max_context"]
+        step._setup_tokenizer_phase()
+        step.ready = True
+    except BaseException as err:
+        results.put(pickle.dumps(("error", _portable(err))))
+        return
+    while (doc := tasks.get()) is not None:
+        try:
+            answer = pickle.dumps(("ok", step._prepare_record(doc)), pickle.HIGHEST_PROTOCOL)
+        except BadRecordError as err:
+            answer = pickle.dumps(("bad", str(err)))
+        except BaseException as err:
+            answer = pickle.dumps(("error", _portable(err)))
+        results.put(answer)
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err`` with its worker traceback as a note, or a RuntimeError naming it when it
+    does not pickle."""
+    import traceback
+
+    tb = "".join(traceback.format_exception(err))
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return RuntimeError(f"in a prepare worker: {type(err).__name__}: {err}\n{tb}")
+    err.add_note(f"in a prepare worker:\n{tb}")
+    return err
+
+
+class _PreparePool:
+    """Worker processes (spawn) running `GenerateStep._prepare_record`: document ``i``
+    goes to worker ``i % n``, and the outcomes are read back in document order."""
+
+    def __init__(self, cfg: JobConfig, limits: dict[str, Any], n: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.tasks = [ctx.Queue() for _ in range(n)]
+        self.results = [ctx.Queue() for _ in range(n)]
+        self.procs = [
+            ctx.Process(
+                target=_prepare_worker,
+                args=(cfg, limits, self.tasks[k], self.results[k]),
+                name=f"generate-prepare-{k}",
+                daemon=True,
+            )
+            for k in range(n)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def outcomes(self, docs: Sequence[Document]) -> Iterator[_Prepared]:
+        n = len(self.procs)
+        sent = 0
+        for i in range(len(docs)):
+            while sent < len(docs) and sent < i + WORKER_INFLIGHT * n:
+                self.tasks[sent % n].put(docs[sent])
+                sent += 1
+            yield self._get(i % n)
+
+    def _get(self, k: int) -> _Prepared:
+        while True:
+            try:
+                kind, payload = pickle.loads(self.results[k].get(timeout=1.0))
+            except queue.Empty:
+                if not self.procs[k].is_alive():
+                    code = self.procs[k].exitcode
+                    raise RuntimeError(f"prepare worker {k} ended (exit code {code})") from None
+                continue
+            if kind == "ok":
+                return payload  # type: ignore[no-any-return]
+            if kind == "bad":
+                return BadRecordError(payload)
+            raise payload
+
+    def close(self) -> None:
+        for t in self.tasks:
+            with contextlib.suppress(OSError, ValueError):  # already closed
+                t.put(None)
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+        for q in (*self.tasks, *self.results):
+            q.close()
+            q.cancel_join_thread()
+
+
 class GenerateStep:
-    def __init__(self, cfg: JobConfig) -> None:
+    """One input shard in, one committed target shard out (see the module docstring).
+
+    Args:
+        cfg: the job config.
+        overlap: prepare the next batch in a producer thread while the current one is
+            scored; None (default): on when the teacher does not run on the CPU (a CPU
+            teacher and the producer would compete for the actor's cores). Outputs are
+            identical either way; `overlap_active` says which path runs.
+        prepare_workers: with overlap, run the tokenizer phase in this many worker
+            processes (spawned on first use, each building its scorer from ``cfg``; the
+            producer thread then only collects their results, in document order), so
+            that it does not share the GIL with the scoring thread; 0 (default): in the
+            producer thread itself. `close` stops them.
+        teacher: a ready teacher to use instead of loading ``cfg.teacher.model``
+            (`pipeline.teacher.HFTeacher`'s interface, e.g. the simulated accelerator
+            of `jobs.bench.overlap`); its ``tokenizer`` is a `transformers` tokenizer.
+    """
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        overlap: bool | None = None,
+        prepare_workers: int = 0,
+        teacher: Any = None,
+    ) -> None:
         self.cfg = cfg
+        self.overlap = overlap
+        self.prepare_workers = prepare_workers
+        self._workers: _PreparePool | None = None
+        self._teacher_given = teacher
         self.ready = False
+
+    @property
+    def overlap_active(self) -> bool:
+        """Whether `process_shard` prepares batches in a producer thread."""
+        if self.overlap is not None:
+            return self.overlap
+        device = getattr(getattr(self, "teacher", None), "device", None)
+        return getattr(device, "type", "cpu") != "cpu"
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from pipeline.assets import smollm2_dir
-        from pipeline.scoring.factory import make_scorer
         from pipeline.teacher import HFTeacher
 
         cfg = self.cfg
-        model = cfg.teacher.model or str(smollm2_dir())
-        self.teacher = HFTeacher(
-            model,
-            device=cfg.teacher.device,
-            dtype=cfg.teacher.dtype,
-            max_batch_tokens=cfg.teacher.max_batch_tokens,
-            temperature=cfg.teacher.temperature,
-            revision=cfg.teacher.revision,
-        )
-        kinds = list(cfg.scoring.targets)
-        self.scorer: Scorer[Any] | None = None
-        self.student_tokenizer: Any = None
-        if "student" in kinds:
-            t_tok, s_tok = tokenizer_pair(cfg)
-            self.kind, why = choose_scorer(cfg, t_tok, s_tok)
-            log.info("scorer: %s (%s)", self.kind, why)
-            self.scorer = make_scorer(self.kind, t_tok, s_tok, cfg)
-            self.student_tokenizer = s_tok
+        if self._teacher_given is not None:
+            self.teacher = self._teacher_given
         else:
-            t_tok = teacher_tokenizer(cfg)
-            self.kind = "none"  # no student scorer
-        self.targets = TargetKinds(t_tok, kinds, self.scorer)
+            model = cfg.teacher.model or str(smollm2_dir())
+            self.teacher = HFTeacher(
+                model,
+                device=cfg.teacher.device,
+                dtype=cfg.teacher.dtype,
+                max_batch_tokens=cfg.teacher.max_batch_tokens,
+                temperature=cfg.teacher.temperature,
+                revision=cfg.teacher.revision,
+                # the kinds' teacher calls hold one forward batch of log-probs
+                auto_call_batches=1.0,
+                deterministic=cfg.teacher.deterministic,
+            )
+        kinds = list(cfg.scoring.targets)
+        self._setup_tokenizer_phase()
         student = self.scorer.student if self.scorer is not None else None
         limit = min(self.teacher.max_positions, self.teacher.max_batch_tokens // 2)
         self.max_context = cfg.teacher.max_context or limit
@@ -152,6 +338,26 @@ class GenerateStep:
                 byte_eos=self.targets.T.token_bytes[self.targets.teacher_eos].decode("utf-8"),
             )
         self.ready = True
+
+    def _setup_tokenizer_phase(self) -> None:
+        """The scorer and target kinds, from the config alone (the prepare workers build
+        theirs with this too)."""
+        from pipeline.scoring.factory import make_scorer
+
+        cfg = self.cfg
+        kinds = list(cfg.scoring.targets)
+        self.scorer: Scorer[Any] | None = None
+        self.student_tokenizer: Any = None
+        if "student" in kinds:
+            t_tok, s_tok = tokenizer_pair(cfg)
+            self.kind, why = choose_scorer(cfg, t_tok, s_tok)
+            log.info("scorer: %s (%s)", self.kind, why)
+            self.scorer = make_scorer(self.kind, t_tok, s_tok, cfg)
+            self.student_tokenizer = s_tok
+        else:
+            t_tok = teacher_tokenizer(cfg)
+            self.kind = "none"  # no student scorer
+        self.targets = TargetKinds(t_tok, kinds, self.scorer)
 
     # ------------------------------------------------------------------ chunking
     def prepared_chunks(self, text: str) -> list[tuple[Chunk, Any]]:
@@ -268,6 +474,133 @@ class GenerateStep:
         return seq
 
     # ------------------------------------------------------------------ the shard
+    def _prepare_record(self, doc: Document) -> list[tuple[Chunk, Any, np.ndarray | None]]:
+        """The tokenizer phase of one document: its chunks, prepared, with the student
+        loss mask of each (the rows that will be stored: a scorer may compute only
+        those). `BadRecordError` for a document that cannot be scored."""
+        return [
+            (chunk, prep, self._student_mask(doc, chunk, prep))
+            for chunk, prep in self.prepared_chunks(doc.text)
+        ]
+
+    def _prepared_inline(self, docs: Sequence[Document]) -> Iterator[_Prepared]:
+        for doc in docs:
+            try:
+                yield self._prepare_record(doc)
+            except BadRecordError as err:  # only: any other error is a bug, the shard fails
+                yield err
+
+    def _work(
+        self,
+        records: Sequence[Document | Skip],
+        batch_nodes: int,
+        prepared: Callable[[Sequence[Document]], Iterator[_Prepared]] | None = None,
+    ) -> Iterator[_Work]:
+        """The tokenizer phase of a shard, batch by batch (every path of `process_shard`
+        consumes this generator, so they score the same batches in the same order): a
+        batch is full at ``batch_nodes`` context nodes, also inside a long document.
+        ``prepared``: the documents' `_prepare_record` outcomes in order (default: here,
+        one by one, as they are needed)."""
+        docs = [r for r in records if isinstance(r, Document)]
+        outcomes = (prepared or self._prepared_inline)(docs)
+        work = _Work()
+        size = 0
+        for n_seen, rec in enumerate(records, 1):
+            if isinstance(rec, Skip):
+                work.skips.append((rec.as_dict(), 0))
+                continue
+            pieces = next(outcomes)
+            if isinstance(pieces, BadRecordError):
+                skip = Skip(rec.index, "unscorable text", str(pieces), rec.doc_id, rec.line)
+                work.skips.append((skip.as_dict(), len(rec.text)))
+                continue
+            for c, (chunk, prep, mask) in enumerate(pieces):
+                work.batch.append((rec, c, chunk, prep, mask))
+                size += self.targets.context_nodes(prep)
+                if size >= batch_nodes:  # a long document reports progress as it goes
+                    work.records_seen = n_seen - 1 if c + 1 < len(pieces) else n_seen
+                    yield work
+                    work = _Work()
+                    size = 0
+        if work.batch or work.skips:
+            work.records_seen = len(records)
+            yield work
+
+    def _prefetched(self, work: Iterator[_Work]) -> Iterator[_Work]:
+        """``work`` run ahead in a producer thread, through a queue of at most
+        `PREFETCH_BATCHES` items. An exception in the producer is raised here, in the
+        order of the items (a bad record is not an exception: `_work` turns it into a
+        skip). When the consumer stops early (an error while scoring), the producer is
+        told to stop and joined before this returns."""
+        q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=PREFETCH_BATCHES)
+        stop = threading.Event()
+
+        def put(item: tuple[str, Any]) -> None:
+            while True:
+                if stop.is_set():
+                    raise _Stop
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def produce() -> None:
+            try:
+                for w in work:
+                    put(("work", w))
+                    if stop.is_set():
+                        return
+                put(("done", None))
+            except _Stop:
+                return
+            except BaseException as err:  # raised again in the consumer
+                try:
+                    put(("error", err))
+                except _Stop:
+                    return
+
+        producer = threading.Thread(target=produce, name="generate-prepare", daemon=True)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, OVERLAP_SWITCH_INTERVAL))
+        producer.start()
+        try:
+            while True:
+                kind, item = q.get()
+                if kind == "work":
+                    yield item
+                elif kind == "error":
+                    raise item
+                else:
+                    return
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    producer.join(timeout=0.05)
+            producer.join()
+            if abs(sys.getswitchinterval() - min(interval, OVERLAP_SWITCH_INTERVAL)) < 1e-7:
+                sys.setswitchinterval(interval)  # unless someone else changed it since
+
+    def _pool(self) -> _PreparePool:
+        """The prepare worker processes (started on first use, kept for later shards)."""
+        if self._workers is None:
+            limits = {
+                "max_batch_tokens": int(self.teacher.max_batch_tokens),
+                "start_ids": list(getattr(self.teacher, "start_ids", [0])),
+                "max_context": self.max_context,
+            }
+            self._workers = _PreparePool(self.cfg, limits, self.prepare_workers)
+        return self._workers
+
+    def close(self) -> None:
+        """Stop the prepare worker processes, if any (they also end with this process)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
     def process_shard(
         self, url: str, progress: Callable[[ShardProgress], None] | None = None
     ) -> dict[str, Any]:
@@ -275,7 +608,8 @@ class GenerateStep:
 
         ``progress`` is called after every scoring batch (about ``4 x
         teacher.max_batch_tokens`` context-tree nodes: a few teacher forwards), also
-        inside a long document, with the shard's `ShardProgress`."""
+        inside a long document, with the shard's `ShardProgress`. With `overlap_active`,
+        the next batch is prepared while this one is scored (same outputs)."""
         if not self.ready:
             self.setup()
         cfg = self.cfg
@@ -283,24 +617,21 @@ class GenerateStep:
         shard = read_shard(url, cfg.input, self.chat_template)
         skipped: list[dict[str, Any]] = []
         scored: list[tuple[int, Sequence_]] = []  # (record index, sequence)
-        batch: list[tuple[Document, int, Chunk, Any]] = []  # (record, chunk index, chunk, prepared)
-        batch_nodes = 4 * cfg.teacher.max_batch_tokens
+        batch_nodes = 4 * int(self.teacher.max_batch_tokens)  # resolved (config: auto)
         state = ShardProgress(
             records_total=len(shard.records),
             text_chars_total=sum(len(r.text) for r in shard.records if isinstance(r, Document)),
         )
 
-        def flush(records_seen: int) -> None:
-            # the rows that will be stored: a scorer may compute only those
-            masks = [self._student_mask(rec, chunk, prep) for rec, _, chunk, prep in batch]
+        def flush(batch: list[tuple[Document, int, Chunk, Any, Any]], records_seen: int) -> None:
             results = self.targets.score_prepared(
                 self.teacher,
                 [b[3] for b in batch],
                 cfg.scoring.top_k,
                 byte_top_k=cfg.scoring.byte_top_k,
-                rows=masks,
+                rows=[b[4] for b in batch],
             )
-            for (rec, c, chunk, _), r, mask in zip(batch, results, masks, strict=True):
+            for (rec, c, chunk, _, mask), r in zip(batch, results, strict=True):
                 seq = self._sequence(rec, c, chunk, r, mask)
                 scored.append((rec.index, seq))
                 # the unit of progress: student tokens, or teacher tokens without a student
@@ -310,33 +641,31 @@ class GenerateStep:
                 state.sequences += 1
                 # the document's characters this chunk adds (chunks overlap)
                 state.text_chars += chunk.start + len(chunk.text) - chunk.masked_until
-            batch.clear()
             state.records = records_seen
             state.batches += 1
             state.seconds = time.perf_counter() - t0
             if progress is not None:
                 progress(state)
 
-        size = 0
-        for n_seen, rec in enumerate(shard.records, 1):
-            if isinstance(rec, Skip):
-                skipped.append(rec.as_dict())
-                continue
-            try:
-                pieces = self.prepared_chunks(rec.text)
-            except BadRecordError as err:  # only: any other error is a bug, the shard fails
-                skip = Skip(rec.index, "unscorable text", str(err), rec.doc_id, rec.line)
-                skipped.append(skip.as_dict())
-                state.text_chars_total -= len(rec.text)
-                continue
-            for c, (chunk, prep) in enumerate(pieces):
-                batch.append((rec, c, chunk, prep))
-                size += self.targets.context_nodes(prep)
-                if size >= batch_nodes:  # a long document reports progress as it goes
-                    flush(n_seen - 1 if c + 1 < len(pieces) else n_seen)
-                    size = 0
-        if batch:
-            flush(len(shard.records))
+        overlap = self.overlap_active
+        pool = self._pool() if overlap and self.prepare_workers > 0 else None
+        work = self._work(shard.records, batch_nodes, pool.outcomes if pool else None)
+        steps = self._prefetched(work) if overlap else work
+        try:
+            for w in steps:
+                for skip, chars in w.skips:
+                    skipped.append(skip)
+                    state.text_chars_total -= chars
+                if w.batch:
+                    flush(w.batch, w.records_seen)
+        except BaseException:
+            if pool is not None:  # it may hold this shard's documents still
+                self.close()
+            raise
+        finally:
+            close = getattr(steps, "close", None)
+            if close is not None:  # stop (and join) the producer now, also on an error
+                close()
         scored.sort(key=lambda x: (x[0], x[1].chunk))
         seqs = [s for _, s in scored]
         kinds = self.targets.kinds
