@@ -298,10 +298,11 @@ def test_auto_on_cuda_plans_from_the_free_memory(monkeypatch, caplog):
 def test_config_accepts_auto():
     from pipeline.config import ConfigError, load_config
 
-    assert load_config(None, ["teacher.max_batch_tokens=auto"]).teacher.max_batch_tokens == "auto"
+    with pytest.raises(ConfigError, match="max_context"):  # tests/test_precision.py
+        load_config(None, ["teacher.max_batch_tokens=auto"])
     assert load_config(None, []).teacher.max_batch_tokens == 2048
     cfg = load_config(None, ["teacher.max_batch_tokens=auto", "teacher.max_context=4096"])
-    assert cfg.teacher.max_context == 4096
+    assert cfg.teacher.max_context == 4096 and cfg.teacher.max_batch_tokens == "auto"
     with pytest.raises(ConfigError, match="max_batch_tokens"):
         load_config(None, ["teacher.max_batch_tokens=8"])
     with pytest.raises(ConfigError, match="max_batch_tokens"):
