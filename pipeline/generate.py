@@ -49,6 +49,7 @@ from pipeline.records import Document, Skip, read_shard
 from pipeline.scoring.factory import choose_scorer as choose_scorer  # importable here too
 from pipeline.scoring.kinds import KindsResult, TargetKinds
 from pipeline.scoring.protocol import Scorer
+from pipeline.scoring.unicode import char_of_bytes
 from pipeline.shards import Sequence_, build_table, commit_shard, encode_parquet, output_name
 from pipeline.tokenization import UnscorableTextError, from_byte_level
 from schemas.targets import CURRENT_VERSION, LOGPROB_STEP
@@ -461,9 +462,8 @@ class GenerateStep:
     ) -> Sequence_:
         seq = Sequence_(doc.doc_id, c, r.student, mask, text=r.text)
         if r.teacher is not None or r.bytes is not None:
-            raw = r.text.encode("utf-8")
             # the char holding each byte (a token may start inside a character)
-            char_of = np.append(np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1, len(r.text))
+            char_of = char_of_bytes(r.text)
             if r.teacher is not None:
                 starts = np.concatenate([[0], r.teacher.byte_end])
                 seq.teacher = r.teacher

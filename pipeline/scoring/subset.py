@@ -55,6 +55,7 @@ from pipeline.scoring.covers import (  # the tokenizer phase: exact covers
 from pipeline.scoring.protocol import Teacher
 from pipeline.scoring.subset_pair import _decompositions, check_subset_pair
 from pipeline.scoring.trees import _batches, merge_context_trees, teacher_tree_logprobs
+from pipeline.scoring.unicode import char_of_bytes
 from pipeline.tokenization import (
     ByteLevelBPE,
     TokenizerError,
@@ -227,12 +228,10 @@ class SubsetStudent:
     def row_offsets(self, text: str, ids: Sequence[int]) -> np.ndarray:
         """Char offset of each token's first byte (a byte-level token may start inside a
         character: the offset of that character), then ``len(text)``."""
-        raw = text.encode("utf-8")
         nbytes = np.cumsum([0, *(len(self.bpe.token_bytes[int(t)]) for t in ids)])
-        # char index of the character holding each byte (a token may start mid-character)
-        incl = np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1
-        char_of = np.append(incl, len(text))
-        return np.asarray(char_of[np.minimum(nbytes, len(raw))], dtype=np.int64)
+        # the character holding each byte (a token may start mid-character)
+        char_of = char_of_bytes(text)
+        return np.asarray(char_of[np.minimum(nbytes, len(char_of) - 1)], dtype=np.int64)
 
 
 class SubsetExactScorer:

@@ -5,9 +5,20 @@ from __future__ import annotations
 import functools
 import unicodedata
 
+import numpy as np
+
 # The regexes of byte-level BPE pre-tokenizers only distinguish these classes of
 # non-ASCII characters (every multi-byte character is non-ASCII).
 _CLASSES = ("letter", "number", "space", "other")
+
+
+def char_of_bytes(text: str) -> np.ndarray:
+    """[len(text.encode()) + 1] int64: the index of the character holding each UTF-8 byte
+    of ``text`` (a continuation byte belongs to the character it continues), then
+    ``len(text)`` for the end."""
+    raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    starts = (raw & 0xC0) != 0x80
+    return np.append(np.cumsum(starts, dtype=np.int64) - 1, len(text))
 
 
 def char_class(ch: str) -> str:
