@@ -53,6 +53,10 @@ class InputConfig(_Strict):
     )
 
 
+# teacher keys that change how the step runs, never a stored number (not in the hash)
+EXECUTION_ONLY = {"overlap", "prepare_workers"}
+
+
 class TeacherConfig(_Strict):
     model: str | None = Field(
         None, description="HF model id or local dir; None = embedded SmolLM2-135M-Instruct"
@@ -83,6 +87,34 @@ class TeacherConfig(_Strict):
         ge=16,
         description="teacher tokens per sequence (default: min(model limit, max_batch_tokens / 2))",
     )
+    overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="prepare the next batch (chunking, tokenizing: pure Python) in a "
+        "producer thread while the current one is scored; the same shard bytes either "
+        "way; auto: on when the teacher does not run on the CPU (a CPU teacher and the "
+        "producer would compete for the actor's cores)",
+    )
+    prepare_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="with overlap: worker processes (spawned) that run the tokenizer "
+        "phase, so that it does not share the GIL with the scoring thread; 0: in the "
+        "producer thread; auto: max(0, min(4, cpus - 2)) with overlap active and the "
+        "teacher not on the CPU, where cpus are the CPUs the step has (a Ray actor's "
+        "num_cpus; the local executor: the CPUs this process may use), else 0",
+    )
+
+    @field_validator("overlap", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("prepare_workers", mode="before")
+    @classmethod
+    def _workers_count(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"teacher.prepare_workers must be an integer >= 0 or auto, not {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _context_fits_a_forward(self) -> TeacherConfig:
@@ -95,6 +127,11 @@ class TeacherConfig(_Strict):
             raise ValueError(
                 "teacher.max_batch_tokens=auto needs teacher.max_context set (the chunk "
                 "length in teacher tokens; its default derives from max_batch_tokens)"
+            )
+        if self.overlap == "off" and self.prepare_workers not in (0, "auto"):
+            raise ValueError(
+                f"teacher.prepare_workers={self.prepare_workers} needs teacher.overlap on "
+                "or auto (the workers prepare batches ahead of the scoring); set it to 0"
             )
         if mbt == "auto" and self.deterministic:
             raise ValueError(
@@ -202,8 +239,11 @@ class RayConfig(_Strict):
     num_gpus_per_actor: float = Field(
         1.0, ge=0, description="GPUs each actor reserves (on clusters with GPUs)"
     )
-    num_cpus_per_actor: float = Field(
-        1.0, ge=0, description="CPUs each actor reserves (its torch threads on CPU)"
+    num_cpus_per_actor: float | Literal["auto"] = Field(
+        "auto",
+        description="CPUs each actor reserves (its torch threads; teacher.prepare_workers="
+        "auto follows it); auto: 1 on CPU actors; on GPU actors num_gpus_per_actor x the "
+        "CPUs per GPU of the GPU node with the fewest, rounded down, between 1 and 8",
     )
     accelerator_type: str | None = Field(
         None, description="run only on nodes of this type, e.g. A100 (Ray accelerator_type)"
@@ -226,6 +266,15 @@ class RayConfig(_Strict):
         "attempt number",
     )
 
+    @field_validator("num_cpus_per_actor", mode="before")
+    @classmethod
+    def _cpus_count(cls, v: Any) -> Any:
+        if v != "auto" and (
+            isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < float("inf")
+        ):
+            raise ValueError(f"ray.num_cpus_per_actor must be a number >= 0 or auto, not {v!r}")
+        return v
+
 
 class JobConfig(_Strict):
     input: InputConfig = Field(default_factory=InputConfig)
@@ -247,12 +296,14 @@ class JobConfig(_Strict):
         the input selection and fields, the whole teacher (its weights, dtype and device
         class, and ``max_batch_tokens``, which sets the default ``max_context`` and so the
         chunking, and which documents share a forward), the student and the scoring.
-        Not: storage options, the output location and format, Ray placement."""
+        Not: storage options, the output location and format, Ray placement, how the
+        tokenizer phase runs (``teacher.overlap``, ``teacher.prepare_workers``: the same
+        shard bytes either way)."""
         keep = {
             "input": self.input.model_dump(mode="json", exclude={"storage_options"}),
             # the device class (cuda:0 and cuda:1 compute alike)
             "teacher": {
-                **self.teacher.model_dump(mode="json"),
+                **self.teacher.model_dump(mode="json", exclude=EXECUTION_ONLY),
                 "device": self.teacher.device.split(":")[0],
             },
             "student": self.student.model_dump(mode="json"),

@@ -483,22 +483,44 @@ def run_local(
     on_done: Callable[[dict[str, Any]], None],
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """In-process executor: one step, shards in order."""
+    """In-process executor: one step, shards in order; the step has the CPUs this
+    process may use (`available_cpus`)."""
     from pipeline.generate import GenerateStep
 
-    step = GenerateStep(cfg)
-    step.setup()
-    out = []
-    for url in todo:
-        m = process_logged(
-            step,
-            url,
-            {"executor": "local"},
-            on_batch=progress.shard_progress if progress is not None else None,
-        )
-        on_done(m)
-        out.append(m)
-    return out
+    step = GenerateStep(cfg, cpus=available_cpus())
+    try:
+        step.setup()
+        out = []
+        for url in todo:
+            m = process_logged(
+                step,
+                url,
+                {"executor": "local"},
+                on_batch=progress.shard_progress if progress is not None else None,
+            )
+            on_done(m)
+            out.append(m)
+        return out
+    finally:
+        step.close()  # its prepare worker processes, if any
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its CPU affinity (``os.cpu_count()`` where that
+    is unknown), at most a cgroup v2 CPU quota (a container's CPU limit, which the
+    affinity does not show), rounded down; at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 def finalize(

@@ -232,17 +232,23 @@ class GenerateStep:
     Args:
         cfg: the job config.
         overlap: prepare the next batch in a producer thread while the current one is
-            scored; None (default): on when the teacher does not run on the CPU (a CPU
-            teacher and the producer would compete for the actor's cores). Outputs are
-            identical either way; `overlap_active` says which path runs.
+            scored; None (default): ``cfg.teacher.overlap`` (auto: on when the teacher
+            does not run on the CPU, as a CPU teacher and the producer would compete for
+            the actor's cores). Outputs are identical either way; `overlap_active` says
+            which path runs.
         prepare_workers: with overlap, run the tokenizer phase in this many worker
             processes (spawned on first use, each building its scorer from ``cfg``; the
             producer thread then only collects their results, in document order), so
-            that it does not share the GIL with the scoring thread; 0 (default): in the
-            producer thread itself. `close` stops them.
+            that it does not share the GIL with the scoring thread; 0: in the producer
+            thread itself; None (default): ``cfg.teacher.prepare_workers`` (auto:
+            ``max(0, min(4, cpus - 2))`` with overlap on and the teacher not on the CPU,
+            else 0). The attribute reads the resolved number; `close` stops them.
         teacher: a ready teacher to use instead of loading ``cfg.teacher.model``
             (`pipeline.teacher.HFTeacher`'s interface, e.g. the simulated accelerator
             of `jobs.bench.overlap`); its ``tokenizer`` is a `transformers` tokenizer.
+        cpus: the CPUs this step has (its Ray actor's ``num_cpus``), for
+            ``prepare_workers`` auto; None: those this process may use
+            (`pipeline.executors.available_cpus`).
     """
 
     def __init__(
@@ -250,23 +256,67 @@ class GenerateStep:
         cfg: JobConfig,
         *,
         overlap: bool | None = None,
-        prepare_workers: int = 0,
+        prepare_workers: int | None = None,
         teacher: Any = None,
+        cpus: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.overlap = overlap
         self.prepare_workers = prepare_workers
+        self.cpus = cpus
         self._workers: _PreparePool | None = None
         self._teacher_given = teacher
+        self._overlap_logged = False
         self.ready = False
 
     @property
     def overlap_active(self) -> bool:
         """Whether `process_shard` prepares batches in a producer thread."""
-        if self.overlap is not None:
-            return self.overlap
-        device = getattr(getattr(self, "teacher", None), "device", None)
-        return getattr(device, "type", "cpu") != "cpu"
+        return self._overlap_settings()[0]
+
+    @property
+    def prepare_workers(self) -> int:
+        """The prepare worker processes `process_shard` uses (0 without overlap)."""
+        return self._overlap_settings()[1]
+
+    @prepare_workers.setter
+    def prepare_workers(self, n: int | None) -> None:  # None: from the config
+        self._prepare_workers = n
+
+    def _overlap_settings(self) -> tuple[bool, int]:
+        """(overlap, prepare workers): the arguments (or the attributes set since), else
+        ``cfg.teacher``'s keys, auto resolved against the teacher's device (known after
+        `setup`) and ``cpus``; logged once, at the end of `setup`."""
+        t = self.cfg.teacher
+        device = getattr(getattr(getattr(self, "teacher", None), "device", None), "type", "cpu")
+        on = self.overlap
+        if on is None:
+            on = device != "cpu" if t.overlap == "auto" else t.overlap == "on"
+        want = self._prepare_workers if self._prepare_workers is not None else t.prepare_workers
+        cpus = self.cpus
+        if isinstance(want, int):
+            n = want
+        else:  # auto
+            if cpus is None:
+                from pipeline.executors import available_cpus
+
+                cpus = available_cpus()
+            n = max(0, min(4, int(cpus) - 2)) if device != "cpu" else 0
+        n = n if on else 0
+        if self.ready and not self._overlap_logged:
+            self._overlap_logged = True
+            log.info(
+                "tokenizer phase: overlap %s (%s, teacher on %s), prepare workers %d (%s%s)",
+                "on" if on else "off",
+                "argument" if self.overlap is not None else f"teacher.overlap={t.overlap}",
+                device,
+                n,
+                "argument"
+                if self._prepare_workers is not None
+                else f"teacher.prepare_workers={t.prepare_workers}",
+                f", cpus={cpus:g}" if cpus is not None else "",
+            )
+        return on, n
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -339,6 +389,7 @@ class GenerateStep:
                 byte_eos=self.targets.T.token_bytes[self.targets.teacher_eos].decode("utf-8"),
             )
         self.ready = True
+        self._overlap_settings()  # resolved against the teacher's device, and logged
 
     def _setup_tokenizer_phase(self) -> None:
         """The scorer and target kinds, from the config alone (the prepare workers build

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -54,6 +55,10 @@ ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's custom resource for `accelerat
 # Ray drops a gauge not set for two metric report intervals (10 s each by default), so
 # the driver re-publishes its progress this often, commits or not.
 PUBLISH_SECONDS = 5.0
+# ray.num_cpus_per_actor=auto on GPU actors: at most this many CPUs each
+AUTO_GPU_ACTOR_CPUS = 8
+# how long the driver waits for the actors to stop their prepare workers at the end
+CLOSE_SECONDS = 15.0
 _actor_numbers = itertools.count()  # actor names stay unique within a driver process
 
 
@@ -110,9 +115,18 @@ register_metrics(RayMetrics.create)
 class ShardWorker:
     """One `GenerateStep` per actor (``xtok-worker-<i>``); logs go to the Ray worker log
     and, per shard, to ``<output>/logs/<shard>.log``. Two threads: one runs `process`
-    (the driver sends one shard at a time), the other answers `progress` meanwhile."""
+    (the driver sends one shard at a time), the other answers `progress` meanwhile.
+    ``threads``: torch's threads; ``cpus``: the actor's ``num_cpus`` (the step's
+    ``teacher.prepare_workers=auto`` follows it). The driver calls `close` before it
+    kills the actor."""
 
-    def __init__(self, cfg: dict[str, Any], threads: int, name: str = "xtok-worker") -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        threads: int,
+        name: str = "xtok-worker",
+        cpus: float | None = None,
+    ) -> None:
         import torch
 
         from pipeline import redact
@@ -124,7 +138,7 @@ class ShardWorker:
         redact.install()
         self.name = name
         self.current: tuple[str, dict[str, Any]] | None = None  # (shard, progress)
-        self.step = GenerateStep(JobConfig.model_validate(cfg))
+        self.step = GenerateStep(JobConfig.model_validate(cfg), cpus=cpus)
         # live token count while a shard runs (the driver only sees whole shards)
         self.tokens = _metric(
             "Counter",
@@ -157,6 +171,28 @@ class ShardWorker:
     def progress(self) -> tuple[str, dict[str, Any]] | None:
         """(shard, its latest `ShardProgress` fields) while a shard runs, else None."""
         return self.current
+
+    def close(self) -> None:
+        """Stop the step's prepare worker processes (the driver calls it before it kills
+        the actor: `ray.kill` runs no atexit handler, and the workers would otherwise
+        depend on Ray reaping the actor's child processes)."""
+        self.step.close()
+
+
+def _close_and_kill(actors: list[Any], started: list[Any]) -> None:
+    """Kill ``actors``, after those of them ``started`` (idle, no shard) have stopped
+    their prepare workers (`ShardWorker.close`, waited for up to `CLOSE_SECONDS`; an
+    actor still starting has none yet)."""
+    refs = []
+    for a in started:
+        with contextlib.suppress(Exception):
+            refs.append(a.close.remote())
+    if refs:
+        with contextlib.suppress(Exception):
+            ray.wait(refs, num_returns=len(refs), timeout=CLOSE_SECONDS)
+    for a in actors:
+        with contextlib.suppress(Exception):
+            ray.kill(a)
 
 
 def _poll_progress(progress: Progress, actors: list[Any]) -> None:
@@ -212,7 +248,8 @@ def map_in_order(
 
 
 def _actor_options(cfg: JobConfig) -> tuple[dict[str, Any], int]:
-    """Actor resources and how many such actors the live nodes can hold at once.
+    """Actor resources and how many such actors the live nodes can hold at once
+    (`actor_resources` of the live nodes).
 
     With ``ray.accelerator_type`` only nodes carrying Ray's ``accelerator_type:<type>``
     resource count. When no live node has the type, the driver asks the autoscaler for
@@ -262,18 +299,39 @@ def _actor_options(cfg: JobConfig) -> tuple[dict[str, Any], int]:
                 request_resources(bundles=[{ACCELERATOR_PREFIX + acc: 0.001}])
             asked = True
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    return actor_resources(nodes, cfg)
+
+
+def actor_resources(nodes: list[dict[str, Any]], cfg: JobConfig) -> tuple[dict[str, Any], int]:
+    """The actor options (``num_gpus``, ``num_cpus``, ``accelerator_type``) and how many
+    such actors ``nodes`` hold at once; ``nodes``: the Ray resources of the live nodes
+    (``{"CPU": 16.0, "GPU": 2.0, ...}``, those of ``ray.accelerator_type`` only).
+
+    GPU actors when ``ray.num_gpus_per_actor`` > 0 and the nodes have that many GPUs,
+    else CPU actors. ``ray.num_cpus_per_actor=auto``: 1 on CPU actors; on GPU actors
+    ``num_gpus_per_actor`` x the CPUs per GPU of the GPU node with the fewest, rounded
+    down, between 1 and `AUTO_GPU_ACTOR_CPUS` (so that every GPU node fills its GPUs).
+    """
     per_gpu = cfg.ray.num_gpus_per_actor
-    per_cpu = max(cfg.ray.num_cpus_per_actor, 1e-9)
-    if per_gpu > 0 and sum(r.get("GPU", 0) for r in nodes) >= per_gpu:
-        opts: dict[str, Any] = {"num_gpus": per_gpu, "num_cpus": cfg.ray.num_cpus_per_actor}
+    gpu = per_gpu > 0 and sum(r.get("GPU", 0) for r in nodes) >= per_gpu
+    cpus = cfg.ray.num_cpus_per_actor
+    if cpus == "auto":
+        shares = [r.get("CPU", 0) * per_gpu / r["GPU"] for r in nodes if r.get("GPU", 0) >= per_gpu]
+        if gpu and shares:
+            cpus = float(max(1, min(AUTO_GPU_ACTOR_CPUS, math.floor(min(shares)))))
+        else:
+            cpus = 1.0
+    per_cpu = max(cpus, 1e-9)
+    if gpu:
+        opts: dict[str, Any] = {"num_gpus": per_gpu, "num_cpus": cpus}
         capacity = sum(
             min(int(r.get("GPU", 0) // per_gpu), int(r.get("CPU", 0) // per_cpu)) for r in nodes
         )
     else:
-        opts = {"num_cpus": cfg.ray.num_cpus_per_actor}
+        opts = {"num_cpus": cpus}
         capacity = sum(int(r.get("CPU", 0) // per_cpu) for r in nodes)
-    if acc:
-        opts["accelerator_type"] = acc
+    if cfg.ray.accelerator_type:
+        opts["accelerator_type"] = cfg.ray.accelerator_type
     return opts, capacity
 
 
@@ -444,7 +502,9 @@ def run_ray(
 
     def new_actor() -> Any:
         name = f"xtok-worker-{next(_actor_numbers)}"
-        return ShardWorker.options(name=name, **opts).remote(cfg_dict, threads, name)  # type: ignore[attr-defined]
+        return ShardWorker.options(name=name, **opts).remote(  # type: ignore[attr-defined]
+            cfg_dict, threads, name, opts["num_cpus"]
+        )
 
     if capacity == 0:
         log.warning(
@@ -594,9 +654,7 @@ def run_ray(
         sched.committed(fut, m)
         on_done(m)
         last_line = time.monotonic()
-    for a in sched.leftover_actors():
-        with contextlib.suppress(Exception):
-            ray.kill(a)
+    _close_and_kill(sched.leftover_actors(), started=list(sched.idle))
     if sched.failed:
         raise ShardFailed(
             "shards not committed (see <output>/logs/<shard>.log):\n"

@@ -26,7 +26,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,9 +123,10 @@ def tree_attention_mask(
 #               output and its contiguous copy) or the MLP (act(gate), up, their product)
 #   rope      = N*hd*8                        (cos and sin, float32)
 #   logits    = N*L*d
-#   head      = logits + max(3*N*h*d, N*V*4 + S)
-#               N*V*4: the batch's float32 log-probs; S = 12*V*min(W, max(4, 256 MiB / (12 V)))
-#               the log-softmax's float32 exp and float64 copy of a slice of one tree's rows
+#   head      = max(logits + max(3*N*h*d, N*V*4), N*V*4 + S)
+#               N*V*4: the batch's float32 log-probs, copied out of the logits (which
+#               are then freed); S = 12*V*min(N, max(4, 256 MiB / (12 V))): the
+#               log-softmax's float32 exp and float64 copy of a slice of rows
 #   held      = (T - N)*V*4                   (log-probs of the call's earlier batches)
 #
 #   peak(N, W, T) = held + max(mask_make, mask + layer + rope, head)
@@ -207,9 +208,9 @@ def forward_memory_terms(
         layer = max(layer, N * (5 * h * d + 12 * h))
     rope = N * shape.head_dim * 8
     logits = N * L * d
-    slice_rows = min(W, max(4, slice_bytes // (12 * V)))  # a tree fits a row
+    slice_rows = min(N, max(4, slice_bytes // (12 * V)))
     softmax = N * V * 4 + slice_rows * V * 12
-    head = logits + max(3 * N * h * d, softmax)
+    head = max(logits + max(3 * N * h * d, N * V * 4), softmax)
     held = max(0, int(call_nodes if call_nodes is not None else N) - N) * V * 4
     peak = held + max(mask_make, mask + layer + rope, head)
     return {
@@ -331,6 +332,8 @@ class HFTeacher:
 
     # bytes of float32 exp + float64 copy per slice of rows in `_log_softmax`
     log_softmax_slice_bytes = LOG_SOFTMAX_SLICE_BYTES
+    # the dtype of the returned log-probs (`_log_softmax_` fills a tensor of it)
+    logprob_dtype = torch.float32
 
     def __init__(
         self,
@@ -473,7 +476,22 @@ class HFTeacher:
         self, trees: Sequence[tuple[Sequence[int], Sequence[int]]]
     ) -> list[torch.Tensor]:
         """For each tree (tokens, parents; node 0 = start of text, token ignored), the
-        float32 log-probs [num_nodes, vocab_size] after every node, on ``self.device``."""
+        float32 log-probs [num_nodes, vocab_size] after every node, on ``self.device``
+        (views of one tensor per forward: `tree_logprob_batches`)."""
+        out: list[torch.Tensor | None] = [None] * len(trees)
+        for lp, first in self.tree_logprob_batches(trees):
+            for ti, row in first.items():
+                out[ti] = lp[row : row + len(trees[ti][0])]
+        return [o for o in out if o is not None]
+
+    @torch.inference_mode()
+    def tree_logprob_batches(
+        self, trees: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> Iterator[tuple[torch.Tensor, dict[int, int]]]:
+        """The trees' log-probs forward by forward: per forward batch of `_plan`, the
+        float32 log-probs [nodes of its trees, vocab_size] (one tensor) and each of its
+        trees' first row. A consumer that drops them before asking for the next holds
+        one forward's log-probs at a time (`forward_memory_terms`)."""
         s = len(self.start_ids)
         sizes = [len(t) - 1 + s for t, _ in trees]
         for n in sizes:
@@ -482,10 +500,8 @@ class HFTeacher:
                     f"a context tree of {n} tokens exceeds max_batch_tokens={self.max_batch_tokens}; "
                     "chunk the document or raise the limit"
                 )
-        out: list[torch.Tensor | None] = [None] * len(trees)
         for rows, width in self._plan(sizes):
-            self._forward_rows(trees, rows, width, out)
-        return [o for o in out if o is not None]
+            yield self._forward_rows(trees, rows, width)
 
     def _plan(self, sizes: Sequence[int]) -> list[tuple[list[list[int]], int]]:
         """Split trees into forward batches of rows: [(rows of tree indices, row width)].
@@ -582,8 +598,9 @@ class HFTeacher:
         trees: Sequence[tuple[Sequence[int], Sequence[int]]],
         group: list[list[int]],
         width: int,
-        out: list[torch.Tensor | None],
-    ) -> None:
+    ) -> tuple[torch.Tensor, dict[int, int]]:
+        """One forward batch: the log-probs of its trees' nodes (one float32 tensor, trees
+        in `_row_inputs` order) and each tree's first row."""
         ids, pos, tin, tout, where = self._row_inputs(trees, group, width)
         cuda = self.device.type == "cuda"
         host = [torch.from_numpy(a) for a in (ids, pos, tin, tout)]
@@ -597,10 +614,25 @@ class HFTeacher:
         ).logits
         del mask, ids_d, pos_d
         self.forwarded_tokens += len(group) * width
+        total = sum(n for *_, n in where)
+        out = torch.empty((total, self.vocab_size), dtype=self.logprob_dtype, device=logits.device)
+        first: dict[int, int] = {}
+        row = 0
         for ti, b, start, n in where:
-            out[ti] = self._log_softmax(logits[b, start : start + n])
+            out[row : row + n].copy_(logits[b, start : start + n, : self.vocab_size])
+            first[ti] = row
+            row += n
+        del logits
+        return self._log_softmax_(out), first
 
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """`_log_softmax_` of a float32 copy of ``logits``' real ids."""
+        lg = logits[..., : self.vocab_size]
+        out = torch.empty(lg.shape, dtype=self.logprob_dtype, device=lg.device)
+        out.copy_(lg)
+        return self._log_softmax_(out)
+
+    def _log_softmax_(self, out: torch.Tensor) -> torch.Tensor:
         """float32 log-softmax over the real ids; the normaliser is summed in float64 so
         that exp(row) sums to 1 within ~1e-7 (float32 summation leaves ~1e-5).
 
@@ -609,9 +641,6 @@ class HFTeacher:
         ``log_softmax_slice_bytes`` (12 bytes per entry; at least 4 rows). Slices are of
         equal size (at least 2 rows when n >= 2), so that on CPU every row is summed in
         the same order as one reduction over all rows would (bit-identical)."""
-        lg = logits[..., : self.vocab_size]
-        out = torch.empty(lg.shape, dtype=torch.float32, device=lg.device)
-        out.copy_(lg)
         if self.temperature != 1.0:
             out.div_(self.temperature)
         vocab = out.shape[-1]

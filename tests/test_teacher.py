@@ -111,7 +111,7 @@ class DenseHostMaskTeacher(HFTeacher):
     """The construction before the mask moved to the device (kept as the reference): the
     host builds the dense [B, 1, W, W] additive mask from the Euler intervals."""
 
-    def _forward_rows(self, trees, group, width, out):
+    def _forward_rows(self, trees, group, width):
         s = len(self.start_ids)
         B = len(group)
         ids = np.zeros((B, width), np.int64)
@@ -148,8 +148,12 @@ class DenseHostMaskTeacher(HFTeacher):
             use_cache=False,
         ).logits
         self.forwarded_tokens += B * width
+        parts, first, row = [], {}, 0
         for ti, b, start, n in where:
-            out[ti] = self._log_softmax(logits[b, start : start + n])
+            parts.append(self._log_softmax(logits[b, start : start + n]))
+            first[ti] = row
+            row += n
+        return torch.cat(parts), first
 
 
 def dense_host_mask(tin_all: np.ndarray, tout_all: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -148,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     student = teacher_tokens = 0
-    for s in shards:
-        m = step.process_shard(s)
-        student += int(m.get("student_tokens", 0))
-        teacher_tokens += int(m.get("teacher_tokens") or 0)
+    try:
+        for s in shards:
+            m = step.process_shard(s)
+            student += int(m.get("student_tokens", 0))
+            teacher_tokens += int(m.get("teacher_tokens") or 0)
+    finally:
+        step.close()  # the prepare worker processes (teacher.prepare_workers=auto)
     secs = time.perf_counter() - t0
     print(
         f"(b) pipeline: {student / secs:,.0f} student tokens/s ({student} tokens, {secs:.1f} s); "

@@ -64,7 +64,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from pipeline.teacher import HFTeacher
+from pipeline.teacher import HFTeacher, tree_attention_mask
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -193,18 +193,27 @@ class SimulatedTeacher(HFTeacher):
     def rate(self, value: float) -> None:
         self.sim.rate = value
 
-    def tree_logprobs(
-        self, trees: Sequence[tuple[Sequence[int], Sequence[int]]]
-    ) -> list[torch.Tensor]:
+    def _forward_rows(
+        self, trees: Any, group: list[list[int]], width: int
+    ) -> tuple[torch.Tensor, dict[int, int]]:
         with self.phases("teacher call"):
-            return super().tree_logprobs(trees)
+            self.sim.inputs_from = (time.thread_time(), time.perf_counter())
+            if self.sim.materialize:
+                return super()._forward_rows(trees, group, width)
+            # replayed rows read no log-probs: the same host inputs, mask and simulated
+            # forward, and one table row broadcast instead of the copy of the logits
+            ids, _pos, tin, tout, where = self._row_inputs(trees, group, width)
+            mask = tree_attention_mask(torch.from_numpy(tin), torch.from_numpy(tout), self.dtype)
+            self.sim(input_ids=torch.from_numpy(ids), attention_mask=mask)
+            self.forwarded_tokens += len(group) * width
+            first, row = {}, 0
+            for ti, _, _, n in where:
+                first[ti] = row
+                row += n
+            return self.sim.table[0, : self.vocab_size].expand(row, -1), first
 
-    def _forward_rows(self, *args: Any, **kwargs: Any) -> None:
-        self.sim.inputs_from = (time.thread_time(), time.perf_counter())
-        super()._forward_rows(*args, **kwargs)
-
-    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits[..., : self.vocab_size]  # the table rows are log-probs already
+    def _log_softmax_(self, out: torch.Tensor) -> torch.Tensor:
+        return out  # the table rows are log-probs already
 
 
 # ---------------------------------------------------------------------- set-up

@@ -29,7 +29,7 @@ encoding followed by end-of-text (``stats["teacher_logprob"]``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,8 @@ import torch
 from pipeline.errors import UnscorableTextError
 from pipeline.scoring.common import ScoredDocument
 from pipeline.scoring.protocol import Scorer, Teacher
-from pipeline.scoring.trees import _batches, merge_context_trees, teacher_tree_logprobs
+from pipeline.scoring.subset import RowNorms, row_norms
+from pipeline.scoring.trees import _batches, merge_context_trees, teacher_tree_batches
 from pipeline.tokenization import ByteLevelBPE, load_tokenizer, truncate_merges
 
 KINDS = ("student", "bytes", "teacher")
@@ -116,14 +117,6 @@ class KindsResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _take(lp: torch.Tensor, nodes: list[int]) -> torch.Tensor:
-    """The rows of ``lp`` of a kind's local nodes: a view when they are the whole tree
-    in order (one kind alone), else a copy of those rows only."""
-    if len(nodes) == lp.shape[0] and nodes == list(range(len(nodes))):
-        return lp
-    return lp[torch.as_tensor(nodes, device=lp.device)]
-
-
 @dataclass
 class _Path:
     """The canonical path alone as a `TeacherTree` (node ``j`` = ``ids[:j]``)."""
@@ -168,7 +161,7 @@ class TargetKinds:
             student_scorer.T if student_scorer else ByteLevelBPE(t_tok, "teacher")
         )
         # the subset scorer's trees can be shared; the general scorer makes its own
-        self.shares_trees = student_scorer is not None and hasattr(student_scorer, "_rows")
+        self.shares_trees = student_scorer is not None and hasattr(student_scorer, "rows_batch")
         self.teacher_eos = self.T.added_by_content[self.T.end_of_text()]
         self.byte_scorer: Any = None
         if "bytes" in self.kinds:
@@ -278,44 +271,95 @@ class TargetKinds:
                 o.student = s
         have = [i for i, p in enumerate(prepared) if p.tree is not None]
         budget = max_batch_nodes or CALL_FORWARDS * int(getattr(teacher, "max_batch_tokens", 1024))
-        vt = self.T.size
+        adt = torch.float64
         for batch in _batches([len(prepared[i].tree[0]) for i in have], budget):  # type: ignore[index]
             idx = [have[b] for b in batch]
-            logps = teacher_tree_logprobs(teacher, [prepared[i].tree for i in idx])  # type: ignore[misc]
-            for i, lp in zip(idx, logps, strict=True):
-                p, o = prepared[i], out[i]
-                if lp.shape[1] < vt:
-                    raise ValueError(f"teacher returned {lp.shape[1]} columns, tokenizer has {vt}")
-                lp = lp[:, :vt]
-                if "student" in p.maps:
-                    assert self.student_scorer is not None
-                    rows_of = self.student_scorer._rows  # type: ignore[attr-defined]
-                    o.student = rows_of(p.student, _take(lp, p.maps["student"]), top_k)
-                if "bytes" in p.maps:
-                    o.bytes = self._byte_rows(
-                        p, self.byte_scorer._rows(p.bytes, _take(lp, p.maps["bytes"]), byte_top_k)
-                    )
+            trees = [prepared[i].tree for i in idx]
+            for lp, first in teacher_tree_batches(teacher, trees):  # type: ignore[arg-type]
+                docs = [(idx[t], row) for t, row in first.items()]
+                lp = self._columns(lp)
+                norms = row_norms(lp, adt)  # shared by the kinds' row phases
+                rows_of: dict[str, tuple[list[tuple[int, int]], Any]] = {}
+                for kind, scorer, k in (
+                    ("student", self.student_scorer, top_k),
+                    ("bytes", self.byte_scorer, byte_top_k),
+                ):
+                    mine = [(i, row) for i, row in docs if kind in prepared[i].maps]
+                    if mine:
+                        items = [
+                            (getattr(prepared[i], kind), row + np.asarray(prepared[i].maps[kind]))
+                            for i, row in mine
+                        ]
+                        rows_of[kind] = (mine, scorer.rows_batch(lp, items, k, norms))  # type: ignore[union-attr]
+                tokens = None
                 if "teacher" in self.kinds:
-                    o.teacher = self._teacher_tokens(p, lp)
-                o.stats["tree_nodes"] = len(p.tree[0])  # type: ignore[index]
-            del logps  # the call's log-probs go before the next call's forward
+                    tokens = self._teacher_tokens(docs, prepared, lp, norms)
+                del lp, norms  # queued on the device; the results below wait once
+                for kind, (mine, pending) in rows_of.items():
+                    for (i, _), r in zip(mine, pending.result(), strict=True):
+                        if kind == "student":
+                            out[i].student = r
+                        else:
+                            out[i].bytes = self._byte_rows(prepared[i], r)
+                if tokens is not None:
+                    for (i, _), t in zip(docs, tokens(), strict=True):
+                        out[i].teacher = t
+                for i, _ in docs:
+                    out[i].stats["tree_nodes"] = len(prepared[i].tree[0])  # type: ignore[index]
         for p, o in zip(prepared, out, strict=True):
             o.stats["canonical_tokens"] = len(p.teacher_ids)
         return out
 
-    def _teacher_tokens(self, p: KindsPrepared, lp: torch.Tensor) -> TeacherTokens:
-        """Log-probs along the canonical path, each context renormalised in float64."""
-        path = torch.as_tensor(p.maps["path"], device=lp.device)
-        rows = lp[path].to(torch.float64)
-        lse = torch.logsumexp(rows, dim=1)
-        nxt = torch.as_tensor([*p.teacher_ids, self.teacher_eos], device=lp.device)
-        logprob = (rows.gather(1, nxt[:, None]).squeeze(1) - lse).cpu().numpy()
-        lengths = [len(self.T.token_bytes[t]) for t in p.teacher_ids]
-        return TeacherTokens(
-            ids=np.asarray(p.teacher_ids, dtype=np.int64),
-            logprob=logprob,
-            byte_end=np.cumsum(lengths, dtype=np.int64),
+    def _columns(self, lp: torch.Tensor) -> torch.Tensor:
+        vt = self.T.size
+        if lp.shape[1] < vt:
+            raise ValueError(f"teacher returned {lp.shape[1]} columns, tokenizer has {vt}")
+        return lp[:, :vt]
+
+    def _teacher_tokens(
+        self,
+        docs: list[tuple[int, int]],
+        prepared: Sequence[KindsPrepared],
+        lp: torch.Tensor,
+        norms: RowNorms,
+    ) -> Callable[[], list[TeacherTokens]]:
+        """Log-probs along the canonical paths of ``docs`` (index, first row of its tree
+        in ``lp``), each context renormalised in float64 (``norms``), gathered for all of
+        them on the device; the returned function waits and splits them."""
+        rows = np.concatenate(
+            [row + np.asarray(prepared[i].maps["path"], np.int64) for i, row in docs]
         )
+        nxt = np.concatenate(
+            [np.asarray([*prepared[i].teacher_ids, self.teacher_eos], np.int64) for i, _ in docs]
+        )
+        rows_t = torch.as_tensor(rows, device=lp.device)
+        nxt_t = torch.as_tensor(nxt, device=lp.device)
+        dev = lp[rows_t, nxt_t].to(torch.float64) - norms.lse[rows_t]
+        host = dev.to("cpu", non_blocking=dev.device.type == "cuda")
+        event = None
+        if dev.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+
+        def result() -> list[TeacherTokens]:
+            if event is not None:
+                event.synchronize()
+            logprob = host.numpy()
+            out, a = [], 0
+            for i, _ in docs:
+                ids = prepared[i].teacher_ids
+                lengths = [len(self.T.token_bytes[t]) for t in ids]
+                out.append(
+                    TeacherTokens(
+                        ids=np.asarray(ids, dtype=np.int64),
+                        logprob=logprob[a : a + len(ids) + 1].copy(),
+                        byte_end=np.cumsum(lengths, dtype=np.int64),
+                    )
+                )
+                a += len(ids) + 1
+            return out
+
+        return result
 
     def _byte_rows(self, p: KindsPrepared, scored: ScoredDocument) -> ByteRows:
         table = self.byte_symbol

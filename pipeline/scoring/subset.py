@@ -54,7 +54,12 @@ from pipeline.scoring.covers import (  # the tokenizer phase: exact covers
 )
 from pipeline.scoring.protocol import Teacher
 from pipeline.scoring.subset_pair import _decompositions, check_subset_pair
-from pipeline.scoring.trees import _batches, merge_context_trees, teacher_tree_logprobs
+from pipeline.scoring.trees import (
+    _batches,
+    merge_context_trees,
+    teacher_tree_batches,
+    teacher_tree_logprobs,  # noqa: F401  (importable from here, see above)
+)
 from pipeline.scoring.unicode import char_of_bytes
 from pipeline.tokenization import (
     ByteLevelBPE,
@@ -82,6 +87,21 @@ R1_PROBE_TEXTS: tuple[str, ...] = (
 
 
 @dataclass
+class RowPlan:
+    """The host side of one document's row phase (`SubsetExactScorer.row_plan`): its
+    entries (row, cover node, decomposition-trie node, takes the specials), sorted by
+    row, from the exact covers alone; no teacher output is needed to build it."""
+
+    n_rows: int  # L + 1
+    rows: np.ndarray  # int64, sorted
+    cov: np.ndarray  # local tree node of the cover
+    tnode: np.ndarray  # trie node of the student tokens since the cover
+    spec: np.ndarray  # bool
+    next_ids: np.ndarray  # the actual next student token of every row (EOS last)
+    depth: int  # of the local tree
+
+
+@dataclass
 class PreparedDocument:
     """Output of the tokenizer phase for one document."""
 
@@ -98,6 +118,7 @@ class PreparedDocument:
     # canonical teacher ids of the text before ``text`` (see `SubsetExactScorer.prepare`);
     # node 0 is then the end of this context, not the start of text
     context: list[int] = field(default_factory=list)
+    plan: RowPlan | None = None  # the row phase's host side, built by `prepare`
 
     @property
     def num_nodes(self) -> int:
@@ -130,6 +151,19 @@ def _cover_weights(
     return shift, torch.exp(lw - shift[rows_t])
 
 
+def _path_sums_device(parent: torch.Tensor, step: torch.Tensor, depth: int) -> torch.Tensor:
+    """`_path_sums` on the device by pointer jumping (``parent``: a root is its own
+    parent, with step 0; ``depth``: the deepest node's depth): ceil(log2(depth))
+    rounds of gathers, no host loop and no wait."""
+    val, anc = step, parent
+    hops = 1
+    while hops < depth:
+        val = val + val[anc]
+        anc = anc[anc]
+        hops *= 2
+    return val
+
+
 def _path_sums(parents: Sequence[int], steps: np.ndarray) -> np.ndarray:
     """Per tree node, the sum of ``steps`` along its path from node 0 (``steps[v - 1]``:
     the log-prob of node ``v``'s token after its parent; parents precede children)."""
@@ -145,27 +179,27 @@ def _shared_calls(
     max_tree_nodes: int | None,
     max_batch_nodes: int | None,
     stats: dict[str, int],
-) -> Iterator[list[tuple[torch.Tensor, list[tuple[int, list[int]]]]]]:
-    """The teacher calls of `score_prepared_shared` / `dense_rows_shared`: the
+) -> Iterator[tuple[torch.Tensor, list[tuple[int, np.ndarray]]]]:
+    """The teacher forwards of `score_prepared_shared` / `dense_rows_shared`: the
     documents' trees merged (`merge_context_trees`) within ``max_tree_nodes``, sent in
-    calls of at most ``max_batch_nodes`` nodes. Yields per call, per tree, its log-probs
-    and its documents as (index, tree node of each local node); fills ``stats``
+    calls of at most ``max_batch_nodes`` nodes. Yields per forward its log-probs and
+    its documents as (index, the log-prob row of each local node); fills ``stats``
     (``teacher_contexts``, ``teacher_calls``, ``trees``)."""
     mbt = int(getattr(teacher, "max_batch_tokens", 1024))
     n_start = len(getattr(teacher, "start_ids", [0]))
     cap = max_tree_nodes or max(2, mbt - n_start + 1)
     budget = max_batch_nodes or 4 * mbt
     trees, where = merge_context_trees(prepared, cap)
-    docs_of: list[list[tuple[int, list[int]]]] = [[] for _ in trees]
+    docs_of: list[list[tuple[int, np.ndarray]]] = [[] for _ in trees]
     for i, (k, nodes) in enumerate(where):
-        docs_of[k].append((i, nodes))
+        docs_of[k].append((i, np.asarray(nodes, dtype=np.int64)))
     stats.update(teacher_contexts=0, teacher_calls=0, trees=len(trees))
     for batch in _batches([len(t[0]) for t in trees], budget):
-        logps = teacher_tree_logprobs(teacher, [trees[k] for k in batch])
         stats["teacher_contexts"] += sum(len(trees[k][0]) for k in batch)
         stats["teacher_calls"] += 1
-        yield [(lp, docs_of[k]) for k, lp in zip(batch, logps, strict=True)]
-        del logps
+        for lp, first in teacher_tree_batches(teacher, [trees[k] for k in batch]):
+            yield lp, [(i, first[t] + nodes) for t in first for i, nodes in docs_of[batch[t]]]
+            del lp
 
 
 class _Tree:
@@ -232,6 +266,67 @@ class SubsetStudent:
         # the character holding each byte (a token may start mid-character)
         char_of = char_of_bytes(text)
         return np.asarray(char_of[np.minimum(nbytes, len(char_of) - 1)], dtype=np.int64)
+
+
+class _Upload:
+    """Host index arrays of a row phase, sent to the device in ONE copy (pinned and
+    asynchronous on CUDA): `add` returns a handle, `send` the device buffer, `get` a
+    view of it."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, a: np.ndarray | Sequence[int]) -> tuple[int, int]:
+        arr = np.asarray(a, dtype=np.int64).reshape(-1)
+        self.parts.append(arr)
+        self.size += len(arr)
+        return self.size - len(arr), self.size
+
+    def send(self, device: torch.device) -> torch.Tensor:
+        host = torch.from_numpy(np.concatenate(self.parts) if self.parts else np.zeros(0, np.int64))
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+
+@dataclass
+class _RootPlan:
+    """Entries of a block at the trie root (see `_accumulate`): their rows, the unique
+    cover nodes and each entry's index into them, the weights' indices; the same for
+    the entries that also take the specials."""
+
+    rows: tuple[int, int]
+    nodes: tuple[int, int]
+    inv: tuple[int, int]
+    widx: tuple[int, int]
+    spec_rows: tuple[int, int]
+    spec_nodes: tuple[int, int]
+    spec_widx: tuple[int, int]
+    n_spec: int
+
+
+@dataclass
+class _ChunkPlan:
+    """Entries below the trie root whose teacher-token ranges, flattened, hold
+    ``total`` elements."""
+
+    rows: tuple[int, int]
+    nodes: tuple[int, int]
+    lo: tuple[int, int]
+    sizes: tuple[int, int]
+    depth: tuple[int, int]
+    widx: tuple[int, int]
+    n: int
+    total: int
+
+
+@dataclass
+class _BlockPlan:
+    r0: int
+    r1: int
+    root: _RootPlan | None
+    chunks: list[_ChunkPlan]
 
 
 class SubsetExactScorer:
@@ -504,7 +599,7 @@ class SubsetExactScorer:
             m0 += len(tids)
             i0 += n_s
         assert i0 == len(student_ids) and m0 == len(canonical)
-        return PreparedDocument(
+        doc = PreparedDocument(
             text=norm,
             teacher_ids=canonical,
             student_ids=list(student_ids),
@@ -515,6 +610,8 @@ class SubsetExactScorer:
             stats={"alt_covers": n_alt},
             context=ctx,
         )
+        self.row_plan(doc)
+        return doc
 
     # ------------------------------------------------------------------ scoring
     def score(
@@ -555,9 +652,19 @@ class SubsetExactScorer:
         budget = max_batch_nodes or 4 * int(getattr(teacher, "max_batch_tokens", 1024))
         out: list[ScoredDocument | None] = [None] * len(prepared)
         for batch in _batches([p.tree_size for p in prepared], budget):
-            logps = teacher_tree_logprobs(teacher, [prepared[b].tree() for b in batch])
-            for b, lp in zip(batch, logps, strict=True):
-                out[b] = self._rows(prepared[b], lp[len(prepared[b].context) :], top_k)
+            trees = [prepared[b].tree() for b in batch]
+            for lp, first in teacher_tree_batches(teacher, trees):
+                docs = [batch[t] for t in first]
+                items = [
+                    (
+                        prepared[b],
+                        first[t] + len(prepared[b].context) + np.arange(prepared[b].num_nodes),
+                    )
+                    for t, b in zip(first, docs, strict=True)
+                ]
+                for b, r in zip(docs, self.rows_batch(lp, items, top_k).result(), strict=True):
+                    out[b] = r
+                del lp  # this forward's log-probs go before the next forward
         return [o for o in out if o is not None]
 
     def score_prepared_shared(
@@ -583,11 +690,11 @@ class SubsetExactScorer:
         """
         out: list[ScoredDocument | None] = [None] * len(prepared)
         stats: dict[str, int] = {}
-        for call in _shared_calls(teacher, prepared, max_tree_nodes, max_batch_nodes, stats):
-            for lp, docs in call:
-                for i, nodes in docs:
-                    idx = torch.as_tensor(nodes, device=lp.device)
-                    out[i] = self._rows(prepared[i], lp[idx], top_k)
+        for lp, docs in _shared_calls(teacher, prepared, max_tree_nodes, max_batch_nodes, stats):
+            items = [(prepared[i], nodes) for i, nodes in docs]
+            for (i, _), r in zip(docs, self.rows_batch(lp, items, top_k).result(), strict=True):
+                out[i] = r
+            del lp
         return [o for o in out if o is not None], stats
 
     def dense_rows_shared(
@@ -613,23 +720,11 @@ class SubsetExactScorer:
         probs: list[np.ndarray] = [np.zeros((0, self.S.size))] * len(prepared)
         unmapped: list[np.ndarray] = [np.zeros(0)] * len(prepared)
         stats: dict[str, int] = {}
-        for call in _shared_calls(teacher, prepared, max_tree_nodes, max_batch_nodes, stats):
-            offsets = np.cumsum([0, *(len(lp) for lp, _ in call)])
-            lp_all = (
-                torch.cat([torch.as_tensor(lp) for lp, _ in call]) if len(call) > 1 else call[0][0]
-            )
-            items = [
-                (i, offsets[b] + np.asarray(nodes, dtype=np.int64))
-                for b, (_, docs) in enumerate(call)
-                for i, nodes in docs
-            ]
-            got = self._dense_rows(
-                torch.as_tensor(lp_all),
-                [(prepared[i], nodes, list(wanted[i])) for i, nodes in items],
-            )
-            for (i, _), (pr, un) in zip(items, got, strict=True):
+        for lp, docs in _shared_calls(teacher, prepared, max_tree_nodes, max_batch_nodes, stats):
+            got = self._dense_rows(lp, [(prepared[i], nodes, list(wanted[i])) for i, nodes in docs])
+            for (i, _), (pr, un) in zip(docs, got, strict=True):
                 probs[i], unmapped[i] = pr, un
-            del lp_all
+            del lp
         return probs, unmapped, stats
 
     def _dense_rows(
@@ -640,12 +735,10 @@ class SubsetExactScorer:
         device = logp.device
         adt = self.accum_dtype
         tz = self._tensors(device)
-        vt = self.T.size
-        if logp.shape[1] < vt:
-            raise ValueError(f"teacher returned {logp.shape[1]} columns, tokenizer has {vt} ids")
-        logp = logp[:, :vt]
-        expo, norm, lse = normalized_exp(logp, adt)
-        # path log-weights per document (relative to its local root), as in `_rows`
+        logp = self._check_columns(logp)
+        rn = row_norms(logp, adt)
+        lse = rn.lse
+        # path log-weights per document (relative to its local root), as in `rows_batch`
         gpar: list[int] = []
         gtok: list[int] = []
         spans: list[tuple[int, int]] = []
@@ -685,15 +778,18 @@ class SubsetExactScorer:
         probs = torch.zeros((n_out, vs), dtype=adt, device=device)
         unm = torch.zeros(n_out, dtype=adt, device=device)
         if rows:
-            rows_t = torch.as_tensor(rows, device=device)
-            cov_t = torch.as_tensor(cov, device=device)
-            tnode_t = torch.as_tensor(tnode, device=device)
-            spec_t = torch.as_tensor(spec, dtype=torch.bool, device=device)
-            lw = torch.as_tensor(lws, dtype=adt, device=device)
-            _, w = _cover_weights(rows_t, lw, n_out)
-            for r0, r1, logJ, share, _ in self._row_blocks(
-                n_out, rows_t, cov_t, tnode_t, spec_t, w, expo, norm, tz
-            ):
+            order = np.argsort(np.asarray(rows), kind="stable")
+            rows_np = np.asarray(rows, np.int64)[order]
+            lw = torch.as_tensor(np.asarray(lws)[order], dtype=adt, device=device)
+            _, w = _cover_weights(torch.as_tensor(rows_np, device=device), lw, n_out)
+            entries = (
+                rows_np,
+                np.asarray(cov, np.int64)[order],
+                np.asarray(tnode, np.int64)[order],
+                np.asarray(spec, bool)[order],
+            )
+            blocks, up = self._block_plans(n_out, *entries)
+            for r0, r1, logJ, share, _ in self._row_blocks(blocks, up.send(device), w, rn, tz):
                 probs[r0:r1] = torch.exp(logJ) * (1.0 - share)[:, None]
                 unm[r0:r1] = share
         probs_np, unm_np = probs.cpu().numpy(), unm.cpu().numpy()
@@ -705,9 +801,9 @@ class SubsetExactScorer:
     def _cover_walks(
         self, doc: PreparedDocument, first: int, last: int
     ) -> Iterator[tuple[int, int, int, bool]]:
-        """The entries of the row phase (`_rows`, `_dense_rows`) from the exact covers at
-        student positions ``first..last``: every cover ``e`` at position ``j`` adds to rows
-        ``i = j, j + 1, ...`` through the decomposition-trie node ``q`` of
+        """The entries of the row phase (`rows_batch`, `_dense_rows`) from the exact covers
+        at student positions ``first..last``: every cover ``e`` at position ``j`` adds to
+        rows ``i = j, j + 1, ...`` through the decomposition-trie node ``q`` of
         ``s_{j+1..i}``, while that node still has children. Yields ``(i, q, e, special)``
         (``special``: the row's specials and EOS follow this cover: ``q`` is the root and
         ``e`` the canonical encoding of the prefix as a complete text), anchors in order."""
@@ -732,56 +828,121 @@ class SubsetExactScorer:
                     break
                 i += 1
 
-    def _rows(self, doc: PreparedDocument, logp: torch.Tensor, top_k: int | None) -> ScoredDocument:
-        """Row phase for one document given teacher log-probs [num_nodes, V_T] per node."""
-        device = logp.device
-        adt = self.accum_dtype
-        tz = self._tensors(device)
+    # ------------------------------------------------------------------ row phase
+    def row_plan(self, doc: PreparedDocument) -> RowPlan:
+        """The host side of the document's row phase (`RowPlan`), from the tokenizer
+        phase alone; `prepare` computes it (so a producer thread or worker process does
+        this work ahead of the teacher), cached on the document."""
+        if doc.plan is not None:
+            return doc.plan
+        L = len(doc.student_ids)
+        walks = np.asarray(list(self._cover_walks(doc, 0, L)), dtype=np.int64).reshape(-1, 4)
+        walks = walks[np.argsort(walks[:, 0], kind="stable")]
+        depth = [0] * doc.num_nodes
+        for v in range(1, doc.num_nodes):
+            depth[v] = depth[doc.parents[v]] + 1
+        doc.plan = RowPlan(
+            n_rows=L + 1,
+            rows=walks[:, 0].copy(),
+            cov=walks[:, 2].copy(),
+            tnode=walks[:, 1].copy(),
+            spec=walks[:, 3].astype(bool),
+            next_ids=np.asarray([*doc.student_ids, self.student_eos], dtype=np.int64),
+            depth=max(depth),
+        )
+        return doc.plan
+
+    def _check_columns(self, logp: torch.Tensor) -> torch.Tensor:
         vt = self.T.size
         if logp.shape[1] < vt:
             raise ValueError(f"teacher returned {logp.shape[1]} columns, tokenizer has {vt} ids")
-        logp = logp[:, :vt]
-        S = doc.student_ids
-        L = len(S)
-        n = doc.num_nodes
-        tokens = torch.as_tensor(doc.tokens, device=device)
-        parents = torch.as_tensor(doc.parents, device=device)
-        # path log-weights w_E = log P_T(E): parents precede children, so one pass.
-        # Renormalise every context in the accumulation dtype: a float32 log-softmax over
-        # 50k-150k ids sums to 1 only within ~1e-5, which would bias every row.
-        expo, norm, lse = normalized_exp(logp, adt)
-        step = torch.zeros(n, dtype=adt, device=device)
-        if n > 1:
-            step[1:] = logp[parents[1:], tokens[1:]].to(adt) - lse[parents[1:]]
-        logw_np = _path_sums(doc.parents, step.cpu().numpy()[1:])
+        return logp[:, :vt]
 
-        rows, cov, tnode, spec = [], [], [], []
-        for i, q, e, sp in self._cover_walks(doc, 0, L):
-            rows.append(i)
-            cov.append(e)
-            tnode.append(q)
-            spec.append(sp)
-        rows_t = torch.as_tensor(rows, device=device)
-        cov_t = torch.as_tensor(cov, device=device)
-        tnode_t = torch.as_tensor(tnode, device=device)
-        spec_t = torch.as_tensor(spec, dtype=torch.bool, device=device)
-        logw = torch.as_tensor(logw_np, dtype=adt, device=device)
-        shift, w = _cover_weights(rows_t, logw[cov_t], L + 1)
+    def rows_batch(
+        self,
+        logp: torch.Tensor,
+        items: Sequence[tuple[PreparedDocument, np.ndarray]],
+        top_k: int | None,
+        norms: RowNorms | None = None,
+    ) -> PendingRows:
+        """Row phase of many documents whose teacher log-probs are rows of one tensor
+        ``logp`` [nodes, V_T] (``items``: each document with the ``logp`` row of each of
+        its local nodes; documents may share nodes).
 
+        Every index array is built on the host first (from the documents' `RowPlan`s)
+        and sent in one copy; the device then runs the whole batch (path sums, cover
+        weights, blocks of rows, top-k) without waiting for the host: no host-device
+        synchronisation until `PendingRows.result` copies the outputs back (one wait per
+        batch, not per block or per document; on CUDA the copies are asynchronous, so
+        the caller may queue the next forward first). ``norms``: `row_norms` of
+        ``logp`` when the caller has them (several row phases over one forward)."""
+        device = logp.device
+        adt = self.accum_dtype
+        tz = self._tensors(device)
+        logp = self._check_columns(logp)
+        plans = [self.row_plan(d) for d, _ in items]
+        # ---- host: the batch's local nodes (concatenated) and entries
+        n_nodes = np.asarray([d.num_nodes for d, _ in items], np.int64)
+        node_off = np.concatenate([[0], np.cumsum(n_nodes)])
+        n_rows = np.asarray([p.n_rows for p in plans], np.int64)
+        row_off = np.concatenate([[0], np.cumsum(n_rows)])
+        R = int(row_off[-1])
+        up = _Upload()
+        g_node = np.concatenate([np.asarray(nodes, np.int64) for _, nodes in items])
+        par = np.concatenate(
+            [
+                np.where(np.arange(d.num_nodes) == 0, 0, np.asarray(d.parents, np.int64))
+                + node_off[k]
+                for k, (d, _) in enumerate(items)
+            ]
+        )
+        tok = np.concatenate([np.maximum(np.asarray(d.tokens, np.int64), 0) for d, _ in items])
+        e_rows = np.concatenate([p.rows + row_off[k] for k, p in enumerate(plans)])
+        e_local = np.concatenate([p.cov + node_off[k] for k, p in enumerate(plans)])
+        e_cov = g_node[e_local]
+        e_tnode = np.concatenate([p.tnode for p in plans])
+        e_spec = np.concatenate([p.spec for p in plans])
+        first_row = np.zeros(R, bool)
+        first_row[row_off[:-1]] = True
+        # the canonical encoding's end (the teacher log-likelihood of the text + EOS)
+        canon_local = np.asarray([len(d.teacher_ids) for d, _ in items], np.int64) + node_off[:-1]
+        h = {
+            "g_node": up.add(g_node),
+            "par": up.add(par),
+            "tok": up.add(tok),
+            "rows": up.add(e_rows),
+            "local": up.add(e_local),
+            "next": up.add(np.concatenate([p.next_ids for p in plans])),
+            "first": up.add(first_row),
+            "canon": up.add(canon_local),
+        }
+        blocks, _ = self._block_plans(R, e_rows, e_cov, e_tnode, e_spec, up)
+        depth = max((p.depth for p in plans), default=0)
+        # ---- device: no host synchronisation from here on
+        dev = up.send(device)
+
+        def get(name: str) -> torch.Tensor:
+            a, b = h[name]
+            return dev[a:b]
+
+        rn = norms if norms is not None else row_norms(logp, adt)
+        lse = rn.lse
+        g, p_local = get("g_node"), get("par")
+        is_root = p_local == torch.arange(len(g_node), device=device)
+        step = logp[g[p_local], get("tok")].to(adt) - lse[g[p_local]]
+        step = torch.where(is_root, torch.zeros_like(step), step)
+        logw = _path_sums_device(p_local, step, depth)
+        rows_t = get("rows")
+        shift, w = _cover_weights(rows_t, logw[get("local")], R)
         vs = self.S.size
         k_eff = None if top_k is None else min(top_k, vs)
-        res_ids = torch.empty((L + 1, k_eff or 0), dtype=torch.int64, device=device)
-        res_lp = torch.empty((L + 1, k_eff or 0), dtype=adt, device=device)
-        dense = torch.empty((L + 1, vs), dtype=adt, device=device) if top_k is None else None
-        tail = torch.zeros(L + 1, dtype=adt, device=device)
-        unmapped = torch.zeros(L + 1, dtype=adt, device=device)
-        total = torch.zeros(L + 1, dtype=adt, device=device)
-        target = torch.empty(L + 1, dtype=adt, device=device)
-        next_ids = torch.as_tensor([*S, self.student_eos], device=device)
-
-        for r0, r1, logJ, share, tot in self._row_blocks(
-            L + 1, rows_t, cov_t, tnode_t, spec_t, w, expo, norm, tz
-        ):
+        res_ids = torch.empty((R, k_eff or 0), dtype=torch.int64, device=device)
+        res_lp = torch.empty((R, k_eff or 0), dtype=adt, device=device)
+        dense = torch.empty((R, vs), dtype=adt, device=device) if top_k is None else None
+        cols = torch.zeros((R, 6), dtype=adt, device=device)  # see `PendingRows`
+        tail, unmapped, total, target = cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3]
+        next_ids = get("next")
+        for r0, r1, logJ, share, tot in self._row_blocks(blocks, dev, w, rn, tz):
             total[r0:r1] = tot
             unmapped[r0:r1] = share
             target[r0:r1] = logJ.gather(1, next_ids[r0:r1, None]).squeeze(1)
@@ -794,196 +955,329 @@ class SubsetExactScorer:
                 res_lp[r0:r1] = vals
                 tail[r0:r1] = (1.0 - torch.exp(vals).sum(1)).clamp_min(0.0)
         prefix_lp = shift + torch.log(total)
-        # Mass that reached row i but sits on teacher sequences that are not a prefix of any
-        # canonical encoding (dropped invalid exact covers): 1 - carried / incoming.
-        noncanon = torch.zeros(L + 1, dtype=adt, device=device)
-        if L:
+        cols[:, 4] = prefix_lp
+        # Mass that reached row i but sits on teacher sequences that are not a prefix of
+        # any canonical encoding (dropped invalid exact covers): 1 - carried / incoming.
+        if R > 1:
             incoming = prefix_lp[:-1] + torch.log1p(-unmapped[:-1]) + target[:-1]
-            noncanon[1:] = (-torch.expm1(prefix_lp[1:] - incoming)).clamp_min(0.0)
-        return ScoredDocument(
-            text=doc.text,
-            student_ids=np.asarray(S, dtype=np.int64),
-            teacher_ids=np.asarray(doc.teacher_ids, dtype=np.int64),
-            topk_ids=None if top_k is None else res_ids.cpu().numpy(),
-            topk_logprobs=None if top_k is None else res_lp.cpu().numpy(),
-            logprobs=None if dense is None else dense.cpu().numpy(),
-            tail_mass=tail.cpu().numpy(),
-            target_logprobs=target.cpu().numpy(),
-            unmapped_mass=unmapped.cpu().numpy(),
-            unaccounted_mass=np.zeros(L + 1),
-            noncanonical_mass=noncanon.cpu().numpy(),
-            regime=np.full(L + 1, int(Regime.EXACT), dtype=np.uint8),
-            prefix_logprob=prefix_lp.cpu().numpy(),
-            stats={
-                # log P_T(canonical encoding + EOS), from the same forward as the rows
-                "teacher_logprob": float(
-                    logw_np[len(doc.teacher_ids)]
-                    + float(
-                        logp[len(doc.teacher_ids), self.teacher_eos].to(adt)
-                        - lse[len(doc.teacher_ids)]
-                    )
-                ),
-                "teacher_nodes": n,
-                "canonical_tokens": len(doc.teacher_ids),
-                "exact_covers": sum(len(c) for c in doc.covers),
-                **doc.stats,
-            },
+            nc = (-torch.expm1(prefix_lp[1:] - incoming)).clamp_min(0.0)
+            cols[1:, 5] = torch.where(get("first")[1:].bool(), torch.zeros_like(nc), nc)
+        canon = get("canon")
+        teacher_lp = logw[canon] + (logp[g[canon], self.teacher_eos].to(adt) - lse[g[canon]])
+        return PendingRows(
+            self,
+            [d for d, _ in items],
+            row_off,
+            top_k,
+            {"ids": res_ids, "lp": res_lp, "cols": cols, "teacher": teacher_lp, "dense": dense},
         )
+
+    def _rows(self, doc: PreparedDocument, logp: torch.Tensor, top_k: int | None) -> ScoredDocument:
+        """Row phase for one document given teacher log-probs [num_nodes, V_T] per node."""
+        nodes = np.arange(doc.num_nodes, dtype=np.int64)
+        (out,) = self.rows_batch(logp, [(doc, nodes)], top_k).result()
+        return out
+
+    def _block_plans(
+        self,
+        n_rows: int,
+        rows: np.ndarray,
+        cov: np.ndarray,
+        tnode: np.ndarray,
+        spec: np.ndarray,
+        up: _Upload | None = None,
+        max_elems: int = 1 << 22,
+    ) -> tuple[list[_BlockPlan], _Upload]:
+        """Host plan of the row blocks of entries sorted by row (``rows``; ``cov``: the
+        ``logp`` row of the cover; ``tnode``: the trie node; ``spec``: takes the
+        specials): blocks bounded by the memory of their rows, and within a block the
+        root entries (unique cover nodes) and chunks of the other entries whose
+        flattened teacher-token ranges stay within ``max_elems``. Index arrays go to
+        ``up``; entry ``e``'s weight is ``w[e]``."""
+        up = up or _Upload()
+        vs, vb = self.S.size, len(self.perm)
+        per_cover = (vb + 1 + max(vs, vb)) * 8
+        rows_per_block = max(1, self.max_block_bytes // (per_cover * 3))
+        lo_all, hi_all, dep_all = self.trie["lo"], self.trie["hi"], self.trie["depth"]
+        out: list[_BlockPlan] = []
+        for r0 in range(0, n_rows, rows_per_block):
+            r1 = min(n_rows, r0 + rows_per_block)
+            a, b = (int(x) for x in np.searchsorted(rows, [r0, r1]))
+            blk = _BlockPlan(r0, r1, None, [])
+            out.append(blk)
+            if b == a:
+                continue
+            r, c, q, s = rows[a:b] - r0, cov[a:b], tnode[a:b], spec[a:b]
+            root = np.flatnonzero(q == 0)
+            if len(root):
+                nodes, inv = np.unique(c[root], return_inverse=True)
+                sp = root[s[root]]
+                blk.root = _RootPlan(
+                    up.add(r[root]),
+                    up.add(nodes),
+                    up.add(inv),
+                    up.add(root + a),
+                    up.add(r[sp]),
+                    up.add(c[sp]),
+                    up.add(sp + a),
+                    len(sp),
+                )
+            pend = np.flatnonzero(q != 0)
+            if not len(pend):
+                continue
+            qp = q[pend]
+            lo, sizes = lo_all[qp], hi_all[qp] - lo_all[qp]
+            ends = np.cumsum(sizes)
+            start = 0
+            while start < len(pend):
+                limit = (ends[start - 1] if start else 0) + max_elems
+                stop = max(start + 1, int(np.searchsorted(ends, limit, side="right")))
+                sl = pend[start:stop]
+                blk.chunks.append(
+                    _ChunkPlan(
+                        up.add(r[sl]),
+                        up.add(c[sl]),
+                        up.add(lo[start:stop]),
+                        up.add(sizes[start:stop]),
+                        up.add(dep_all[qp[start:stop]]),
+                        up.add(sl + a),
+                        stop - start,
+                        int(sizes[start:stop].sum()),
+                    )
+                )
+                start = stop
+        return out, up
 
     def _row_blocks(
         self,
-        n_rows: int,
-        rows_t: torch.Tensor,
-        cov_t: torch.Tensor,
-        tnode_t: torch.Tensor,
-        spec_t: torch.Tensor,
+        blocks: Sequence[_BlockPlan],
+        dev: torch.Tensor,
         w: torch.Tensor,
-        expo: torch.Tensor,
-        norm: torch.Tensor,
+        rn: RowNorms,
         tz: dict[str, torch.Tensor],
     ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Rows ``0..n_rows-1`` from their (row, cover node, trie node, special, weight)
-        entries, in blocks bounded by the memory of the cumulative sums they need:
-        yields ``(r0, r1, log-probs [r1-r0, V_S], unmapped share, total mass)`` (rows
-        without entries: all ``-inf``, share 0, total 0)."""
+        """The rows of `_block_plans`' blocks (index arrays in ``dev``, the sent
+        `_Upload`): yields ``(r0, r1, log-probs [r1-r0, V_S], unmapped share, total
+        mass)`` (rows without entries: all ``-inf``, share 0, total 0). Device work only."""
         adt, device, vs = w.dtype, w.device, self.S.size
-        vb = len(self.perm)
-        per_cover = (vb + 1 + max(vs, vb)) * 8
-        rows_per_block = max(1, self.max_block_bytes // (per_cover * 3))
-        order = torch.argsort(rows_t, stable=True)
-        rows_sorted = rows_t[order]
-        for r0 in range(0, n_rows, rows_per_block):
-            r1 = min(n_rows, r0 + rows_per_block)
-            a = int(torch.searchsorted(rows_sorted, r0))
-            b = int(torch.searchsorted(rows_sorted, r1))
-            sel = order[a:b]
-            J = torch.zeros((r1 - r0, vs), dtype=adt, device=device)
-            un = torch.zeros(r1 - r0, dtype=adt, device=device)
-            if b > a:
-                self._accumulate(
-                    J,
-                    un,
-                    expo,
-                    norm,
-                    rows_t[sel] - r0,
-                    cov_t[sel],
-                    tnode_t[sel],
-                    spec_t[sel],
-                    w[sel],
-                    tz,
-                )
+        for blk in blocks:
+            n = blk.r1 - blk.r0
+            J = torch.zeros((n, vs), dtype=adt, device=device)
+            un = torch.zeros(n, dtype=adt, device=device)
+            self._accumulate(J, un, rn, blk, dev, w, tz)
             J.clamp_min_(0.0)  # cumsum differences can be -1e-17 instead of 0
             mapped = J.sum(1)
             tot = mapped + un
             share = torch.where(tot > 0, un / tot, torch.zeros_like(tot))
             logJ = torch.log(J) - torch.log(mapped)[:, None]
             logJ = torch.where((mapped > 0)[:, None], logJ, torch.full_like(logJ, -math.inf))
-            yield r0, r1, logJ, share, tot
+            yield blk.r0, blk.r1, logJ, share, tot
 
     def _accumulate(
         self,
         J: torch.Tensor,
         un: torch.Tensor,
-        expo: torch.Tensor,
-        norm: torch.Tensor,
-        rows: torch.Tensor,
-        cov: torch.Tensor,
-        tnode: torch.Tensor,
-        spec: torch.Tensor,
+        rn: RowNorms,
+        blk: _BlockPlan,
+        dev: torch.Tensor,
         w: torch.Tensor,
         tz: dict[str, torch.Tensor],
-        max_elems: int = 1 << 22,
     ) -> None:
-        """Add every (row, cover, trie node) triple's mass to the rows ``J`` in place.
+        """Add every (row, cover, trie node) entry's mass of the block to its rows ``J``
+        in place.
 
-        A triple adds ``w * p_T(t | cover)`` for every teacher token ``t`` in the trie
+        An entry adds ``w * p_T(t | cover)`` for every teacher token ``t`` in the trie
         node's range to the column of ``t``'s next student token ``d(t)[depth]``. Sums
         are sums of positive terms (index_add), never differences of cumulative sums,
         so tiny probabilities keep their relative precision. Special tokens (EOS
-        included) take mass only from triples flagged ``spec``: the exact cover that is
-        the canonical encoding of the prefix as a complete text.
+        included) take mass only from entries flagged special: the exact cover that is
+        the canonical encoding of the prefix as a complete text. Every size is known
+        on the host (`_block_plans`): nothing here waits for the device.
         """
+
+        def get(span: tuple[int, int]) -> torch.Tensor:
+            return dev[span[0] : span[1]]
+
         adt = J.dtype
         vs = J.shape[1]
-        ucov, inv = torch.unique(cov, return_inverse=True)
-        # p_T(t | cover) = expo[cover, t] / norm[cover]; never materialised in full
+        norm = rn.norm
         nxt = tz["next_tok"]  # [V_b, K+1] student token after `depth` ones; -1 = none
-        at_root = tnode == 0
-        if bool(at_root.any()):
-            r, ci, wr = rows[at_root], inv[at_root], w[at_root]
-            uroot, rinv = torch.unique(ci, return_inverse=True)
-            # mass per first student token: bucket sums in the teacher's dtype, then
-            # columns in adt (specials land in a spare column and are dropped)
-            nodes = ucov[uroot]
+        rt = blk.root
+        if rt is not None:
+            r, nodes, wr = get(rt.rows), get(rt.nodes), w[get(rt.widx)]
+            # p_T(t | cover) = rn.expo(cover, t) / norm[cover]; mass per first student
+            # token: bucket sums in the teacher's dtype, then columns in adt (specials
+            # land in a spare column and are dropped)
             buckets = torch.zeros(
-                (len(uroot), len(tz["bucket_col"])), dtype=expo.dtype, device=J.device
+                (len(nodes), len(tz["bucket_col"])), dtype=rn.logp.dtype, device=J.device
             )
-            buckets.index_add_(1, tz["bucket_by_id"], expo[nodes])
-            first = torch.zeros((len(uroot), vs + 1), dtype=adt, device=J.device)
+            buckets.index_add_(1, tz["bucket_by_id"], rn.expo(nodes))
+            first = torch.zeros((len(nodes), vs + 1), dtype=adt, device=J.device)
             first.index_add_(1, tz["bucket_col"], buckets.to(adt))
             first = first[:, :vs] / norm[nodes, None]
-            J.index_add_(0, r, wr[:, None] * first[rinv])
-            sp = spec[at_root]
-            r, ci, wr = r[sp], ci[sp], wr[sp]
-            if len(tz["special_t"]):
-                J.index_put_(
-                    (
-                        r[:, None].expand(-1, len(tz["special_s"])),
-                        tz["special_s"].expand(len(r), -1),
-                    ),
-                    wr[:, None]
-                    * expo[ucov[ci][:, None], tz["special_t"]].to(adt)
-                    / norm[ucov[ci], None],
-                    accumulate=True,
-                )
-            if len(tz["unmapped_t"]):
-                un.index_add_(
-                    0,
-                    r,
-                    wr * expo[ucov[ci][:, None], tz["unmapped_t"]].to(adt).sum(1) / norm[ucov[ci]],
-                )
-        pend = torch.nonzero(~at_root).squeeze(1)
-        if len(pend) == 0:
-            return
-        q = tnode[pend]
-        lo, hi, depth = tz["lo"][q], tz["hi"][q], tz["depth"][q]
-        sizes = hi - lo
-        ends = torch.cumsum(sizes, 0)
-        # chunks of triples whose flattened ranges stay within max_elems
-        start = 0
-        while start < len(pend):
-            limit = (ends[start - 1] if start else 0) + max_elems
-            stop = max(start + 1, int(torch.searchsorted(ends, limit, right=True)))
-            sl = slice(start, stop)
-            cnt = sizes[sl]
-            rep = torch.repeat_interleave(torch.arange(stop - start, device=J.device), cnt)
+            J.index_add_(0, r, wr[:, None] * first[get(rt.inv)])
+            if rt.n_spec:
+                r, c, wr = get(rt.spec_rows), get(rt.spec_nodes), w[get(rt.spec_widx)]
+                if len(self.special_t):
+                    J.index_put_(
+                        (
+                            r[:, None].expand(-1, len(self.special_s)),
+                            tz["special_s"].expand(len(r), -1),
+                        ),
+                        wr[:, None] * rn.expo(c[:, None], tz["special_t"]).to(adt) / norm[c, None],
+                        accumulate=True,
+                    )
+                if len(self.unmapped_t):
+                    un.index_add_(
+                        0, r, wr * rn.expo(c[:, None], tz["unmapped_t"]).to(adt).sum(1) / norm[c]
+                    )
+        for ch in blk.chunks:
+            cnt = get(ch.sizes)
+            rep = torch.repeat_interleave(
+                torch.arange(ch.n, device=J.device), cnt, output_size=ch.total
+            )
             offs = torch.cumsum(cnt, 0) - cnt
-            pos = lo[sl][rep] + (torch.arange(len(rep), device=J.device) - offs[rep])
-            col = nxt[pos, depth[sl][rep]]
-            keep = (
-                col >= 0
-            )  # the node's own token (if any) ends here: an exact cover, not a next token
-            node = cov[pend[sl]][rep]
-            vals = w[pend[sl]][rep] * expo[node, tz["perm"][pos]].to(adt) / norm[node]
-            J.index_put_((rows[pend[sl]][rep][keep], col[keep]), vals[keep], accumulate=True)
-            start = stop
+            pos = get(ch.lo)[rep] + (torch.arange(ch.total, device=J.device) - offs[rep])
+            col = nxt[pos, get(ch.depth)[rep]]
+            # -1: the node's own token ends here (an exact cover, not a next token);
+            # its term is added as 0 to column 0 rather than filtered (no host wait)
+            keep = col >= 0
+            node = get(ch.nodes)[rep]
+            vals = w[get(ch.widx)][rep] * rn.expo(node, tz["perm"][pos]).to(adt) / norm[node]
+            J.index_put_(
+                (get(ch.rows)[rep], col.clamp_min(0)),
+                torch.where(keep, vals, torch.zeros_like(vals)),
+                accumulate=True,
+            )
 
 
-def normalized_exp(
-    x: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For rows of log-probabilities ``x``: ``(exp(x - m), row sums, logsumexp)``.
+class PendingRows:
+    """The outputs of `SubsetExactScorer.rows_batch` while the device computes them;
+    `result` waits (once) and returns the `ScoredDocument`s in input order."""
 
-    ``expo / norm`` is each row renormalised to sum to 1 (a float32 log-softmax over
-    10^5 ids may drift by ~1e-5, which would bias every row). ``m`` is 0 for proper
-    log-probabilities and the row max otherwise (e.g. raw logits).
+    def __init__(
+        self,
+        scorer: SubsetExactScorer,
+        docs: list[PreparedDocument],
+        row_off: np.ndarray,
+        top_k: int | None,
+        dev: dict[str, torch.Tensor | None],
+    ) -> None:
+        self.scorer, self.docs, self.row_off, self.top_k = scorer, docs, row_off, top_k
+        self._done: dict[str, np.ndarray | None] | None = None
+        self._host: dict[str, torch.Tensor | None] = {}
+        self._event: Any = None
+        cuda = any(t is not None and t.device.type == "cuda" for t in dev.values())
+        for k, t in dev.items():
+            if t is None:
+                self._host[k] = None
+            elif cuda:  # asynchronous copies into pinned memory; `result` waits
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                buf.copy_(t, non_blocking=True)
+                self._host[k] = buf
+            else:
+                self._host[k] = t
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> list[ScoredDocument]:
+        if self._event is not None:
+            self._event.synchronize()
+        h = {k: (None if t is None else t.numpy()) for k, t in self._host.items()}
+        cols = h["cols"]
+        assert cols is not None and h["teacher"] is not None
+        out = []
+        for k, doc in enumerate(self.docs):
+            a, b = int(self.row_off[k]), int(self.row_off[k + 1])
+            L = b - a - 1
+            sl = slice(a, b)
+            out.append(
+                ScoredDocument(
+                    text=doc.text,
+                    student_ids=np.asarray(doc.student_ids, dtype=np.int64),
+                    teacher_ids=np.asarray(doc.teacher_ids, dtype=np.int64),
+                    topk_ids=None if self.top_k is None else h["ids"][sl],  # type: ignore[index]
+                    topk_logprobs=None if self.top_k is None else h["lp"][sl],  # type: ignore[index]
+                    logprobs=None if h["dense"] is None else h["dense"][sl],
+                    tail_mass=cols[sl, 0].copy(),
+                    target_logprobs=cols[sl, 3].copy(),
+                    unmapped_mass=cols[sl, 1].copy(),
+                    unaccounted_mass=np.zeros(L + 1),
+                    noncanonical_mass=cols[sl, 5].copy(),
+                    regime=np.full(L + 1, int(Regime.EXACT), dtype=np.uint8),
+                    prefix_logprob=cols[sl, 4].copy(),
+                    stats={
+                        # log P_T(canonical encoding + EOS), from the same forward as the rows
+                        "teacher_logprob": float(h["teacher"][k]),
+                        "teacher_nodes": doc.num_nodes,
+                        "canonical_tokens": len(doc.teacher_ids),
+                        "exact_covers": sum(len(c) for c in doc.covers),
+                        **doc.stats,
+                    },
+                )
+            )
+        return out
+
+
+@dataclass
+class RowNorms:
+    """Teacher rows renormalised: ``p_T(t | v) = exp(logp[v, t] - shift[v]) / norm[v]``
+    (`expo` gives the numerators of any gathered entries; ``lse = log(norm) + shift``).
+    ``table``: all numerators at once ([nodes, V], as much memory as ``logp``), kept
+    on the CPU where memory is plentiful and an exp costs more than the memory;
+    elsewhere each gather takes its own exp."""
+
+    logp: torch.Tensor
+    shift: torch.Tensor  # logp's dtype, [nodes]
+    norm: torch.Tensor  # accumulation dtype, [nodes]
+    lse: torch.Tensor
+    table: torch.Tensor | None = None
+
+    def expo(self, nodes: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """``exp(logp - shift)`` at rows ``nodes`` (all columns) or at ``(nodes, cols)``
+        (broadcast)."""
+        if self.table is not None:
+            return self.table[nodes] if cols is None else self.table[nodes, cols]
+        if cols is None:
+            return torch.sub(self.logp[nodes], self.shift[nodes, None]).exp_()
+        return torch.sub(self.logp[nodes, cols], self.shift[nodes]).exp_()
+
+
+def row_norms(
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    table: bool | None = None,
+    slice_bytes: int = 64 * 2**20,
+) -> RowNorms:
+    """`RowNorms` of rows of log-probabilities ``x`` [nodes, V].
+
+    Each row is renormalised to sum to 1 (a float32 log-softmax over 10^5 ids may drift
+    by ~1e-5, which would bias every row). The shift is 0 for a row of proper
+    log-probabilities (its max in (-80, 0]: the sum can neither overflow nor underflow;
+    then the numerators are ``exp(x)`` bit for bit) and the row max otherwise (e.g. raw
+    logits), decided per row on the device (no host synchronisation). ``table``: keep
+    all numerators (default: on the CPU); otherwise the exps are summed in slices of at
+    most ``slice_bytes`` and never held for all rows.
     """
-    expo = torch.exp(x)
-    norm = expo.sum(dim=1).to(dtype)  # cascade summation: ~1e-7 relative in float32
-    if bool(torch.all(torch.isfinite(norm) & (norm > 0))):
-        return expo, norm, torch.log(norm)
-    m = x.max(dim=1, keepdim=True).values
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    expo = torch.exp(x - m)
-    norm = expo.sum(dim=1).to(dtype)
-    return expo, norm, torch.log(norm) + m.squeeze(1).to(dtype)
+    n, v = x.shape
+    keep = table if table is not None else x.device.type == "cpu"
+    if keep and x.device.type == "cpu":  # waiting costs nothing here: skip the max pass
+        e = torch.exp(x)
+        norm = e.sum(1).to(dtype)
+        if bool(torch.all(torch.isfinite(norm) & (norm > 0))):
+            return RowNorms(x, x.new_zeros(n), norm, torch.log(norm), e)
+    m = x.max(dim=1).values if n else x.new_zeros(0)
+    proper = (m <= 0) & (m > -80)
+    m = torch.where(proper | ~torch.isfinite(m), torch.zeros_like(m), m)
+    if keep:
+        e = torch.sub(x, m[:, None]).exp_()
+        norm = e.sum(1).to(dtype)  # cascade summation: ~1e-7 relative in float32
+        return RowNorms(x, m, norm, torch.log(norm) + m.to(dtype), e)
+    norm = torch.empty(n, dtype=dtype, device=x.device)
+    step = max(1, slice_bytes // (4 * max(v, 1)))
+    for a in range(0, n, step):
+        e = torch.sub(x[a : a + step], m[a : a + step, None]).exp_()
+        norm[a : a + step] = e.sum(1)
+    return RowNorms(x, m, norm, torch.log(norm) + m.to(dtype))

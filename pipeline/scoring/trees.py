@@ -5,7 +5,7 @@ calls (`_batches`), and the teacher call itself (`teacher_tree_logprobs`: a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -125,3 +125,23 @@ def teacher_tree_logprobs(
     lp = teacher.next_token_logprobs(contexts)
     lp_t = torch.as_tensor(np.asarray(lp)) if not isinstance(lp, torch.Tensor) else lp
     return list(torch.split(lp_t, sizes))
+
+
+def teacher_tree_batches(
+    teacher: Teacher, trees: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> Iterator[tuple[torch.Tensor, dict[int, int]]]:
+    """The log-probs of ``trees`` forward by forward: yields ``(log-probs [nodes, V], {tree
+    index: its first row})`` for the trees of each teacher forward, so that a row phase
+    can run over all of them at once and the log-probs go before the next forward. Uses
+    the teacher's ``tree_logprob_batches`` when it has one (`pipeline.teacher.HFTeacher`),
+    else one `teacher_tree_logprobs` call, concatenated."""
+    batches = getattr(teacher, "tree_logprob_batches", None)
+    if batches is not None:
+        yield from batches(trees)
+        return
+    if not trees:
+        return
+    logps = teacher_tree_logprobs(teacher, trees)
+    first = np.concatenate([[0], np.cumsum([len(lp) for lp in logps])])
+    lp = logps[0] if len(logps) == 1 else torch.cat([torch.as_tensor(x) for x in logps])
+    yield lp, {t: int(first[t]) for t in range(len(trees))}

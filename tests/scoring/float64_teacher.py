@@ -16,7 +16,7 @@ the same comparisons are at most 6e-14 per entry (1 and 2 torch threads alike).
 safety factor, still far below any error that a wrong mask, cover or row would make.
 
 `HFTeacher` computes its log-softmax in float32 whatever the model's dtype (that is what
-it returns to the scorers), so this subclass keeps the float64 logits. The scorers take
+it returns to the scorers), so this subclass keeps the float64 logits (`logprob_dtype`). The scorers take
 float64 log-probs (the brute-force tests' `PerfectTeacher` gives them float64 too).
 """
 
@@ -40,8 +40,9 @@ class Float64Teacher(HFTeacher):
     def __init__(self, model: Any, tokenizer: Any = None, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, dtype=torch.float64, **kwargs)
 
-    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        lg = logits[..., : self.vocab_size].double()
+    logprob_dtype = torch.float64
+
+    def _log_softmax_(self, out: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:
-            lg = lg / self.temperature
-        return torch.log_softmax(lg, dim=-1)
+            out.div_(self.temperature)
+        return torch.log_softmax(out, dim=-1)
