@@ -674,14 +674,19 @@ class GenerateStep:
             text_chars_total=sum(len(r.text) for r in shard.records if isinstance(r, Document)),
         )
 
-        def flush(batch: list[tuple[Document, int, Chunk, Any, Any]], records_seen: int) -> None:
-            results = self.targets.score_prepared(
+        def launch(batch: list[tuple[Document, int, Chunk, Any, Any]]) -> Any:
+            return self.targets.launch(
                 self.teacher,
                 [b[3] for b in batch],
                 cfg.scoring.top_k,
                 byte_top_k=cfg.scoring.byte_top_k,
                 rows=[b[4] for b in batch],
             )
+
+        def finish(
+            batch: list[tuple[Document, int, Chunk, Any, Any]], records_seen: int, pending: Any
+        ) -> None:
+            results = pending.result()
             for (rec, c, chunk, _, mask), r in zip(batch, results, strict=True):
                 seq = self._sequence(rec, c, chunk, r, mask)
                 scored.append((rec.index, seq))
@@ -702,13 +707,22 @@ class GenerateStep:
         pool = self._pool() if overlap and self.prepare_workers > 0 else None
         work = self._work(shard.records, batch_nodes, pool.outcomes if pool else None)
         steps = self._prefetched(work) if overlap else work
+        # Batch i + 1 is queued on the device before the results of batch i are read,
+        # so that on a GPU the host's work on them (and on the next batch's inputs)
+        # overlaps the forward of i + 1 (on the CPU this only changes the order).
+        pending: tuple[Any, int, Any] | None = None
         try:
             for w in steps:
                 for skip, chars in w.skips:
                     skipped.append(skip)
                     state.text_chars_total -= chars
                 if w.batch:
-                    flush(w.batch, w.records_seen)
+                    queued = launch(w.batch)
+                    if pending is not None:
+                        finish(*pending)
+                    pending = (w.batch, w.records_seen, queued)
+            if pending is not None:
+                finish(*pending)
         except BaseException:
             if pool is not None:  # it may hold this shard's documents still
                 self.close()

@@ -157,15 +157,16 @@ def test_gpu_actors_spread_over_nodes_and_survive_a_node_loss(
 
 
 def test_killed_actor_shard_is_redone(cluster, tiny_teacher_dir, tmp_path):
-    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path), tmp_path / "out")
+    # shards long enough that the run is still going after the first commit (with the
+    # default ones, a loaded machine could finish the other 7 before the kill)
+    cfg = _cfg(tiny_teacher_dir, _corpus(tmp_path, repeat=4), tmp_path / "out")
     out = tmp_path / "out"
     t, result = _start_and_wait_for_a_commit(cfg, out)
     # SIGKILL one live actor process (an OOM kill or a crashed worker looks like this)
-    live = list_actors(
-        address=cluster[0].address,
-        filters=[("class_name", "=", "ShardWorker"), ("state", "=", "ALIVE")],
-    )
-    assert live
+    deadline = time.time() + 60
+    while not (live := _live_workers(cluster[0].address, "ALIVE")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert live and t.is_alive()
     os.kill(live[0].pid, signal.SIGKILL)
     t.join(timeout=600)
     assert not t.is_alive()

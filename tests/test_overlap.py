@@ -165,15 +165,15 @@ def test_an_error_in_prepare_fails_the_shard(step, monkeypatch, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_an_error_in_scoring_fails_the_shard_and_stops_the_producer(step, monkeypatch, mode):
     calls = []
-    score = step.targets.score_prepared
+    launch = step.targets.launch
 
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom in scoring")
-        return score(*args, **kwargs)
+        return launch(*args, **kwargs)
 
-    monkeypatch.setattr(step.targets, "score_prepared", failing)
+    monkeypatch.setattr(step.targets, "launch", failing)
     url = _shard(step, f"fail-scoring-{mode}", _texts())
     _mode(step, mode)
     with pytest.raises(RuntimeError, match="boom in scoring"):
@@ -217,15 +217,15 @@ def test_overlap_hides_prepare_behind_a_slow_forward(step, monkeypatch):
         time.sleep(delay)
         return prepare(text, *args, **kwargs)
 
-    score = step.targets.score_prepared
+    launch = step.targets.launch
 
     def slow_score(teacher, prepared, *args, **kwargs):
         calls.append("score")
         time.sleep(delay * len(prepared))
-        return score(teacher, prepared, *args, **kwargs)
+        return launch(teacher, prepared, *args, **kwargs)
 
     monkeypatch.setattr(step.scorer, "prepare", slow_prepare)
-    monkeypatch.setattr(step.targets, "score_prepared", slow_score)
+    monkeypatch.setattr(step.targets, "launch", slow_score)
     # short documents only: one prepare call each (a long one may be re-chunked)
     url = _shard(step, "slow", [f"Document {i}: ab {i * 7} and some text, {i}." for i in range(48)])
     walls = {}

@@ -53,6 +53,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -142,6 +143,22 @@ class SimulatedForward(torch.nn.Module):
         self.inputs_from: tuple[float, float] | None = None  # set by the teacher
         # False: logits are one table row broadcast (no copy), for callers that drop them
         self.materialize = True
+        # True: a forward returns at once and its time passes on a device thread, as a
+        # CUDA launch returns before the kernels run; `sync` waits for the device
+        self.asynchronous = False
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim-device")
+        self._last: Future[None] | None = None
+
+    def _run(self, seconds: float) -> None:
+        w = time.perf_counter()
+        time.sleep(seconds)
+        self.phases.add("sim forward", 0.0, time.perf_counter() - w)
+
+    def sync(self) -> None:
+        """Wait until the device has run every forward queued so far."""
+        if self._last is not None:
+            with self.phases("device wait"):
+                self._last.result()
 
     def forward(self, input_ids: torch.Tensor, **_: Any) -> SimpleNamespace:
         c, w = time.thread_time(), time.perf_counter()
@@ -152,6 +169,10 @@ class SimulatedForward(torch.nn.Module):
             logits = self.table[input_ids % self.rows]
         else:
             logits = self.table[0].expand(*input_ids.shape, self.table.shape[1])
+        if self.asynchronous:
+            if not math.isinf(self.rate):  # the device runs the queued forwards in order
+                self._last = self._device.submit(self._run, input_ids.numel() / self.rate)
+            return SimpleNamespace(logits=logits)
         left = input_ids.numel() / self.rate - (time.perf_counter() - w)
         if left > 0:
             time.sleep(left)
@@ -294,7 +315,22 @@ def make_step(
     timed(step, "prepared_chunks", "prepare")
     timed(step, "_student_mask", "loss masks")
     timed(step, "_sequence", "sequences")
-    timed(step.targets, "score_prepared", "score")
+    launch = step.targets.launch
+
+    class Timed:  # the launch's result, its host work timed as "score" too
+        def __init__(self, pending: Any) -> None:
+            self.pending = pending
+
+        def result(self) -> Any:
+            with phases("score"):
+                return self.pending.result()
+
+    def timed_launch(*args: Any, **kwargs: Any) -> Any:
+        with phases("score"):
+            return Timed(timed_launch.__wrapped__(*args, **kwargs))  # type: ignore[attr-defined]
+
+    timed_launch.__wrapped__ = launch  # type: ignore[attr-defined]
+    step.targets.launch = timed_launch  # type: ignore[method-assign]
     return step
 
 
@@ -383,6 +419,7 @@ def run(step: Any, shards: list[str], out: str, mode: str, rate: float) -> dict[
             wall_ph.get("sim forward", 0.0)
             + wall_ph.get("score", 0.0)
             - wall_ph.get("teacher call", 0.0)
+            - wall_ph.get("device wait", 0.0)
         )
         / wall,
         "tokens": sum(m["student_tokens"] for m in manifests),
@@ -414,12 +451,26 @@ def header() -> str:
     )
 
 
+class _Done:
+    """A pending result that is ready (or waits for the simulated device first)."""
+
+    def __init__(self, out: list[Any], wait: Any = None) -> None:
+        self.out, self.wait = out, wait
+
+    def result(self) -> list[Any]:
+        if self.wait is not None:
+            self.wait()
+        return self.out
+
+
 class RowReplay:
-    """``score_prepared`` with the row phase as accelerator work (``replay`` on): the
+    """``TargetKinds.launch`` with the row phase as accelerator work (``replay`` on): the
     batch's teacher forwards run as the real call makes them (host inputs and masks, the
     simulated forward; the log-probs are dropped) and the rows recorded by an earlier
     real call on the same texts and masks come back, so the shards stay the same and the
-    row phase costs the host nothing; the simulated rate then stands for forward + rows."""
+    row phase costs the host nothing; the simulated rate then stands for forward + rows.
+    With an asynchronous simulated device the results wait for its forwards, as reading
+    a GPU's results waits for its kernels."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
@@ -433,16 +484,16 @@ class RowReplay:
         *args: Any,
         rows: Sequence[Any] | None = None,
         **kwargs: Any,
-    ) -> list[Any]:
+    ) -> Any:
         masks = list(rows) if rows is not None else [None] * len(prepared)
         keys = [
             (p.text, None if m is None else m.tobytes())
             for p, m in zip(prepared, masks, strict=True)
         ]
         if not self.replay or any(k not in self.memo for k in keys):
-            out = self.real(teacher, prepared, *args, rows=rows, **kwargs)
+            out = self.real(teacher, prepared, *args, rows=rows, **kwargs).result()
             self.memo.update(zip(keys, out, strict=True))
-            return list(out)
+            return _Done(list(out))
         group: list[Any] = []
         size = 0
         for tree in (p.tree for p in prepared if p.tree is not None):
@@ -453,7 +504,7 @@ class RowReplay:
             size += len(tree[0])
         if group:
             teacher.tree_logprobs(group)
-        return [self.memo[k] for k in keys]
+        return _Done([self.memo[k] for k in keys], teacher.sim.sync)
 
 
 def table(
@@ -502,8 +553,8 @@ def bench_vocab(vocab: str, shards: list[str], args: argparse.Namespace, tmp: Pa
     out = str(tmp / f"out-{vocab}")
     phases = Phases()
     step = make_step(vocab, shards, out, tmp, phases, args.max_batch_tokens)
-    replay = RowReplay(step.targets.score_prepared.__wrapped__)
-    step.targets.score_prepared.__wrapped__ = replay
+    replay = RowReplay(step.targets.launch.__wrapped__)
+    step.targets.launch.__wrapped__ = replay
     mults = [float(x) for x in args.rates.split(",")]
     print(
         f"\n== {vocab}: teacher vocab {step.targets.T.size}, scorer {step.kind}, student vocab "
@@ -522,6 +573,8 @@ def bench_vocab(vocab: str, shards: list[str], args: argparse.Namespace, tmp: Pa
             warm = run(step, shards, out, "seq", math.inf)
             replay.replay = rows_replayed
             step.teacher.sim.materialize = not rows_replayed  # replayed rows read no log-probs
+            # replayed rows: the device runs forward + rows while the host goes on
+            step.teacher.sim.asynchronous = rows_replayed and not args.synchronous
             title = (
                 "the row phase as accelerator work (rows replayed; the rate is forward + rows)"
                 if rows_replayed
@@ -573,6 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--vocab", default="smollm2,qwen2", help="smollm2 and/or qwen2")
     p.add_argument("--target", type=float, default=0.9, help="busy fraction target")
+    p.add_argument(
+        "--synchronous",
+        action="store_true",
+        help="replayed rows: a forward blocks the host until the device is done (the "
+        "model before the pipeline queued batch i+1 before reading batch i)",
+    )
     args = p.parse_args(argv)
 
     from jobs.generate import demo_inputs

@@ -117,6 +117,20 @@ class KindsResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+class PendingKinds:
+    """`TargetKinds.launch`'s results while the device computes them: `result` waits
+    (once per forward) and returns them in input order."""
+
+    def __init__(self, out: list[KindsResult], finishers: list[Callable[[], None]]) -> None:
+        self._out = out
+        self._finishers = finishers
+
+    def result(self) -> list[KindsResult]:
+        while self._finishers:
+            self._finishers.pop(0)()
+        return self._out
+
+
 @dataclass
 class _Path:
     """The canonical path alone as a `TeacherTree` (node ``j`` = ``ids[:j]``)."""
@@ -262,6 +276,29 @@ class TargetKinds:
     ) -> list[KindsResult]:
         """Every requested kind of the prepared texts (``rows``: the student rows to
         keep, passed to a student scorer that computes only those)."""
+        return self.launch(
+            teacher,
+            prepared,
+            top_k,
+            byte_top_k=byte_top_k,
+            rows=rows,
+            max_batch_nodes=max_batch_nodes,
+        ).result()
+
+    def launch(
+        self,
+        teacher: Teacher,
+        prepared: Sequence[KindsPrepared],
+        top_k: int | None = 64,
+        *,
+        byte_top_k: int | None = 8,
+        rows: Sequence[np.ndarray | None] | None = None,
+        max_batch_nodes: int | None = None,
+    ) -> PendingKinds:
+        """`score_prepared` without waiting for the device: the teacher forwards and the
+        row phases are queued (on CUDA they run asynchronously) and `PendingKinds.result`
+        waits for them, so a caller can queue the next batch before it reads these
+        results. (A general student scorer is synchronous: its rows are ready here.)"""
         out = [KindsResult(p.text, None, None, None) for p in prepared]
         if self.student_scorer is not None and not self.shares_trees:
             students = self.student_scorer.score_prepared(
@@ -269,46 +306,63 @@ class TargetKinds:
             )
             for o, s in zip(out, students, strict=True):
                 o.student = s
+        for p, o in zip(prepared, out, strict=True):
+            o.stats["canonical_tokens"] = len(p.teacher_ids)
+        finishers: list[Callable[[], None]] = []
         have = [i for i, p in enumerate(prepared) if p.tree is not None]
         budget = max_batch_nodes or CALL_FORWARDS * int(getattr(teacher, "max_batch_tokens", 1024))
-        adt = torch.float64
         for batch in _batches([len(prepared[i].tree[0]) for i in have], budget):  # type: ignore[index]
             idx = [have[b] for b in batch]
             trees = [prepared[i].tree for i in idx]
             for lp, first in teacher_tree_batches(teacher, trees):  # type: ignore[arg-type]
                 docs = [(idx[t], row) for t, row in first.items()]
-                lp = self._columns(lp)
-                norms = row_norms(lp, adt)  # shared by the kinds' row phases
-                rows_of: dict[str, tuple[list[tuple[int, int]], Any]] = {}
-                for kind, scorer, k in (
-                    ("student", self.student_scorer, top_k),
-                    ("bytes", self.byte_scorer, byte_top_k),
-                ):
-                    mine = [(i, row) for i, row in docs if kind in prepared[i].maps]
-                    if mine:
-                        items = [
-                            (getattr(prepared[i], kind), row + np.asarray(prepared[i].maps[kind]))
-                            for i, row in mine
-                        ]
-                        rows_of[kind] = (mine, scorer.rows_batch(lp, items, k, norms))  # type: ignore[union-attr]
-                tokens = None
-                if "teacher" in self.kinds:
-                    tokens = self._teacher_tokens(docs, prepared, lp, norms)
-                del lp, norms  # queued on the device; the results below wait once
-                for kind, (mine, pending) in rows_of.items():
-                    for (i, _), r in zip(mine, pending.result(), strict=True):
-                        if kind == "student":
-                            out[i].student = r
-                        else:
-                            out[i].bytes = self._byte_rows(prepared[i], r)
-                if tokens is not None:
-                    for (i, _), t in zip(docs, tokens(), strict=True):
-                        out[i].teacher = t
-                for i, _ in docs:
-                    out[i].stats["tree_nodes"] = len(prepared[i].tree[0])  # type: ignore[index]
-        for p, o in zip(prepared, out, strict=True):
-            o.stats["canonical_tokens"] = len(p.teacher_ids)
-        return out
+                finishers.append(self._launch_forward(prepared, out, docs, lp, top_k, byte_top_k))
+                del lp  # queued on the device: the next forward may reuse its memory
+        return PendingKinds(out, finishers)
+
+    def _launch_forward(
+        self,
+        prepared: Sequence[KindsPrepared],
+        out: list[KindsResult],
+        docs: list[tuple[int, int]],
+        lp: torch.Tensor,
+        top_k: int | None,
+        byte_top_k: int | None,
+    ) -> Callable[[], None]:
+        """The kinds' row phases of one forward's log-probs (``docs``: text index, first
+        row of its tree), queued; the returned function waits and fills ``out``."""
+        lp = self._columns(lp)
+        norms = row_norms(lp, torch.float64)  # shared by the kinds' row phases
+        rows_of: dict[str, tuple[list[tuple[int, int]], Any]] = {}
+        for kind, scorer, k in (
+            ("student", self.student_scorer, top_k),
+            ("bytes", self.byte_scorer, byte_top_k),
+        ):
+            mine = [(i, row) for i, row in docs if kind in prepared[i].maps]
+            if mine:
+                items = [
+                    (getattr(prepared[i], kind), row + np.asarray(prepared[i].maps[kind]))
+                    for i, row in mine
+                ]
+                rows_of[kind] = (mine, scorer.rows_batch(lp, items, k, norms))  # type: ignore[union-attr]
+        tokens = (
+            self._teacher_tokens(docs, prepared, lp, norms) if "teacher" in self.kinds else None
+        )
+
+        def finish() -> None:
+            for kind, (mine, pending) in rows_of.items():
+                for (i, _), r in zip(mine, pending.result(), strict=True):
+                    if kind == "student":
+                        out[i].student = r
+                    else:
+                        out[i].bytes = self._byte_rows(prepared[i], r)
+            if tokens is not None:
+                for (i, _), t in zip(docs, tokens(), strict=True):
+                    out[i].teacher = t
+            for i, _ in docs:
+                out[i].stats["tree_nodes"] = len(prepared[i].tree[0])  # type: ignore[index]
+
+        return finish
 
     def _columns(self, lp: torch.Tensor) -> torch.Tensor:
         vt = self.T.size

@@ -118,7 +118,8 @@ class PreparedDocument:
     # canonical teacher ids of the text before ``text`` (see `SubsetExactScorer.prepare`);
     # node 0 is then the end of this context, not the start of text
     context: list[int] = field(default_factory=list)
-    plan: RowPlan | None = None  # the row phase's host side, built by `prepare`
+    # the row phase's host side, built by `prepare`
+    plan: RowPlan | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_nodes(self) -> int:
