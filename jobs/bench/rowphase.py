@@ -12,12 +12,14 @@ host. It runs against any version of the scorer that has ``score_prepared`` (run
 from an older checkout to compare).
 
     python -m jobs.bench.rowphase [--docs 64] [--vocab smollm2,qwen2] [--nodes 1024]
+                                  [--block-mib 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from collections import Counter
@@ -117,7 +119,7 @@ def pair(vocab: str, tmp: Path) -> tuple[Any, Any]:
     return t, load_tokenizer(str(shared / "qwen2-subsets" / "32000" / "tokenizer.json"))
 
 
-def measure(vocab: str, docs: int, nodes: int, tmp: Path) -> dict[str, Any]:
+def measure(vocab: str, docs: int, nodes: int, tmp: Path, block_mib: int = 0) -> dict[str, Any]:
     from jobs.bench.common import pin_one_core
     from pipeline.assets import gsm8k_chats
     from pipeline.scoring.subset import SubsetExactScorer
@@ -125,6 +127,8 @@ def measure(vocab: str, docs: int, nodes: int, tmp: Path) -> dict[str, Any]:
     pin_one_core()
     t_tok, s_tok = pair(vocab, tmp)
     sc = SubsetExactScorer(t_tok, s_tok)
+    if block_mib:
+        sc.max_block_bytes = block_mib << 20
     texts = ["\n".join(m["content"] for m in chat) for chat in gsm8k_chats(docs)]
     c0 = time.thread_time()
     prepared = [sc.prepare(t) for t in texts]
@@ -155,6 +159,30 @@ def measure(vocab: str, docs: int, nodes: int, tmp: Path) -> dict[str, Any]:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
     rows_s = time.thread_time() - c0 - teacher.seconds
+    plan_s = math.nan
+    if hasattr(sc, "rows_batch"):  # the host's planning: from entry to the one copy
+        import pipeline.scoring.subset as subset
+
+        plan_s = 0.0
+        entered = [0.0]
+        send, rows_batch = subset._Upload.send, sc.rows_batch
+
+        def timed_send(self: Any, device: Any) -> Any:
+            nonlocal plan_s
+            plan_s += time.thread_time() - entered[0]
+            return send(self, device)
+
+        def timed_rows(*a: Any, **k: Any) -> Any:
+            entered[0] = time.thread_time()
+            return rows_batch(*a, **k)
+
+        subset._Upload.send = timed_send  # type: ignore[method-assign]
+        sc.rows_batch = timed_rows  # type: ignore[method-assign]
+        try:
+            sc.score_prepared(teacher, prepared, 64, max_batch_nodes=nodes)
+        finally:
+            subset._Upload.send = send  # type: ignore[method-assign]
+            del sc.rows_batch
     waits = sum(counting.waits.values()) + sum(reads.values())
     return {
         "vocab": vocab,
@@ -165,6 +193,9 @@ def measure(vocab: str, docs: int, nodes: int, tmp: Path) -> dict[str, Any]:
         "waits": dict(counting.waits) | {f".{k}()": v for k, v in reads.items()},
         "prepare_us_per_token": 1e6 * prepare_s / tokens,
         "row_phase_cpu_us_per_token": 1e6 * rows_s / tokens,
+        # numpy planning of the row phase (from the covers' plans to the one copy); on a
+        # GPU the host adds one launch per op (ops_per_token)
+        "row_phase_plan_us_per_token": 1e6 * plan_s / tokens,
     }
 
 
@@ -175,10 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--nodes", type=int, default=1024, help="tree nodes per teacher call (default 1024)"
     )
+    ap.add_argument(
+        "--block-mib",
+        type=int,
+        default=0,
+        help="the scorer's max_block_bytes in MiB (default: the scorer's, 256)",
+    )
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="xtok-bench-rowphase-"))
     for vocab in args.vocab.split(","):
-        r = measure(vocab, args.docs, args.nodes, tmp)
+        r = measure(vocab, args.docs, args.nodes, tmp, args.block_mib)
         print(json.dumps(r, default=float))
     return 0
 

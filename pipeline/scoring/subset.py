@@ -72,6 +72,13 @@ from pipeline.tokenization import (
 # Teacher ids summed together in the teacher's dtype before float64 accumulation.
 BUCKET = 64
 
+# Memory of one block of rows of the row phase (`SubsetExactScorer._block_bytes`): on the
+# CPU larger blocks are slower (caches); on a GPU they cut the kernel launches per row
+# (Qwen2 vocab, `jobs/bench/rowphase.py`: 3.1 ops per student token at 256 MiB, 0.89 at
+# 1 GiB).
+BLOCK_BYTES_CPU = 256 * 2**20
+BLOCK_BYTES_MAX = 2**30
+
 # Texts the pair check encodes with both tokenizers (R1) at construction.
 R1_PROBE_TEXTS: tuple[str, ...] = (
     "Hello world! It's 2024-11-22; the price is $1,234.56.",
@@ -343,7 +350,10 @@ class SubsetExactScorer:
         probes: continuation characters used to find exact covers at trailing whitespace.
         accum_dtype: dtype of the row accumulation (float64 keeps tiny probabilities
             exact to ~1e-16 absolute).
-        max_block_bytes: memory budget of one block of rows in the row phase.
+        max_block_bytes: memory budget of one block of rows in the row phase; None
+            (default): 256 MiB on the CPU; elsewhere an eighth of the forward's
+            log-probs within 256 MiB..1 GiB (fewer, larger blocks: fewer kernel
+            launches per row, and within what the forward's logits held before).
 
     Special tokens in a text (e.g. ``<|im_start|>`` from a chat template) are parsed as
     the added tokens they name, as both tokenizers do, and scored as atomic symbols: a
@@ -363,7 +373,7 @@ class SubsetExactScorer:
         eos_token: str | None = None,
         probes: Sequence[str] = DEFAULT_PROBES,
         accum_dtype: torch.dtype = torch.float64,
-        max_block_bytes: int = 256 * 2**20,
+        max_block_bytes: int | None = None,
     ) -> None:
         self.T = ByteLevelBPE(load_tokenizer(teacher_tokenizer), "teacher")
         self.S = ByteLevelBPE(load_tokenizer(student_tokenizer), "student")
@@ -789,7 +799,7 @@ class SubsetExactScorer:
                 np.asarray(tnode, np.int64)[order],
                 np.asarray(spec, bool)[order],
             )
-            blocks, up = self._block_plans(n_out, *entries)
+            blocks, up = self._block_plans(n_out, *entries, block_bytes=self._block_bytes(logp))
             for r0, r1, logJ, share, _ in self._row_blocks(blocks, up.send(device), w, rn, tz):
                 probs[r0:r1] = torch.exp(logJ) * (1.0 - share)[:, None]
                 unm[r0:r1] = share
@@ -852,6 +862,15 @@ class SubsetExactScorer:
             depth=max(depth),
         )
         return doc.plan
+
+    def _block_bytes(self, logp: torch.Tensor) -> int:
+        """Memory of one block of rows (see ``max_block_bytes``)."""
+        if self.max_block_bytes is not None:
+            return self.max_block_bytes
+        if logp.device.type == "cpu":
+            return BLOCK_BYTES_CPU
+        lp_bytes = logp.shape[0] * logp.shape[1] * logp.element_size()
+        return max(BLOCK_BYTES_CPU, min(BLOCK_BYTES_MAX, lp_bytes // 8))
 
     def _check_columns(self, logp: torch.Tensor) -> torch.Tensor:
         vt = self.T.size
@@ -917,7 +936,9 @@ class SubsetExactScorer:
             "first": up.add(first_row),
             "canon": up.add(canon_local),
         }
-        blocks, _ = self._block_plans(R, e_rows, e_cov, e_tnode, e_spec, up)
+        blocks, _ = self._block_plans(
+            R, e_rows, e_cov, e_tnode, e_spec, up, block_bytes=self._block_bytes(logp)
+        )
         depth = max((p.depth for p in plans), default=0)
         # ---- device: no host synchronisation from here on
         dev = up.send(device)
@@ -988,17 +1009,18 @@ class SubsetExactScorer:
         spec: np.ndarray,
         up: _Upload | None = None,
         max_elems: int = 1 << 22,
+        block_bytes: int | None = None,
     ) -> tuple[list[_BlockPlan], _Upload]:
         """Host plan of the row blocks of entries sorted by row (``rows``; ``cov``: the
         ``logp`` row of the cover; ``tnode``: the trie node; ``spec``: takes the
         specials): blocks bounded by the memory of their rows, and within a block the
         root entries (unique cover nodes) and chunks of the other entries whose
         flattened teacher-token ranges stay within ``max_elems``. Index arrays go to
-        ``up``; entry ``e``'s weight is ``w[e]``."""
+        ``up``; entry ``e``'s weight is ``w[e]``. ``block_bytes``: `_block_bytes`."""
         up = up or _Upload()
         vs, vb = self.S.size, len(self.perm)
         per_cover = (vb + 1 + max(vs, vb)) * 8
-        rows_per_block = max(1, self.max_block_bytes // (per_cover * 3))
+        rows_per_block = max(1, (block_bytes or BLOCK_BYTES_CPU) // (per_cover * 3))
         lo_all, hi_all, dep_all = self.trie["lo"], self.trie["hi"], self.trie["depth"]
         out: list[_BlockPlan] = []
         for r0 in range(0, n_rows, rows_per_block):
