@@ -204,7 +204,7 @@ def _contents_row(name: str, ok: str, s: dict[str, Any] | None, e: dict[str, Any
 
 def _quality_row(name: str, s: dict[str, Any] | None) -> list[Any]:
     if not s or "regime_share" not in s:  # no student rows (a run without that kind)
-        return [name] + ["-"] * 11
+        return [name] + ["-"] * 12
     r = s["regime_share"]
     return [
         name,
@@ -215,6 +215,7 @@ def _quality_row(name: str, s: dict[str, Any] | None) -> list[Any]:
         _fmt(s["entropy_nats"]["mean"], ".3f"),
         "/".join(_fmt(r[k], ".2f") for k in ("exact", "lossless", "approximate")),
         _fmt(s["unaccounted_mass"]["mean"], ".2e"),
+        _fmt(s.get("estimated_mass", {}).get("mean"), ".2e"),
         _fmt(s["unmapped_mass"]["mean"], ".2e"),
         _fmt(s["noncanonical_mass"]["mean"], ".2e"),
         _fmt(s["target_logprob"]["mean"], ".3f"),
@@ -243,6 +244,7 @@ QUALITY_HEADERS = [
     "entropy",
     "exact/lossl/approx",
     "unaccounted",
+    "estimated",
     "unmapped",
     "noncanon.",
     "logP/token",

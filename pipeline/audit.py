@@ -35,8 +35,9 @@ separately):
   ``H = -sum_j p_j ln p_j - t ln t``; a lower bound of the full distribution's entropy
   (the tail's spread over the rest of the vocab is not stored);
 - share of rows by regime (0 exact, 1 lossless, 2 approximate), unaccounted mass (the
-  scorer could not place it), unmapped mass (teacher mass on specials the student lacks),
-  non-canonical mass;
+  scorer could not place it), estimated mass (placed by an estimate: approximate
+  general-scorer rows, schema 3; 0 in older shards), unmapped mass (teacher mass on
+  specials the student lacks), non-canonical mass;
 - teacher log-likelihood per token: the mean ``target_logprob`` (natural log) over
   target rows with a finite value (rows at ``-inf`` are counted apart).
 
@@ -184,7 +185,8 @@ _ROW_COLUMNS = (
     "noncanonical_mass",
     "unmapped_mass",
 )
-_MASS_COLUMNS = ("unaccounted_mass", "unmapped_mass", "noncanonical_mass")
+# estimated_mass: schema 3 (approximate general-scorer rows); read as 0 from older shards
+_MASS_COLUMNS = ("unaccounted_mass", "unmapped_mass", "noncanonical_mass", "estimated_mass")
 
 
 class AuditError(RuntimeError):
@@ -633,6 +635,13 @@ class Stats:
             if not np.array_equal(off, row_off):
                 raise _BadRows(f"{name} does not have one value per target row")
             cols[name] = values
+        if "estimated_mass" in table.column_names:
+            values, off = flat_list(table["estimated_mass"])
+            if not np.array_equal(off, row_off):
+                raise _BadRows("estimated_mass does not have one value per target row")
+            cols["estimated_mass"] = values
+        else:
+            cols["estimated_mass"] = np.zeros(len(mask), np.float32)
         dq, off = flat_list(table["topk_logprob_dq"])
         topk_ids, off_ids = flat_list(table["topk_ids"])
         if not (np.array_equal(off, row_off * k) and np.array_equal(off_ids, row_off * k)):

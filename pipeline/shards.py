@@ -173,6 +173,16 @@ def build_table(
             cols[name] = lst(name, lambda s, a=attr: getattr(s.scored, a), L1)
         cols["unmapped_mass"] = lst("unmapped_mass", lambda s: s.scored.unmapped_mass, L1)
         cols["regime"] = lst("regime", lambda s: s.scored.regime, L1)
+        if "estimated_mass" in schema.names:
+            cols["estimated_mass"] = lst(
+                "estimated_mass",
+                lambda s: (
+                    s.scored.estimated_mass
+                    if s.scored.estimated_mass is not None
+                    else np.zeros(len(s.scored.student_ids) + 1)
+                ),
+                L1,
+            )
     if "bytes" in kinds or "teacher" in kinds:
         cols["text"] = pa.array([s.text.encode("utf-8") for s in seqs], pa.binary())
     if "teacher" in kinds:

@@ -67,6 +67,13 @@ Version 2 (target kinds, provenance ``targets``; a v1 shard is a v2 shard with o
   (log P of the actual next symbol), ``byte_noncanonical_mass``, ``byte_unmapped_mass``
   (list<float32>, ``R`` each; as the student columns). Row r is the teacher's exact
   next-symbol distribution given the bytes before ``byte_row_start[r]``.
+
+Version 3 (the general scorer's approximate rows): the ``student`` columns gain
+``estimated_mass`` (list<float32>, ``L + 1``): the share of a row's mass placed by an
+estimate rather than enumerated (`pipeline.scoring.ScoredDocument.estimated_mass`; 0
+for the subset-exact scorer and wherever nothing was estimated). A row then sums to
+``1 - unaccounted_mass`` as before (approximate rows: ``unaccounted_mass`` 0). Version 1
+and 2 shards have no such column: read it as 0.
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-CURRENT_VERSION = 2
+CURRENT_VERSION = 3
 KINDS = ("student", "bytes", "teacher")  # `pipeline.scoring.kinds.KINDS`
 METADATA_KEY = b"xtok"  # JSON provenance in the Parquet key-value metadata
 
@@ -93,8 +100,8 @@ def targets_schema(
     teacher_vocab_size: int = 1 << 32,
 ) -> pa.Schema:
     """The schema of a shard of ``version`` holding the target ``kinds``."""
-    if version not in (1, 2):
-        raise ValueError(f"unknown targets schema version {version} (this code knows 1, 2)")
+    if version not in (1, 2, 3):
+        raise ValueError(f"unknown targets schema version {version} (this code knows 1-3)")
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"target kinds {list(kinds)}: choose a non-empty subset of {KINDS}")
@@ -105,7 +112,7 @@ def targets_schema(
         pa.field("chunk", pa.int32(), nullable=False),
     ]
     if "student" in kinds:
-        fields += _student_fields(id_type(student_vocab_size))
+        fields += _student_fields(id_type(student_vocab_size), version)
     if "bytes" in kinds or "teacher" in kinds:
         fields.append(pa.field("text", pa.binary(), nullable=False))
     if "teacher" in kinds:
@@ -129,7 +136,8 @@ def targets_schema(
     return pa.schema(fields)
 
 
-def _student_fields(ids: pa.DataType) -> list[pa.Field]:
+def _student_fields(ids: pa.DataType, version: int) -> list[pa.Field]:
+    estimated = [pa.field("estimated_mass", _LIST_FLOAT, nullable=False)] if version >= 3 else []
     return [
         pa.field("input_ids", pa.list_(ids), nullable=False),
         pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
@@ -141,6 +149,7 @@ def _student_fields(ids: pa.DataType) -> list[pa.Field]:
         pa.field("unaccounted_mass", _LIST_FLOAT, nullable=False),
         pa.field("noncanonical_mass", _LIST_FLOAT, nullable=False),
         pa.field("unmapped_mass", _LIST_FLOAT, nullable=False),
+        *estimated,
     ]
 
 
@@ -186,6 +195,7 @@ BSS_LEAVES = [
         "unaccounted_mass",
         "noncanonical_mass",
         "unmapped_mass",
+        "estimated_mass",
         "teacher_ids",
         "teacher_logprob_q",
         "teacher_byte_len",

@@ -55,7 +55,7 @@ def _rows(out):
 
 def test_the_stored_kinds_telescope_to_one_likelihood(all_kinds):
     prov = open_run(str(all_kinds)).provenance
-    assert prov.schema_version == 2 and prov.kinds == ["student", "bytes", "teacher"]
+    assert prov.schema_version == 3 and prov.kinds == ["student", "bytes", "teacher"]
     assert prov.byte_top_k == 16 and prov.byte_eos == "<|endoftext|>"
     rows = _rows(all_kinds)
     assert len({r["doc_id"] for r in rows}) == len(TEXTS)

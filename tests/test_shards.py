@@ -114,7 +114,7 @@ def test_round_trip_and_integrity_checks(tmp_path):
     with pytest.raises(ValueError, match="schema version"):
         read_table(str(tmp_path / "y.parquet"))
     with pytest.raises(ValueError, match="unknown targets schema version"):
-        targets_schema(3)
+        targets_schema(CURRENT_VERSION + 1)
 
 
 # ---------------------------------------------------------------------------- reading back
@@ -334,3 +334,35 @@ def test_the_models_accept_what_the_writers_write():
     assert parse_run_index({"shards": [entry]}).shards[0].sequences is None
     with pytest.raises(ValueError, match="top_k"):
         parse_manifest({**manifest, "top_k": "eight"})
+
+
+def test_estimated_mass_is_stored_from_schema_3_and_read_as_0_before():
+    """Schema 3 stores each row's estimated mass (approximate general-scorer rows; 0 for
+    exact rows); a version 2 shard has no such column and the audit reads it as 0."""
+    from pipeline.audit import Stats
+
+    T, S = tiny_pair(4)
+    teacher = PerfectTeacher(T, string_distribution(5, seed=0))
+    scored = SubsetExactScorer(T, S).score(teacher, ["ab 1", "1  a"], top_k=4)
+    est = np.linspace(0.0, 0.5, len(scored[0].student_ids) + 1)
+    scored[0].estimated_mass = est  # as an approximate row would carry it
+    seqs = [
+        Sequence_(f"d{i}", 0, r, np.ones(len(r.student_ids) + 1, bool))
+        for i, r in enumerate(scored)
+    ]
+    v3 = build_table(seqs, top_k=4, student_vocab_size=S.get_vocab_size())
+    assert CURRENT_VERSION == 3 and "estimated_mass" in v3.column_names
+    got = v3.column("estimated_mass").to_pylist()
+    np.testing.assert_allclose(got[0], est, rtol=1e-6)
+    assert got[1] == [0.0] * (len(scored[1].student_ids) + 1)  # exact rows: nothing estimated
+    v2 = build_table(seqs, top_k=4, student_vocab_size=S.get_vocab_size(), version=2)
+    assert "estimated_mass" not in v2.column_names
+    rows = sum(len(r.student_ids) + 1 for r in scored)
+    summaries = []
+    for table in (v3, v2):
+        st = Stats()
+        st.add_rows(table, 4, S.get_vocab_size())
+        summaries.append(st.summary()["estimated_mass"])
+    assert summaries[0]["mean"] == pytest.approx(float(est.sum()) / rows, rel=1e-6)
+    assert summaries[0]["rows_above_zero"] == len(est) - 1
+    assert summaries[1] == {"mean": 0.0, "max": 0.0, "rows_above_zero": 0}

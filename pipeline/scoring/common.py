@@ -54,6 +54,11 @@ class ScoredDocument:
     regime: np.ndarray  # [L+1] uint8 `Regime` codes
     prefix_logprob: np.ndarray  # [L+1] log P_T(student_ids[:i] is a prefix)
     stats: dict[str, Any] = field(default_factory=dict)
+    # [L+1] general scorer, approx mode: share of the mass reaching row i that was not
+    # enumerated but placed by an estimate (or spread by renormalisation); the rows sum
+    # to 1 and ``unaccounted_mass`` is 0. 0 where nothing was estimated; None for
+    # scorers that estimate nothing.
+    estimated_mass: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
