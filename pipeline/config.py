@@ -160,10 +160,14 @@ class GeneralScorerConfig(_Strict):
     """Parameters of the general scorer (any student tokenizer; see
     `pipeline.scoring.GeneralScorer`)."""
 
-    mode: Literal["fast", "lossless"] = Field(
-        "fast",
-        description="lossless: enumerate until each row is decided (up to max_depth); "
-        "fast: prune by beam and min_prob (the pruned mass is stored per row)",
+    mode: Literal["approx", "bounded", "lossless", "fast"] = Field(
+        "approx",
+        description="approx: prune by beam and min_prob, place the pruned mass by a "
+        "word-end estimate (stored per row as estimated_mass), never prune the "
+        "document's own continuation: rows sum to 1 and the actual next token is never "
+        "0 (token walk only); bounded: prune likewise but leave the pruned mass "
+        "unaccounted (rows are rigorous lower bounds; fast: its former name); lossless: "
+        "enumerate until each row is decided (up to max_depth)",
     )
     walk: Literal["tokens", "bytes"] = Field(
         "tokens",
@@ -171,10 +175,25 @@ class GeneralScorerConfig(_Strict):
         "decides all next tokens at once); bytes: the byte-model reference walk",
     )
     max_depth: int = Field(24, ge=1, description="continuation bytes enumerated per row")
-    beam: int = Field(16, ge=1, description="fast mode: open branches expanded per level and row")
-    min_prob: float = Field(
-        1e-3, ge=0.0, lt=1.0, description="fast mode: branches below this share are dropped"
+    beam: int = Field(
+        16, ge=1, description="approx/bounded: open branches expanded per level and row"
     )
+    min_prob: float = Field(
+        1e-3,
+        ge=0.0,
+        lt=1.0,
+        description="approx/bounded: branches below this share are dropped (approx: "
+        "placed by the estimate)",
+    )
+
+    @model_validator(mode="after")
+    def _approx_walks_tokens(self) -> GeneralScorerConfig:
+        if self.mode == "approx" and self.walk != "tokens":
+            raise ValueError(
+                "scoring.general.mode=approx needs scoring.general.walk=tokens (the byte "
+                "walk has bounded and lossless modes only)"
+            )
+        return self
 
 
 TargetKind = Literal["student", "bytes", "teacher"]

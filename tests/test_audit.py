@@ -578,7 +578,7 @@ def test_verify_live_on_a_general_scorer_run(tiny_teacher_dir, tmp_path):
         "scoring.general.min_prob=0.01",
     )
     m = json.loads((out / "t.manifest.json").read_text())
-    assert m["scorer"] == "general-fast" and m["sequences"] == 2
+    assert m["scorer"] == "general-approx" and m["sequences"] == 2
     rows = read_table(str(out / "t.parquet")).to_pylist()
     assert all(0 < sum(r["loss_mask"]) < len(r["loss_mask"]) for r in rows)
     _verified(out, tmp_path / "report", 2)

@@ -4,6 +4,7 @@ bad input and clear errors. Teacher: a tiny random Llama with a trained byte-lev
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -290,14 +291,19 @@ def test_config_errors_come_before_any_model(tiny_teacher_dir, tmp_path, capsys,
     assert "not a truncated-merge" in capsys.readouterr().err
     assert not any(out.iterdir())  # a refused run leaves nothing that claims output.path
     # a student whose pieces may join a word to the next space (no pre-tokenizer): no
-    # row is decided before the end of text, so fast mode is refused and lossless warned
+    # row is decided before the end of text, so approx (and bounded) mode is refused and
+    # lossless warned
     from tests.scoring.general_assets import sentencepiece_bpe
 
     crossing = tmp_path / "crossing.json"
     sentencepiece_bpe("legacy", cross_space=True).save(str(crossing))
     base = _args(tiny_teacher_dir, tmp_path / "in", out, f"student.tokenizer={crossing}")
     assert main(["--show", "0", *base]) == 2
-    assert "cannot use this student in fast mode: no pre-token boundary" in capsys.readouterr().err
+    assert (
+        "cannot use this student in approx mode: no pre-token boundary" in capsys.readouterr().err
+    )
+    assert main(["--show", "0", *base, "scoring.general.mode=bounded"]) == 2
+    assert "in bounded mode: no pre-token boundary" in capsys.readouterr().err
     cfg = load_config(None, [*base, "scoring.general.mode=lossless"])
     with caplog.at_level("WARNING", logger="pipeline.generate"):
         from pipeline.generate import choose_scorer, tokenizer_pair
@@ -490,12 +496,13 @@ def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, c
     with caplog.at_level(logging.INFO):
         assert main(["--show", "0", "--executor", "local", *args]) == 0
     assert (
-        "scorer: general (fast mode, tokens walk, student decision rule regex; not a "
+        "scorer: general (approx mode, tokens walk, student decision rule regex; not a "
         "truncated-merge pair" in caplog.text
     )
-    assert "the general scorer is far costlier than the subset-exact one" in caplog.text
+    # the job states what approx mode's rows are worth at this setting (not measured)
+    assert "approx mode, beam 16, min_prob 0.01: error and cost not measured" in caplog.text
     m = json.loads((out / "g.manifest.json").read_text())
-    assert m["scorer"] == "general-fast" and m["scorer_params"]["max_depth"] == 3
+    assert m["scorer"] == "general-approx" and m["scorer_params"]["max_depth"] == 3
     assert [(k["doc_id"], "added token" in k["reason"]) for k in m["skipped"]] == [("bad", True)]
     rows = read_table(str(out / "g.parquet")).to_pylist()
     stu = load_tokenizer(str(other))
@@ -575,6 +582,20 @@ def test_general_scorer_scores_chats_and_only_the_target_rows(tiny_teacher_dir, 
         "scoring.general.max_depth=4",
         "scoring.general.min_prob=0.01",
     )
+    # the default mode, approx: target rows sum to 1, what was estimated is stored
+    assert main(["--show", "0", "--executor", "local", *args]) == 0
+    for r in read_table(str(out / "chat.parquet")).to_pylist():
+        mask = np.asarray(r["loss_mask"])
+        unacc, est = np.asarray(r["unaccounted_mass"]), np.asarray(r["estimated_mass"])
+        assert np.all(unacc[mask] == 0.0) and np.all(unacc[~mask] == 1.0)
+        assert np.all((est >= 0.0) & (est <= 1.0)) and np.all(est[~mask] == 0.0)
+        stored = np.exp(decode_topk_logprobs(np.reshape(r["topk_logprob_dq"], (-1, 8))))
+        total = stored.sum(1) + np.asarray(r["tail_mass"])
+        assert np.abs(total[mask] - 1.0).max() < 5e-3  # quantised log-probs
+        assert np.all(np.isfinite(np.asarray(r["target_logprob"])[mask]))  # gold never 0
+    # bounded mode: the rows of the scorer run alone
+    shutil.rmtree(out)
+    args = [*args, "scoring.general.mode=bounded"]
     assert main(["--show", "0", "--executor", "local", *args]) == 0
     m = json.loads((out / "chat.manifest.json").read_text())
     assert m["documents"] == 2 and m["skipped"] == []

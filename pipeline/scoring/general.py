@@ -81,7 +81,7 @@ encoding decides. Stable boundaries by pre-tokenizer:
   BPE over its pieces split there.
 - Those layouts with a token holding a space after another character, or an unknown
   regex: no stable boundary; only end of text decides. Correct, but exponential in the
-  rest of the text (in ``fast`` mode such rows end up wholly unaccounted).
+  rest of the text (in ``bounded`` mode such rows end up wholly unaccounted).
 - An NFC normalizer additionally needs an ASCII character at index ``>= q + r`` (regex,
   ``r`` = the characters it reads after ``q``) or ``>= q`` (others) in an NFC-normalized
   ``y``: NFC never composes an ASCII character with what precedes it, so no
@@ -107,7 +107,8 @@ the student lacks: unmapped). Students that prepend a space per segment (Metaspa
 with a prefix, a Prepend normalizer) are refused for such texts.
 
 Modes. ``lossless``: enumerate until decided or ``max_depth`` continuation bytes; the
-mass of branches still undecided there is the row's unaccounted mass. ``fast``:
+mass of branches still undecided there is the row's unaccounted mass. ``bounded``
+(``fast``, its former name, is still accepted and gives the same rows):
 additionally drop undecided branches below ``min_prob`` (relative to the row's
 starting mass) and keep at most ``beam`` branches per depth (byte walk) or ``beam``
 nodes per level (token walk, which also drops trie branches below
@@ -115,6 +116,31 @@ nodes per level (token walk, which also drops trie branches below
 its whole weight, an upper bound on the mass it would have brought. Rows are
 ``m(g) / Z`` with ``Z`` = consistent decided mass + unaccounted mass, so a row sums to
 ``1 - unaccounted_mass``; ``row(g) <= truth(g) <= row(g) + unaccounted_mass``.
+
+``approx`` (token walk only; issue 17): the bounded walk with the same teacher calls,
+but no mass is left unplaced. (a) Every branch the bounded walk would drop (a node
+pruned by the floor or the beam, a trie branch below the floor, a branch cut at
+``max_depth``) is placed by the word-end estimate (`GeneralScorer._estimate`): on the
+student token at the row's index in the encoding of the text that ends right after the
+branch's heaviest teacher token (a node: its own last token; a trie branch: the
+heaviest token of its range). Where that encoding does not start with the row's prefix
+(or has no token at the index), the mass joins the row's remainder, which
+renormalisation spreads over the row. Trie branches below ``DECIDE_FLOOR * min_prob``
+are placed so without a decision: for a branch that is decided, the text closed after
+its heaviest token starts with the branch's stable tokens, so the estimate gives the
+decided token (its mass is only counted as estimated), at a third of a decision's cost
+(about 10^4 such branches per row with SmolLM2). (b) The
+document's own continuation is never pruned: the nodes whose teacher tokens are a prefix
+of the canonical teacher encoding of the document after the root's context, and the
+trie branches leading to the next of those tokens, are kept outside the beam and the
+floor (their mass summed directly rather than from the cumulative sums, which lose a
+range far lighter than what precedes it), so the document's next token gets at least
+the mass of its own path. Row jobs are then per student prefix AND document
+continuation (a row depends on its own document only, not on the batch). (c) Rows
+``(decided + placed)(g) / (decided + placed)`` sum to 1. (d) ``estimated_mass`` =
+(placed + remainder) / ``Z``: the share not enumerated; the decided part is a bounded
+row, so ``TV(row, truth) <= estimated_mass`` (checked by brute force). Regime
+approximate on every row, unaccounted mass 0.
 
 Cost of the byte walk. Per distinct student prefix: one byte-model row per expanded branch (each
 ``max_depth``-limited tree node), i.e. exponential in the look-ahead (up to 256 children
@@ -139,6 +165,7 @@ mass falls slowly with the beam (README, "General scorer error table").
 
 from __future__ import annotations
 
+import bisect
 import math
 import unicodedata
 from collections import defaultdict
@@ -162,11 +189,15 @@ from pipeline.tokenization import (
     load_tokenizer,
 )
 
-# Fast mode, token walk: trie branches below this share of ``min_prob`` are dropped
-# (unaccounted) without deciding them; most trie branches weigh far less than that.
+# Bounded mode, token walk: trie branches below this share of ``min_prob`` are dropped
+# (unaccounted) without deciding them; most trie branches weigh far less than that
+# (approx mode places them by the word-end estimate instead).
 DECIDE_FLOOR = 0.01
 
 _T = TypeVar("_T")
+
+MODES = ("lossless", "bounded", "approx")
+MODE_ALIASES = {"fast": "bounded"}  # deprecated spelling (configs, manifests before approx)
 
 
 @dataclass(frozen=True)
@@ -190,7 +221,7 @@ class _RowJob:
     frame: tuple[int, ...] = ()  # teacher ids of the text up to that added token
     frame_bytes: bytes = b""  # and its bytes
     log_shift: float = 0.0  # weights are relative to exp(log_shift) (max root prefix prob)
-    start: float = 0.0  # starting mass: the fast mode's scale (see the walks)
+    start: float = 0.0  # starting mass: the pruning modes' scale (see the walks)
     # per root: (byte offset q, token count n) of `StudentView.local_offset`; a branch
     # from root k is decided on its bytes from q against key[n:]
     local: list[tuple[int, int]] = field(default_factory=list)
@@ -199,13 +230,22 @@ class _RowJob:
     excluded: float = 0.0  # inconsistent with the prefix: out of numerator and denominator
     unmapped: float = 0.0  # specials the student lacks, texts that are not valid UTF-8
     cut: float = 0.0  # undecided at max_depth
-    pruned: float = 0.0  # dropped by min_prob / beam (fast mode)
+    pruned: float = 0.0  # dropped by min_prob / beam (bounded mode)
     expanded: int = 0  # byte-model rows (byte walk) or teacher rows (token walk) used
     # token walk, per root: the teacher context (canonical ids of the text before the
     # root's last stable teacher boundary) and the bytes it stands for
     contexts: list[tuple[int, ...]] = field(default_factory=list)
     heads: list[bytes] = field(default_factory=list)
     nodes: list[_Node] = field(default_factory=list)  # token walk: to expand next
+    # approx mode: the document's own continuation (the gold path). ``gold_text``: the
+    # document's bytes after the frame, cut ``max_depth`` bytes past the longest root;
+    # ``gold_sigma[k]``: its canonical teacher ids after root k's context (empty when
+    # the text does not start with root k); ``gold_token``: the document's next token
+    gold_text: bytes | None = None
+    gold_sigma: list[tuple[int, ...]] = field(default_factory=list)
+    gold_token: int | None = None
+    placed: float = 0.0  # approx: dropped mass placed on a token by the word-end estimate
+    remainder: float = 0.0  # approx: dropped mass the estimate could not place
 
 
 @dataclass(frozen=True)
@@ -228,6 +268,7 @@ class _Node:
     sigma: tuple[int, ...]
     z: bytes
     w: float  # NaN for a root node (sigma empty) until its context's P_T is known
+    gold: bool = False  # approx: sigma is a prefix of the document's own continuation
 
 
 class GeneralScorer:
@@ -238,14 +279,19 @@ class GeneralScorer:
             `load_tokenizer` takes).
         student_tokenizer: the student's tokenizer (see `StudentView` for what is
             supported); it must have an added token with the teacher's end-of-text content.
-        mode: ``"lossless"`` (enumerate until decided or ``max_depth``) or ``"fast"``
-            (also prune by ``min_prob`` and ``beam``).
+        mode: ``"lossless"`` (enumerate until decided or ``max_depth``), ``"bounded"``
+            (also prune by ``min_prob`` and ``beam``; the pruned mass is unaccounted, so
+            rows are rigorous lower bounds) or ``"approx"`` (the bounded walk, but the
+            pruned mass is placed by an estimate and the document's own continuation is
+            never pruned; rows sum to 1, ``estimated_mass`` says how much was not
+            enumerated; token walk only). ``"fast"``: deprecated alias of ``"bounded"``
+            (same rows; the name and params keep the spelling given).
         max_depth: at most this many bytes are appended to a row's text prefix; a
             branch still undecided there is cut and its mass is unaccounted.
-        beam: fast mode: undecided branches kept per depth (byte walk) or nodes expanded
+        beam: bounded/approx: undecided branches kept per depth (byte walk) or nodes expanded
             per level (token walk), highest weight first.
-        min_prob: fast mode: undecided branches below this share of the row's starting
-            mass are dropped (unaccounted).
+        min_prob: bounded/approx: undecided branches below this share of the row's
+            starting mass are dropped (bounded: unaccounted; approx: placed by estimate).
         eos_token: content of the teacher's end-of-text token (default: the first of
             ``DOC_END_TOKENS`` the teacher has).
         student_eos_token: content of the student's end-of-text token, which receives
@@ -280,21 +326,24 @@ class GeneralScorer:
         walk: str = "tokens",
         max_batch_nodes: int | None = None,
     ) -> None:
-        if mode not in ("lossless", "fast"):
-            raise ValueError(f"mode must be 'lossless' or 'fast', not {mode!r}")
+        if mode not in MODES and mode not in MODE_ALIASES:
+            raise ValueError(f"mode must be one of {MODES} (or 'fast'), not {mode!r}")
         if not isinstance(max_depth, int) or max_depth < 1:
             raise ValueError(f"max_depth must be an int >= 1, not {max_depth!r}")
         if beam < 1:
             raise ValueError(f"beam must be >= 1, not {beam!r}")
         if not 0.0 <= min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), not {min_prob!r}")
-        self.mode = mode
+        self.mode = mode  # as given (provenance: name, params)
+        self.kind = MODE_ALIASES.get(mode, mode)  # what the walk does
         self.max_depth = max_depth
         self.beam = beam
         self.min_prob = min_prob
         self.regime = Regime.LOSSLESS if mode == "lossless" else Regime.APPROXIMATE
         if walk not in ("tokens", "bytes"):
             raise ValueError(f"walk must be 'tokens' or 'bytes', not {walk!r}")
+        if self.kind == "approx" and walk != "tokens":
+            raise ValueError("mode 'approx' needs walk='tokens'")
         self.walk = walk
         self.max_batch_nodes = max_batch_nodes
         T = ByteLevelBPE(load_tokenizer(teacher_tokenizer), "teacher")
@@ -414,8 +463,11 @@ class GeneralScorer:
             teacher_ids = [list(bd.teacher_ids) for bd in byte_docs]
         else:
             teacher_ids = [self.T.tokenizer.encode(x, add_special_tokens=False).ids for x in norm]
-        jobs: dict[tuple[int, ...], _RowJob] = {}
+        # row jobs by student prefix (approx: by prefix and the document's continuation,
+        # whose path the walk never prunes: a row depends on its own document only)
+        jobs: dict[Any, _RowJob] = {}
         student_ids: list[tuple[int, ...]] = []
+        row_jobs: list[list[_RowJob | None]] = []
         for d, (text, x) in enumerate(zip(texts, norm, strict=True)):
             ids = self.S.encode(x)
             if x != text and ids != self.S.encode(text):
@@ -428,25 +480,41 @@ class GeneralScorer:
                     f"rows[{d}] has shape {want.shape}; the text has {len(ids) + 1} rows"
                 )
             xb = x.encode("utf-8")
+            mine: list[_RowJob | None] = []
             for i in range(len(ids) + 1):
                 if want is not None and not want[i]:
+                    mine.append(None)
                     continue
                 key = ids[:i]
-                job = jobs.get(key)
-                if job is None:
+                jkey: Any = key
+                job = jobs.get(key) if self.kind != "approx" else None
+                if self.kind == "approx":
+                    job = self._new_job(key)
+                    base = len(job.frame_bytes)
+                    gold = xb[base : base + max(map(len, job.roots)) + self.max_depth]
+                    jkey = (key, gold)
+                    if jkey in jobs:
+                        job = jobs[jkey]
+                    else:
+                        job.gold_text = gold
+                        job.gold_token = ids[i] if i < len(ids) else self.S.eos_id
+                        jobs[jkey] = job
+                elif job is None:
                     job = jobs[key] = self._new_job(key)
                 if not any(xb.startswith(job.frame_bytes + r) for r in job.roots):
                     raise UnscorableTextError(
                         f"student tokens {list(key)} do not align with the text bytes {xb!r}"
                     )
+                mine.append(job)
             student_ids.append(ids)
+            row_jobs.append(mine)
         if self.walk == "tokens":
             self._run_tokens(teacher, list(jobs.values()))
         else:
             self._run(teacher, list(jobs.values()))
         out = [
-            self._document(x, ids, tids, jobs, top_k)
-            for x, ids, tids in zip(norm, student_ids, teacher_ids, strict=True)
+            self._document(x, ids, tids, mine, top_k)
+            for x, ids, tids, mine in zip(norm, student_ids, teacher_ids, row_jobs, strict=True)
         ]
         self.last_stats = {
             "documents": len(texts),
@@ -566,7 +634,7 @@ class GeneralScorer:
                 if depth >= self.max_depth:
                     job.cut += sum(w for _, w, _ in job.frontier)
                     job.frontier = []
-                elif self.mode == "fast":
+                elif self.kind != "lossless":
                     self._prune(job)
             active = [job for job in active if job.frontier]
             self.byte_model.ensure(teacher, {y for job in active for y, _, _ in job.frontier})
@@ -580,7 +648,7 @@ class GeneralScorer:
         job.frontier = self._keep(job, job.frontier, lambda n: n[1])
 
     def _keep(self, job: _RowJob, items: list[_T], weight: Callable[[_T], float]) -> list[_T]:
-        """Fast mode: the items at or above the row's floor, at most ``beam`` of them
+        """Bounded mode: the items at or above the row's floor, at most ``beam`` of them
         (heaviest first); the weight of the others is added to ``job.pruned``."""
         floor = self.min_prob * job.start
         keep = [x for x in items if weight(x) >= floor]
@@ -638,18 +706,21 @@ class GeneralScorer:
                 qt, ctx = self.TV.stable_split(r) if self.TV is not None else (0, ())
                 job.contexts.append((*job.frame, *ctx))
                 job.heads.append(r[:qt])
+                if job.gold_text is not None:
+                    job.gold_sigma.append(self._gold_sigma(job.gold_text, r, r[:qt], ctx))
                 # a root inconsistent with the row's prefix (another Metaspace reading)
                 # carries no mass the row counts; the others start a node whose weight,
                 # P_T(context) relative to exp(log_shift), comes with its teacher call
                 if not self._decide(job, r, 0.0, k):
-                    job.nodes.append(_Node(k, (), b"", math.nan))
+                    gold = bool(job.gold_sigma) and bool(job.gold_sigma[k])
+                    job.nodes.append(_Node(k, (), b"", math.nan, gold))
         while True:
             active = [job for job in jobs if job.nodes]
             if not active:
                 break
             work: list[tuple[_RowJob, _Node]] = []
             for job in active:
-                if self.mode == "fast":
+                if self.kind != "lossless":
                     self._prune_nodes(job)
                 work.extend((job, node) for node in job.nodes)
                 job.nodes = []
@@ -673,17 +744,99 @@ class GeneralScorer:
             job.unmapped *= f
             job.cut *= f
             job.pruned *= f
+            job.placed *= f
+            job.remainder *= f
             job.start *= f
             for n in job.nodes:
                 n.w *= f
         job.log_shift = log_shift
 
     def _prune_nodes(self, job: _RowJob) -> None:
-        """Fast mode: drop nodes below the floor, keep the ``beam`` heaviest (root nodes,
-        whose weight is not known yet, always stay)."""
-        roots = [n for n in job.nodes if not n.sigma]
-        rest = [n for n in job.nodes if n.sigma]
-        job.nodes = roots + self._keep(job, rest, lambda n: n.w)
+        """Bounded mode: drop nodes below the floor, keep the ``beam`` heaviest (root
+        nodes, whose weight is not known yet, always stay). Approx mode: the same, but
+        the gold path's nodes always stay too (outside the beam), and each dropped
+        node's weight is placed where the word would end after its last token."""
+        if self.kind != "approx":
+            roots = [n for n in job.nodes if not n.sigma]
+            rest = [n for n in job.nodes if n.sigma]
+            job.nodes = roots + self._keep(job, rest, lambda n: n.w)
+            return
+        stay = [n for n in job.nodes if not n.sigma or n.gold]
+        rest = [n for n in job.nodes if n.sigma and not n.gold]
+        floor = self.min_prob * job.start
+        keep = [n for n in rest if n.w >= floor]
+        drop = [n for n in rest if n.w < floor]
+        if len(keep) > self.beam:
+            keep.sort(key=lambda n: -n.w)
+            drop += keep[self.beam :]
+            keep = keep[: self.beam]
+        for n in drop:
+            self._estimate(job, job.heads[n.k] + n.z, n.w, n.k)
+        job.nodes = stay + keep
+
+    def _gold_sigma(
+        self, gold: bytes, r: bytes, head: bytes, ctx: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        """Approx mode: the canonical teacher ids of the document's continuation ``gold``
+        after the context ``ctx`` (the encoding of ``head``) of root ``r``; empty when
+        the document does not start with ``r`` or its encoding does not start with
+        ``ctx``."""
+        if not gold.startswith(r):
+            return ()
+        if head and self.TV is not None and self.TV.prefix_mode != "prepend":
+            # ``head`` ends at a stable teacher boundary: the pieces after it are the
+            # pre-tokenization of the rest alone (`StudentView.local_offset`), so the
+            # rest is encoded alone (not the whole text again for every row)
+            split = _utf8_split(gold[len(head) :])
+            if split is None:
+                return ()
+            return tuple(self.T.tokenizer.encode(split[0], add_special_tokens=False).ids)
+        split = _utf8_split(gold)
+        if split is None:
+            return ()
+        ids = self.T.tokenizer.encode(split[0], add_special_tokens=False).ids
+        if tuple(ids[: len(ctx)]) != ctx:
+            return ()
+        return tuple(ids[len(ctx) :])
+
+    def _gold_child(self, job: _RowJob, node: _Node, v: int) -> bool:
+        """Approx mode: whether ``node`` + the teacher token ``v`` is on the gold path."""
+        if not node.gold:
+            return False
+        gs = job.gold_sigma[node.k]
+        return len(node.sigma) < len(gs) and gs[len(node.sigma)] == v
+
+    def _estimate(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
+        """Approx mode: place the mass ``w`` of a dropped branch on the student token at
+        the row's index in the encoding of the text that ends after ``y`` (its heaviest
+        teacher token): the word-end estimate. Where that encoding contradicts the row's
+        prefix, or has no token at the index, ``w`` joins the row's remainder (spread by
+        renormalisation)."""
+        if w <= 0.0:
+            return
+        q, n = job.local[k]
+        try:
+            text = y[q:].decode("utf-8")
+        except UnicodeDecodeError:
+            split = _utf8_split(y[q:])  # a partial last character is left out
+            if split is None:
+                job.remainder += w
+                return
+            text = split[0]
+        if n and self.S.nfc and not unicodedata.is_normalized("NFC", text):
+            q = n = 0
+            split = _utf8_split(y)
+            if split is None:
+                job.remainder += w
+                return
+            text = split[0]
+        ids = self.S.encode(text)
+        i = len(job.lkey) - n
+        if len(ids) > i and ids[:i] == job.lkey[n:]:
+            job.mass[ids[i]] += w
+            job.placed += w
+        else:
+            job.remainder += w
 
     def _node_probs(
         self, teacher: Teacher, work: list[tuple[_RowJob, _Node]]
@@ -747,7 +900,7 @@ class GeneralScorer:
         # inside the root: tokens ending within u (or at its end) are nodes to expand;
         # tokens running past its end are branches; the rest do not start with the root
         rem = u[len(node.z) :]
-        # the row's starting mass (the fast mode's scale) gathers, over the nodes inside
+        # the row's starting mass (the pruning modes' scale) gathers, over the nodes inside
         # the root, the mass of their next tokens that reach its end: every token
         # sequence of a text starting with the root crosses that end exactly once
         lo, hi = self.trie.range(rem)
@@ -756,7 +909,15 @@ class GeneralScorer:
             for v in self.trie.exact.get(rem[:j], ()):
                 pv = float(p[v])
                 if pv > 0.0:
-                    job.nodes.append(_Node(k, (*node.sigma, v), node.z + rem[:j], node.w * pv))
+                    job.nodes.append(
+                        _Node(
+                            k,
+                            (*node.sigma, v),
+                            node.z + rem[:j],
+                            node.w * pv,
+                            self._gold_child(job, node, v),
+                        )
+                    )
         self._descend(job, node, y, rem, p, cum)
 
     def _descend(
@@ -765,8 +926,15 @@ class GeneralScorer:
         """Walk the trie below ``beta``: a byte prefix ``b`` of next tokens is the branch
         ``y + b`` holding the mass of every token starting with it. A decided branch is
         accounted whole; an undecided one queues the token equal to ``b`` (if any) and
-        goes on into the next byte (pruned or cut where the limits say)."""
-        floor = self.min_prob * job.start if self.mode == "fast" else 0.0
+        goes on into the next byte (pruned or cut where the limits say).
+
+        Approx mode: a branch the bounded walk would drop (below the floor, tiny, or cut)
+        is placed by `_estimate` at the end of its heaviest token; the branch of the
+        gold path's next token is never pruned."""
+        if self.kind == "approx":
+            self._descend_approx(job, node, y, beta, p, cum)
+            return
+        floor = self.min_prob * job.start if self.kind == "bounded" else 0.0
         tiny = floor * DECIDE_FLOOR
         end_depth = len(job.roots[node.k]) + self.max_depth
         w = node.w
@@ -778,7 +946,7 @@ class GeneralScorer:
             ms = w * (cum[his] - cum[los])
             small = ms <= tiny
             if tiny > 0.0 and small.any():
-                job.pruned += float(ms[small].sum())  # fast mode: not worth a decision
+                job.pruned += float(ms[small].sum())  # bounded mode: not worth a decision
             for c in np.flatnonzero(~small if tiny > 0.0 else ms > 0.0).tolist():
                 b, m = kids[c], float(ms[c])
                 yb = y + b
@@ -794,6 +962,64 @@ class GeneralScorer:
                     pv = float(p[v])
                     if pv > 0.0:
                         job.nodes.append(_Node(node.k, (*node.sigma, v), node.z + b, w * pv))
+                stack.append(b)
+
+    def _descend_approx(
+        self, job: _RowJob, node: _Node, y: bytes, beta: bytes, p: np.ndarray, cum: np.ndarray
+    ) -> None:
+        """`_descend` in approx mode (see there)."""
+        floor = self.min_prob * job.start
+        tiny = floor * DECIDE_FLOOR
+        end_depth = len(job.roots[node.k]) + self.max_depth
+        w = node.w
+        gs = job.gold_sigma[node.k] if node.gold else ()
+        # the bytes of the gold path's next token: its trie branches are never pruned
+        gb = self.T.token_bytes[gs[len(node.sigma)]] if len(gs) > len(node.sigma) else None
+        pt: np.ndarray | None = None  # p in trie order (for the heaviest token of a range)
+        stack = [beta]
+        while stack:
+            cur = stack.pop()
+            kids, los, his = self.trie.kids(cur)
+            if not kids:
+                continue
+            ms = w * (cum[his] - cum[los])
+            gk = -1  # the kid on the gold path, its mass summed directly: a difference
+            # of cumulative sums loses a range far lighter than the mass before it
+            if gb is not None and len(gb) > len(cur) and gb.startswith(cur):
+                c = bisect.bisect_left(kids, gb[: len(cur) + 1])
+                if c < len(kids) and kids[c] == gb[: len(cur) + 1]:
+                    if pt is None:
+                        pt = p[self.trie.perm]
+                    gk = c
+                    ms[c] = w * float(pt[int(los[c]) : int(his[c])].sum())
+            for c in np.flatnonzero(ms > 0.0).tolist():
+                b, m = kids[c], float(ms[c])
+                yb = y + b
+                gold = c == gk
+                # a tiny branch is placed without deciding it (the estimate gives a
+                # decided branch its decided token: the text closed after its heaviest
+                # token starts with the branch's stable tokens), at a third of the cost
+                if (gold or m > tiny) and self._decide(job, yb, m, node.k):
+                    continue
+                if len(yb) >= end_depth or (not gold and (m <= tiny or m < floor)):
+                    if pt is None:
+                        pt = p[self.trie.perm]
+                    lo, hi = int(los[c]), int(his[c])
+                    heavy = self.trie.keys[lo + int(np.argmax(pt[lo:hi]))]
+                    self._estimate(job, y + heavy, m, node.k)
+                    continue
+                for v in self.trie.exact.get(b, ()):
+                    pv = float(p[v])
+                    if pv > 0.0:
+                        job.nodes.append(
+                            _Node(
+                                node.k,
+                                (*node.sigma, v),
+                                node.z + b,
+                                w * pv,
+                                self._gold_child(job, node, v),
+                            )
+                        )
                 stack.append(b)
 
     def _end(self, job: _RowJob, y: bytes, p: float, k: int, end_id: int | None) -> None:
@@ -835,7 +1061,7 @@ class GeneralScorer:
         text: str,
         ids: tuple[int, ...],
         teacher_ids: Sequence[int],
-        jobs: dict[tuple[int, ...], _RowJob],
+        row_jobs: Sequence[_RowJob | None],
         top_k: int | None,
     ) -> ScoredDocument:
         L = len(ids)
@@ -845,18 +1071,31 @@ class GeneralScorer:
         unmapped = np.zeros(L + 1)
         prefix_lp = np.full(L + 1, -np.inf)
         regime = np.full(L + 1, int(Regime.LOSSLESS), dtype=np.uint8)
+        estimated = np.zeros(L + 1)
+        enumerated = np.zeros(L + 1, dtype=bool)  # rows with nothing pruned or estimated
         expanded = 0
         for i in range(L + 1):
-            job = jobs.get(ids[:i])
+            job = row_jobs[i]
             if job is None:  # a row not asked for: not computed, all of it unaccounted
                 regime[i] = int(Regime.APPROXIMATE)
                 unacc[i] = 1.0
                 continue
             expanded += job.expanded
+            if self.kind == "approx":
+                estimated[i] = self._approx_row(job, dense[i])
+                regime[i] = int(Regime.APPROXIMATE)
+                enumerated[i] = estimated[i] == 0.0
+                z = sum(job.mass.values()) + job.remainder + job.cut + job.pruned
+                if z + job.unmapped > 0.0:
+                    unmapped[i] = job.unmapped / (z + job.unmapped)
+                    prefix_lp[i] = job.log_shift + math.log(z + job.unmapped)
+                continue
             lost = job.cut + job.pruned
             z = sum(job.mass.values()) + lost
             if lost > 0.0:
                 regime[i] = int(Regime.APPROXIMATE)
+            else:
+                enumerated[i] = True
             if z > 0.0:
                 for g, m in job.mass.items():
                     if m > 0.0:
@@ -868,10 +1107,10 @@ class GeneralScorer:
         next_ids = np.asarray([*ids, self.S.eos_id], dtype=np.int64)
         target = dense[np.arange(L + 1), next_ids]
         # Share of the mass reaching row i that the byte model lost between rows (its
-        # dropped non-canonical teacher mass); only meaningful between lossless rows.
+        # dropped non-canonical teacher mass); only meaningful between enumerated rows.
         noncanon = np.zeros(L + 1)
         for i in range(1, L + 1):
-            if regime[i] == regime[i - 1] == Regime.LOSSLESS:
+            if enumerated[i] and enumerated[i - 1]:
                 incoming = prefix_lp[i - 1] + math.log1p(-unmapped[i - 1]) + target[i - 1]
                 if np.isfinite(incoming) and np.isfinite(prefix_lp[i]):
                     noncanon[i] = max(0.0, -math.expm1(prefix_lp[i] - incoming))
@@ -901,5 +1140,29 @@ class GeneralScorer:
                 "decision_rule": self.S.decision_rule,
                 "rows_expanded": expanded,
                 "max_unaccounted": float(unacc.max()),
+                **({"max_estimated": float(estimated.max())} if self.kind == "approx" else {}),
             },
+            estimated_mass=estimated,
         )
+
+    @staticmethod
+    def _approx_row(job: _RowJob, out: np.ndarray) -> float:
+        """Approx mode: write the row's log-probs into ``out`` (the enumerated and placed
+        mass, renormalised to 1) and return its estimated mass: the share of the mass
+        reaching the row that was not enumerated (placed by the word-end estimate, or
+        left as the remainder that renormalisation spreads). The enumerated part bounds
+        the truth as a bounded row does: ``enum(g) <= truth(g) <= enum(g) + estimated``.
+        A row whose every branch ended in the remainder (none with a real teacher: the
+        gold path is never pruned) puts it all on the document's own next token."""
+        lost = job.remainder + job.cut + job.pruned  # (cut, pruned: 0 in approx mode)
+        mass: dict[int, float] = job.mass
+        e = sum(mass.values())
+        z = e + lost
+        if z <= 0.0:
+            return 0.0  # the teacher never produces this prefix: an empty row
+        if e <= 0.0 and job.gold_token is not None:
+            mass, e = {job.gold_token: lost}, lost
+        for g, m in mass.items():
+            if m > 0.0:
+                out[g] = math.log(m / e)
+        return min(1.0, (job.placed + lost) / z)

@@ -154,10 +154,19 @@ def test_the_factory_chooses_builds_and_describes(world):
     g = make_scorer("general", T, other_byte_bpe("gpt2"), cfg)
     assert isinstance(g, GeneralScorer) and g.params == cfg.scoring.general.model_dump()
     assert (scorer_label("subset"), scorer_label("general")) == ("subset-exact", "general")
-    assert cost_warning("general", cfg) == COST_WARNING  # fast mode is the default
+    # approx mode is the default: the measured error and cost of its setting
+    assert "measured TV to a generous reference" in cost_warning("general", cfg)
+    other = load_config(None, ["scoring.general.beam=8"])
+    assert "not measured at this setting" in cost_warning("general", other)
+    for mode in ("bounded", "fast"):
+        bounded = load_config(None, [f"scoring.general.mode={mode}"])
+        assert cost_warning("general", bounded) == COST_WARNING
     assert cost_warning("subset", cfg) is None
     lossless = load_config(None, ["scoring.general.mode=lossless"])
     assert cost_warning("general", lossless) is None
+    with pytest.raises(ValueError, match=r"approx needs scoring\.general\.walk=tokens"):
+        load_config(None, ["scoring.general.walk=bytes"])
+    assert load_config(None, ["scoring.general.walk=bytes", "scoring.general.mode=bounded"])
     with pytest.raises(ValueError, match="scorer kind"):
         make_scorer("other", T, S, cfg)
     import pipeline.generate
