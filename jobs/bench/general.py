@@ -64,7 +64,8 @@ The general scorer is slow (SmolLM2, one CPU thread, token walk: 0.35-0.48 s per
 at its default setting beam 16, 1.7-2.6 s for the default reference beam 64; the byte
 walk 1.5-2.1 s at beam 16), hence the small defaults (two documents cut to 80 bytes,
 160 rows over the three students: a full run took about 14 minutes before the two
-approx settings were added, about 1 more now; half of it is the reference); a quick
+approx settings were added, about 1 more for them and under 2 for the paper's
+heuristic, 0.6-0.7 s per row; half of it is the reference); a quick
 trial::
 
     python -m jobs.bench.general --docs 1 --max-bytes 60 \\
