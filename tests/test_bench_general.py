@@ -120,3 +120,30 @@ def test_helpers():
     assert bg.total_variation(a[0], a[0]) == 0.0
     assert bg.total_variation(a[1], b[1]) == 0.0
     assert bg.total_variation(a[0], b[1]) == 1.0
+
+
+def test_paper_heuristic_rows(tiny_teacher_dir):
+    """The paper's heuristic baseline (`paper_heuristic_rows`): per row at most ``top``
+    tokens, each the end of a greedy rollout whose encoding starts with the row's
+    prefix, placed mass in (0, 1]; the same rows however many documents share a call."""
+    from pipeline.scoring import GeneralScorer
+    from pipeline.teacher import HFTeacher
+    from pipeline.tokenization import load_tokenizer
+    from tests.scoring.general_assets import sentencepiece_bpe
+
+    teacher = HFTeacher(str(tiny_teacher_dir), device="cpu", max_batch_tokens=512)
+    student = sentencepiece_bpe("metaspace", "never")
+    sc = GeneralScorer(load_tokenizer(str(tiny_teacher_dir)), student, "bounded", max_depth=4)
+    texts = ["ba ab1", "ab ba"]
+    rows, stats = bg.paper_heuristic_rows(sc, teacher, texts, top=2, rollout=5)
+    assert stats["teacher_contexts"] > 0 and len(rows) == len(texts)
+    for text, doc in zip(texts, rows, strict=True):
+        ids = student.encode(text).ids
+        assert len(doc.placed) == len(ids) + 1 == len(doc.gold)
+        assert doc.gold[:-1] == ids
+        for placed in doc.placed:
+            assert len(placed) <= 2
+            assert all(p > 0 for p in placed.values())
+            assert sum(placed.values()) <= 1 + 1e-9
+    alone, _ = bg.paper_heuristic_rows(sc, teacher, texts[:1], top=2, rollout=5)
+    assert alone[0].placed == rows[0].placed
