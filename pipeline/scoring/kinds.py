@@ -39,7 +39,7 @@ import torch
 from pipeline.errors import UnscorableTextError
 from pipeline.scoring.common import ScoredDocument
 from pipeline.scoring.protocol import Scorer, Teacher
-from pipeline.scoring.subset import RowNorms, row_norms
+from pipeline.scoring.subset import HostCopy, RowNorms, row_norms, vocab_columns
 from pipeline.scoring.trees import _batches, merge_context_trees, teacher_tree_batches
 from pipeline.tokenization import ByteLevelBPE, load_tokenizer, truncate_merges
 
@@ -331,7 +331,7 @@ class TargetKinds:
     ) -> Callable[[], None]:
         """The kinds' row phases of one forward's log-probs (``docs``: text index, first
         row of its tree), queued; the returned function waits and fills ``out``."""
-        lp = self._columns(lp)
+        lp = vocab_columns(lp, self.T.size)
         norms = row_norms(lp, torch.float64)  # shared by the kinds' row phases
         rows_of: dict[str, tuple[list[tuple[int, int]], Any]] = {}
         for kind, scorer, k in (
@@ -364,12 +364,6 @@ class TargetKinds:
 
         return finish
 
-    def _columns(self, lp: torch.Tensor) -> torch.Tensor:
-        vt = self.T.size
-        if lp.shape[1] < vt:
-            raise ValueError(f"teacher returned {lp.shape[1]} columns, tokenizer has {vt}")
-        return lp[:, :vt]
-
     def _teacher_tokens(
         self,
         docs: list[tuple[int, int]],
@@ -389,16 +383,11 @@ class TargetKinds:
         rows_t = torch.as_tensor(rows, device=lp.device)
         nxt_t = torch.as_tensor(nxt, device=lp.device)
         dev = lp[rows_t, nxt_t].to(torch.float64) - norms.lse[rows_t]
-        host = dev.to("cpu", non_blocking=dev.device.type == "cuda")
-        event = None
-        if dev.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
+        copy = HostCopy({"logprob": dev})
 
         def result() -> list[TeacherTokens]:
-            if event is not None:
-                event.synchronize()
-            logprob = host.numpy()
+            logprob = copy.get()["logprob"]
+            assert logprob is not None
             out, a = [], 0
             for i, _ in docs:
                 ids = prepared[i].teacher_ids

@@ -159,6 +159,14 @@ def _cover_weights(
     return shift, torch.exp(lw - shift[rows_t])
 
 
+def vocab_columns(logp: torch.Tensor, size: int) -> torch.Tensor:
+    """The teacher's log-probs cut to its tokenizer's ``size`` ids (a model may have
+    padding logits); `ValueError` when it returned fewer."""
+    if logp.shape[1] < size:
+        raise ValueError(f"teacher returned {logp.shape[1]} columns, tokenizer has {size} ids")
+    return logp[:, :size]
+
+
 def _path_sums_device(parent: torch.Tensor, step: torch.Tensor, depth: int) -> torch.Tensor:
     """`_path_sums` on the device by pointer jumping (``parent``: a root is its own
     parent, with step 0; ``depth``: the deepest node's depth): ceil(log2(depth))
@@ -746,7 +754,7 @@ class SubsetExactScorer:
         device = logp.device
         adt = self.accum_dtype
         tz = self._tensors(device)
-        logp = self._check_columns(logp)
+        logp = vocab_columns(logp, self.T.size)
         rn = row_norms(logp, adt)
         lse = rn.lse
         # path log-weights per document (relative to its local root), as in `rows_batch`
@@ -872,12 +880,6 @@ class SubsetExactScorer:
         lp_bytes = logp.shape[0] * logp.shape[1] * logp.element_size()
         return max(BLOCK_BYTES_CPU, min(BLOCK_BYTES_MAX, lp_bytes // 8))
 
-    def _check_columns(self, logp: torch.Tensor) -> torch.Tensor:
-        vt = self.T.size
-        if logp.shape[1] < vt:
-            raise ValueError(f"teacher returned {logp.shape[1]} columns, tokenizer has {vt} ids")
-        return logp[:, :vt]
-
     def rows_batch(
         self,
         logp: torch.Tensor,
@@ -899,7 +901,7 @@ class SubsetExactScorer:
         device = logp.device
         adt = self.accum_dtype
         tz = self._tensors(device)
-        logp = self._check_columns(logp)
+        logp = vocab_columns(logp, self.T.size)
         plans = [self.row_plan(d) for d, _ in items]
         # ---- host: the batch's local nodes (concatenated) and entries
         n_nodes = np.asarray([d.num_nodes for d, _ in items], np.int64)
@@ -987,7 +989,6 @@ class SubsetExactScorer:
         canon = get("canon")
         teacher_lp = logw[canon] + (logp[g[canon], self.teacher_eos].to(adt) - lse[g[canon]])
         return PendingRows(
-            self,
             [d for d, _ in items],
             row_off,
             top_k,
@@ -1174,40 +1175,48 @@ class SubsetExactScorer:
             )
 
 
+class HostCopy:
+    """Device tensors copied to the host without waiting for them: on CUDA into pinned
+    memory, asynchronously, with an event that `get` waits on (once); elsewhere the
+    tensors themselves."""
+
+    def __init__(self, dev: dict[str, torch.Tensor | None]) -> None:
+        cuda = any(t is not None and t.device.type == "cuda" for t in dev.values())
+        self._host: dict[str, torch.Tensor | None] = {}
+        for k, t in dev.items():
+            if t is not None and cuda:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                buf.copy_(t, non_blocking=True)
+                t = buf
+            self._host[k] = t
+        self._event: Any = None
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def get(self) -> dict[str, np.ndarray | None]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return {k: (None if t is None else t.numpy()) for k, t in self._host.items()}
+
+
 class PendingRows:
     """The outputs of `SubsetExactScorer.rows_batch` while the device computes them;
     `result` waits (once) and returns the `ScoredDocument`s in input order."""
 
     def __init__(
         self,
-        scorer: SubsetExactScorer,
         docs: list[PreparedDocument],
         row_off: np.ndarray,
         top_k: int | None,
         dev: dict[str, torch.Tensor | None],
     ) -> None:
-        self.scorer, self.docs, self.row_off, self.top_k = scorer, docs, row_off, top_k
-        self._done: dict[str, np.ndarray | None] | None = None
-        self._host: dict[str, torch.Tensor | None] = {}
-        self._event: Any = None
-        cuda = any(t is not None and t.device.type == "cuda" for t in dev.values())
-        for k, t in dev.items():
-            if t is None:
-                self._host[k] = None
-            elif cuda:  # asynchronous copies into pinned memory; `result` waits
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                buf.copy_(t, non_blocking=True)
-                self._host[k] = buf
-            else:
-                self._host[k] = t
-        if cuda:
-            self._event = torch.cuda.Event()
-            self._event.record()
+        self.docs, self.row_off, self.top_k = docs, row_off, top_k
+        self._copy = HostCopy(dev)
 
     def result(self) -> list[ScoredDocument]:
-        if self._event is not None:
-            self._event.synchronize()
-        h = {k: (None if t is None else t.numpy()) for k, t in self._host.items()}
+        h = self._copy.get()
         cols = h["cols"]
         assert cols is not None and h["teacher"] is not None
         out = []
