@@ -185,6 +185,13 @@ class GeneralScorerConfig(_Strict):
         description="approx/bounded: branches below this share are dropped (approx: "
         "placed by the estimate)",
     )
+    budget: int | None = Field(
+        None,
+        ge=0,
+        description="approx/bounded, token walk: at most this many teacher positions "
+        "expanded per row off the document's own text (whose distributions come with "
+        "the document's forward), heaviest first; null: beam and min_prob alone",
+    )
 
     @model_validator(mode="after")
     def _approx_walks_tokens(self) -> GeneralScorerConfig:
@@ -193,6 +200,8 @@ class GeneralScorerConfig(_Strict):
                 "scoring.general.mode=approx needs scoring.general.walk=tokens (the byte "
                 "walk has bounded and lossless modes only)"
             )
+        if self.budget is not None and self.walk != "tokens":
+            raise ValueError("scoring.general.budget needs scoring.general.walk=tokens")
         return self
 
 

@@ -18,6 +18,12 @@ the device, which builds the [B, 1, W, W] mask (`tree_attention_mask`); forwards
 ``use_cache=False``. `estimate_forward_bytes` is the peak device memory of a forward batch
 (formula below, checked against measured CPU peaks in tests/test_memory_plan.py) and
 `plan_max_batch_tokens` the largest batch that fits (``max_batch_tokens="auto"``).
+
+`HFTeacher.prefix_tree_logprobs` serves contexts that continue one long shared prefix (a
+document's canonical teacher ids, `pipeline.scoring.trees.PrefixTree`) from a KV cache:
+each distinct prefix is forwarded once (causally, ``use_cache=True``), its keys and values
+are kept in a byte-bounded LRU, and later calls forward only their new nodes against
+them with a [1, 1, nodes, cached + nodes] mask (`prefix_node_mask`).
 """
 
 from __future__ import annotations
@@ -26,14 +32,18 @@ import itertools
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pipeline.tokenization import DOC_END_TOKENS
+
+if TYPE_CHECKING:
+    from pipeline.scoring.trees import PrefixTree
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +113,33 @@ def tree_attention_mask(
     wa = -(-W // align) * align
     mask = torch.zeros((B, 1, W, wa), dtype=dtype, device=tin.device)[..., :W]
     mask.masked_fill_(blocked[:, None], torch.finfo(dtype).min)
+    return mask
+
+
+def prefix_node_mask(
+    visible: torch.Tensor,
+    tin: torch.Tensor,
+    tout: torch.Tensor,
+    cached: int,
+    dtype: torch.dtype,
+    align: int = 1,
+) -> torch.Tensor:
+    """The additive mask [1, 1, m, cached + m] of m new positions forwarded after
+    ``cached`` kept ones (`HFTeacher.prefix_tree_logprobs`), built where ``visible``
+    lives: new position j sees the kept positions < visible[j] and the new positions i
+    with tin[i] <= tin[j] < tout[i] (its ancestors and itself: Euler intervals of the new
+    positions' forest, [m] each). ``align`` as in `tree_attention_mask`."""
+    m = int(visible.shape[0])
+    cols = torch.arange(cached, device=visible.device)
+    blocked_kept = cols[None, :] >= visible[:, None]
+    q = tin[:, None]
+    seen = tin[None, :] <= q
+    seen &= q < tout[None, :]
+    blocked = torch.cat([blocked_kept, seen.logical_not_()], dim=1)
+    width = cached + m
+    wa = -(-width // align) * align
+    mask = torch.zeros((1, 1, m, wa), dtype=dtype, device=visible.device)[..., :width]
+    mask.masked_fill_(blocked[None, None], torch.finfo(dtype).min)
     return mask
 
 
@@ -334,6 +371,15 @@ class HFTeacher:
     log_softmax_slice_bytes = LOG_SOFTMAX_SLICE_BYTES
     # the dtype of the returned log-probs (`_log_softmax_` fills a tensor of it)
     logprob_dtype = torch.float32
+    # `prefix_tree_logprobs`: bytes of prefix keys/values kept (settable); call counters
+    prefix_cache_bytes: int = 1 << 30
+    prefix_cache_hits: int = 0
+    prefix_cache_misses: int = 0
+    # tuple(prefix) -> (keys/values per layer, their bytes), least recently used first
+    _prefix_lru: OrderedDict[
+        tuple[int, ...], tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], int]
+    ]
+    _prefix_lru_bytes: int = 0
 
     def __init__(
         self,
@@ -396,6 +442,10 @@ class HFTeacher:
         self.attention_scale = 8 * int(getattr(self.model.config, "hidden_size", 512))
         self.start_ids = self._start_ids(start_token)
         self.forwarded_tokens = 0  # incl. padding, for benchmarks
+        self.prefix_cache_hits = 0
+        self.prefix_cache_misses = 0
+        self._prefix_lru = OrderedDict()
+        self._prefix_lru_bytes = 0
 
     def _resolve_max_batch_tokens(self, value: int | str, call_batches: float) -> int:
         if value != "auto":
@@ -697,3 +747,293 @@ class HFTeacher:
                 tgt = torch.as_tensor(sequences[k], device=lp.device)
                 out[k] = lp[b, s - 1 : s - 1 + n].gather(1, tgt[:, None]).squeeze(1)
         return [o for o in out if o is not None]
+
+    # ------------------------------------------------------ prefix trees (KV cache)
+    @torch.inference_mode()
+    def prefix_tree_logprobs(self, items: Sequence[PrefixTree]) -> list[torch.Tensor]:
+        """Per item (`pipeline.scoring.trees.PrefixTree`), the float32 log-probs
+        [len(points) + len(tokens), vocab_size] on ``self.device``: after each point p
+        (context start + prefix[:p]), then after each new node (start + prefix[:attach of
+        its first ancestor] + the tokens on its path). The same numbers as `tree_logprobs`
+        over the explicit prefix trees (the fallback of
+        `pipeline.scoring.trees.prefix_tree_logprobs`) within rounding.
+
+        Cache: a prefix's keys and values are computed once, by a causal forward of
+        start + prefix (``use_cache=True``; in chunks of ``max_batch_tokens`` that feed
+        the cache on), and kept in an LRU keyed by ``tuple(prefix)`` and bounded by
+        ``prefix_cache_bytes`` (the bytes of the kept keys and values; a prefix larger
+        than the budget serves its call and is dropped; `clear_prefix_cache`). The
+        points' rows come from that forward (only their logits are computed:
+        ``logits_to_keep``). A later call with the same prefix (``prefix_cache_hits``)
+        forwards only its new nodes against the kept keys/values.
+
+        Nodes: forwards of at most ``max_batch_tokens`` new positions, each a single row
+        (no padding) with a [1, 1, m, S + P + m] mask (`prefix_node_mask`; S start ids,
+        P the prefix): node v sees the kept positions < S + attach (of its first
+        ancestor), its ancestors and itself, at position id S + attach + depth - 1 (as in
+        the tree forward). A forward takes whole root subtrees, in node order; a subtree
+        over ``max_batch_tokens`` nodes raises ValueError. The kept keys/values are not
+        modified (each forward's cache is a copy, `DynamicCache(ddp_cache_data=...)`).
+
+        Points on a cached prefix are forwarded again as one-token nodes (position S + p -
+        1 of start + prefix, seeing the kept positions before it): the log-probs of
+        every prefix position are not kept (P x V float32: 300 MB for P = 500 and a 150k
+        vocab), nor its hidden states (the output head of some models is more than one
+        linear map).
+
+        Items run one after another (no batching across items). ``forwarded_tokens``
+        counts the S + P positions of a prefix forward and the new positions (nodes and
+        re-forwarded points). A context over ``max_positions`` tokens raises ValueError.
+        Models that are not a `transformers` `PreTrainedModel`, or have other than
+        full-attention layers (sliding windows), take `tree_logprobs` over the explicit
+        prefix trees instead (no cache). The kept keys/values belong to the weights,
+        dtype and start ids they were made with: `clear_prefix_cache` after changing
+        any of them.
+        """
+        if not self._prefix_cache_supported():
+            return self._prefix_tree_fallback(items)
+        return [self._prefix_item(it) for it in items]
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every kept prefix's keys and values (`prefix_tree_logprobs`)."""
+        self._prefix_lru = OrderedDict()
+        self._prefix_lru_bytes = 0
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Kept prefixes, their bytes, the budget, and the hit/miss counters."""
+        return {
+            "entries": len(self._prefix_lru_map()),
+            "bytes": self._prefix_lru_bytes,
+            "budget": int(self.prefix_cache_bytes),
+            "hits": self.prefix_cache_hits,
+            "misses": self.prefix_cache_misses,
+        }
+
+    def _prefix_lru_map(
+        self,
+    ) -> OrderedDict[tuple[int, ...], tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], int]]:
+        lru = self.__dict__.get("_prefix_lru")
+        if lru is None:  # an instance made without __init__
+            lru = self._prefix_lru = OrderedDict()
+        return lru
+
+    def _prefix_cache_supported(self) -> bool:
+        ok = self.__dict__.get("_prefix_cache_ok")
+        if ok is None:
+            from transformers import PreTrainedModel
+
+            ok = isinstance(self.model, PreTrainedModel)
+            if ok:
+                cfg = self.model.config
+                get_text = getattr(cfg, "get_text_config", None)
+                cfg = get_text() if callable(get_text) else cfg
+                types = getattr(cfg, "layer_types", None) or ()
+                ok = all(t == "full_attention" for t in types)
+            self._prefix_cache_ok = ok
+        return bool(ok)
+
+    def _keeps_logits(self) -> bool:
+        """Whether the model's forward takes ``logits_to_keep``."""
+        keeps = self.__dict__.get("_logits_to_keep")
+        if keeps is None:
+            import inspect
+
+            keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            self._logits_to_keep = keeps
+        return bool(keeps)
+
+    def _prefix_tree_fallback(self, items: Sequence[PrefixTree]) -> list[torch.Tensor]:
+        """`prefix_tree_logprobs` by `tree_logprobs` over one explicit prefix tree per
+        item (the prefix path up to the last point or attach, then the nodes)."""
+        trees: list[tuple[list[int], list[int]]] = []
+        rows: list[list[int]] = []
+        for it in items:
+            tokens, parents = [-1], [-1]
+            chain = [0]  # chain[p]: the tree node after prefix[:p]
+            roots = [int(a) for a, par in zip(it.attach, it.parents, strict=True) if par < 0]
+            for t in it.prefix[: max([*it.points, *roots], default=0)]:
+                tokens.append(int(t))
+                parents.append(chain[-1])
+                chain.append(len(tokens) - 1)
+            node: list[int] = []
+            for v, par in enumerate(it.parents):
+                tokens.append(int(it.tokens[v]))
+                parents.append(chain[int(it.attach[v])] if par < 0 else node[par])
+                node.append(len(tokens) - 1)
+            trees.append((tokens, parents))
+            rows.append([chain[p] for p in it.points] + node)
+        out = self.tree_logprobs(trees)
+        return [
+            lp[torch.as_tensor(r, dtype=torch.long, device=lp.device)]
+            for lp, r in zip(out, rows, strict=True)
+        ]
+
+    def _prefix_item(self, it: PrefixTree) -> torch.Tensor:
+        S = len(self.start_ids)
+        prefix = tuple(int(t) for t in it.prefix)
+        P = len(prefix)
+        points = [int(p) for p in it.points]
+        n = len(it.tokens)
+        attach = [0] * n  # of the node's first ancestor
+        depth = [0] * n  # 1 for a node without a parent
+        for v, par in enumerate(it.parents):
+            if par < 0:
+                attach[v], depth[v] = int(it.attach[v]), 1
+            else:
+                attach[v], depth[v] = attach[par], depth[par] + 1
+        longest = max([S + P, *(S + a + d for a, d in zip(attach, depth, strict=True))])
+        if longest > self.max_positions:
+            raise ValueError(
+                f"a context of {longest} tokens exceeds the teacher's {self.max_positions} "
+                "positions; chunk the document"
+            )
+        out = torch.empty(
+            (len(points) + n, self.vocab_size), dtype=self.logprob_dtype, device=self.device
+        )
+        # new positions: (output row, token, position id, kept positions seen, parent or -1)
+        new: list[tuple[int, int, int, int, int]] = []
+        lru = self._prefix_lru_map()
+        kept = lru.get(prefix)
+        if kept is None:
+            self.prefix_cache_misses += 1
+            kv = self._forward_prefix(prefix, points, out)
+            self._prefix_cache_put(prefix, kv)
+        else:
+            self.prefix_cache_hits += 1
+            lru.move_to_end(prefix)
+            kv = kept[0]
+            full = (*self.start_ids, *prefix)
+            new.extend(
+                (r, int(full[S + p - 1]), S + p - 1, S + p - 1, -1) for r, p in enumerate(points)
+            )
+        base = len(new)
+        for v, par in enumerate(it.parents):
+            a = attach[v]
+            new.append(
+                (
+                    len(points) + v,
+                    int(it.tokens[v]),
+                    S + a + depth[v] - 1,
+                    S + a,
+                    -1 if par < 0 else base + par,
+                )
+            )
+        if new:
+            self._forward_prefix_nodes(kv, S + P, new, out)
+        return self._log_softmax_(out)
+
+    def _prefix_cache_put(
+        self, key: tuple[int, ...], kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    ) -> None:
+        nbytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+        budget = int(self.prefix_cache_bytes)
+        lru = self._prefix_lru_map()
+        if nbytes > budget:
+            return
+        while lru and self._prefix_lru_bytes + nbytes > budget:
+            _, (_, old) = lru.popitem(last=False)
+            self._prefix_lru_bytes -= old
+        lru[key] = (kv, nbytes)
+        self._prefix_lru_bytes += nbytes
+
+    def _forward_prefix(
+        self, prefix: tuple[int, ...], points: list[int], out: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Causal forward of start + prefix with a KV cache, in chunks of
+        ``max_batch_tokens``; writes the points' logits into their rows of ``out``.
+        Returns the keys and values per layer ([1, kv heads, S + P, head dim] each)."""
+        from transformers import DynamicCache
+
+        S = len(self.start_ids)
+        full = [*self.start_ids, *prefix]
+        ids = torch.as_tensor(full, dtype=torch.long).to(self.device)
+        want = sorted((S - 1 + p, r) for r, p in enumerate(points))
+        cache = DynamicCache()  # no config: full (not sliding) layers
+        step = max(1, int(self.max_batch_tokens))
+        for a in range(0, len(full), step):
+            b = min(a + step, len(full))
+            sel = [(x - a, r) for x, r in want if a <= x < b]
+            keep = torch.as_tensor([x for x, _ in sel], dtype=torch.long).to(self.device)
+            kwargs: dict[str, Any] = {"logits_to_keep": keep} if self._keeps_logits() else {}
+            logits = self.model(
+                input_ids=ids[None, a:b],
+                position_ids=torch.arange(a, b, device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            ).logits
+            self.forwarded_tokens += b - a
+            if sel:
+                lg = logits[0] if kwargs else logits[0, keep]
+                rows = torch.as_tensor([r for _, r in sel], dtype=torch.long).to(self.device)
+                out[rows] = lg[:, : self.vocab_size].to(out.dtype)
+            del logits
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in cache.layers:
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+                raise RuntimeError(f"unsupported KV cache layer {type(layer).__name__}")
+            if k.shape[-2] != len(full) or v.shape[-2] != len(full):
+                raise RuntimeError("the model's KV cache does not hold every prefix position")
+            kv.append((k, v))
+        if not kv:
+            raise RuntimeError("the model's forward filled no KV cache")
+        return tuple(kv)
+        return kv
+
+    def _forward_prefix_nodes(
+        self,
+        kv: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+        cached: int,
+        new: list[tuple[int, int, int, int, int]],
+        out: torch.Tensor,
+    ) -> None:
+        """Forward the new positions (`_prefix_item`'s tuples; parents before children)
+        against the kept keys/values ``kv`` of ``cached`` positions, whole root subtrees
+        per forward of at most ``max_batch_tokens``; writes their logits into ``out``."""
+        from transformers import DynamicCache
+
+        limit = max(1, int(self.max_batch_tokens))
+        root = [0] * len(new)
+        groups: dict[int, list[int]] = {}
+        for j, (*_, par) in enumerate(new):
+            root[j] = j if par < 0 else root[par]
+            groups.setdefault(root[j], []).append(j)
+        chunks: list[list[int]] = []
+        cur: list[int] = []
+        for g in groups.values():
+            if len(g) > limit:
+                raise ValueError(
+                    f"a subtree of {len(g)} nodes exceeds max_batch_tokens={limit}; "
+                    "split the nodes or raise the limit"
+                )
+            if cur and len(cur) + len(g) > limit:
+                chunks.append(cur)
+                cur = []
+            cur.extend(g)
+        if cur:
+            chunks.append(cur)
+        cuda = self.device.type == "cuda"
+        for chunk in chunks:
+            local = {j: k for k, j in enumerate(chunk)}
+            forest = [-1] + [0 if new[j][4] < 0 else local[new[j][4]] + 1 for j in chunk]
+            tin, tout, _ = _euler_intervals(forest)
+            host = np.array(
+                [[new[j][1], new[j][2], new[j][3], new[j][0]] for j in chunk], dtype=np.int64
+            )
+            ids, pos, vis, rows = torch.from_numpy(host).to(self.device).unbind(1)
+            tin_d, tout_d = (torch.from_numpy(x[1:]).to(self.device) for x in (tin, tout))
+            mask = prefix_node_mask(
+                vis, tin_d, tout_d, cached, self.dtype, align=MASK_ALIGN if cuda else 1
+            )
+            logits = self.model(
+                input_ids=ids[None],
+                attention_mask=mask,
+                position_ids=pos[None],
+                past_key_values=DynamicCache(ddp_cache_data=kv),
+                use_cache=True,
+            ).logits
+            del mask
+            self.forwarded_tokens += len(chunk)
+            out[rows] = logits[0, :, : self.vocab_size].to(out.dtype)
+            del logits

@@ -157,10 +157,29 @@ decided once the student's current pre-token has ended, so a row must follow the
 teacher's mass to one character past the end of the NEXT word: one teacher
 distribution for the root, one per way of ending the current word, one per next word
 (to see whether it ends). A real teacher's next-word distribution is flat: with
-SmolLM2 on two GSM8K texts at the default setting, a row loses on average 0.21 of its
-mass to branches below the 0.1% floor and 0.12 to the beam, and every further word
+SmolLM2 on two GSM8K texts at beam 16, min_prob 1e-3, a row loses on average 0.21 of
+its mass to branches below the 0.1% floor and 0.12 to the beam, and every further word
 costs one teacher position (the full model, not just its head), so a row's unaccounted
 mass falls slowly with the beam (README, "General scorer error table").
+
+What keeps the teacher positions down (`_node_probs`):
+
+- The document's forward. Every teacher context of a row is its document's canonical
+  teacher ids up to some point, followed by a few tokens. Contexts are sent as
+  `PrefixTree` items on those ids: the document is forwarded once (its rows give every
+  root context's distribution and the path log-probs, and in approx mode the gold
+  path's distributions, kept for later levels up to `PRE_ROWS_BYTES`), and a teacher
+  with a native ``prefix_tree_logprobs`` (`pipeline.teacher.HFTeacher`, which keeps the
+  document's keys and values) forwards only the new tokens of each level; other
+  teachers get the same contexts as prefix trees (`prefix_tree_logprobs`' fallback).
+  A new node's ancestors off the document are forwarded again at each level.
+- ``budget``: at most this many nodes expanded per row over all levels, off the
+  document's own path (heaviest first, still within ``beam`` per level). The rest are
+  dropped like the beam's (bounded: unaccounted; approx: placed by the estimate).
+- Approx mode places a dropped trie branch token by token (`SPLIT_TOKENS` heaviest
+  tokens, each at its own word end), so that a branch such as `` tw...`` below the floor
+  does not send `` twice`` and `` twelve`` to `` two``: at no teacher cost, this halved
+  the rigorous TV lower bound at beam 4 (jobs/bench/README.md).
 """
 
 from __future__ import annotations
@@ -180,7 +199,7 @@ from pipeline.scoring.byte_model import EOS_COL, UNMAPPED_COL, ByteModel
 from pipeline.scoring.common import Regime, ScoredDocument
 from pipeline.scoring.protocol import Teacher
 from pipeline.scoring.student_view import StudentView, _utf8_split
-from pipeline.scoring.trees import merge_context_trees, teacher_tree_logprobs
+from pipeline.scoring.trees import PrefixTree, prefix_tree_logprobs
 from pipeline.scoring.vocab_trie import VocabTrie
 from pipeline.tokenization import (
     ByteLevelBPE,
@@ -193,6 +212,15 @@ from pipeline.tokenization import (
 # (unaccounted) without deciding them; most trie branches weigh far less than that
 # (approx mode places them by the word-end estimate instead).
 DECIDE_FLOOR = 0.01
+
+# Approx mode: a dropped trie branch is placed token by token, its heaviest tokens (at
+# most this many, each above the tiny-branch floor) each at its own word end.
+SPLIT_TOKENS = 16
+
+# Token walk: the document-forward rows kept for later levels (root and gold-path
+# contexts) take at most this many bytes per document (float32 rows); a context past it
+# is asked of the teacher again (one position with a native prefix forward).
+PRE_ROWS_BYTES = 1 << 30
 
 _T = TypeVar("_T")
 
@@ -244,19 +272,12 @@ class _RowJob:
     gold_text: bytes | None = None
     gold_sigma: list[tuple[int, ...]] = field(default_factory=list)
     gold_token: int | None = None
+    # token walk: the canonical teacher ids of the (first) document of this row, whose
+    # forward the row's teacher contexts hang off (`GeneralScorer._node_probs`)
+    doc_ids: tuple[int, ...] = ()
+    spent: int = 0  # nodes kept for expansion off the gold path (``budget``)
     placed: float = 0.0  # approx: dropped mass placed on a token by the word-end estimate
     remainder: float = 0.0  # approx: dropped mass the estimate could not place
-
-
-@dataclass(frozen=True)
-class _ContextPath:
-    """A bare teacher context (a `TeacherTree` without local nodes): the token walk asks
-    for the distribution after it."""
-
-    context: tuple[int, ...]
-    tokens: tuple[int, ...] = (-1,)
-    parents: tuple[int, ...] = (-1,)
-    num_nodes: int = 1
 
 
 @dataclass
@@ -303,6 +324,10 @@ class GeneralScorer:
             time through the byte model; the reference walk). See the module docstring.
         max_batch_nodes: token walk: teacher tree nodes per call (default: the
             teacher's ``max_batch_tokens``).
+        budget: token walk, bounded/approx: at most this many nodes expanded per row
+            over all levels (heaviest first, within ``beam`` per level), not counting
+            the row's roots and (approx) its document's own continuation, whose teacher
+            distributions come with the document's forward. None: no cap.
 
     ``tail_mass`` is the row's mass outside the stored top-k, so top-k + tail +
     ``unaccounted_mass`` = 1. Texts are normalized once with the teacher's normalizer.
@@ -325,6 +350,7 @@ class GeneralScorer:
         byte_model: ByteModel | None = None,
         walk: str = "tokens",
         max_batch_nodes: int | None = None,
+        budget: int | None = None,
     ) -> None:
         if mode not in MODES and mode not in MODE_ALIASES:
             raise ValueError(f"mode must be one of {MODES} (or 'fast'), not {mode!r}")
@@ -334,6 +360,11 @@ class GeneralScorer:
             raise ValueError(f"beam must be >= 1, not {beam!r}")
         if not 0.0 <= min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), not {min_prob!r}")
+        if budget is not None and (not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"budget must be None or an int >= 0, not {budget!r}")
+        if budget is not None and walk != "tokens":
+            raise ValueError("budget needs walk='tokens'")
+        self.budget = budget
         self.mode = mode  # as given (provenance: name, params)
         self.kind = MODE_ALIASES.get(mode, mode)  # what the walk does
         self.max_depth = max_depth
@@ -376,6 +407,8 @@ class GeneralScorer:
                 self.TV = None  # contexts start at the start of the text (or an added token)
         self.last_stats: dict[str, Any] = {}
         self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
+        self._chains: dict[tuple[int, ...], np.ndarray] = {}  # per `score` call
+        self._rows: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}  # (`_node_probs`)
 
     # ------------------------------------------------------------------ the Scorer interface
     # (`pipeline.scoring.protocol.Scorer`)
@@ -392,6 +425,7 @@ class GeneralScorer:
             "max_depth": self.max_depth,
             "beam": self.beam,
             "min_prob": self.min_prob,
+            "budget": self.budget,
         }
 
     @property
@@ -454,6 +488,8 @@ class GeneralScorer:
             raise ValueError(f"rows has {len(rows)} masks for {len(texts)} texts")
         self.S.clear_cache()
         self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
+        self._chains = {}
+        self._rows = {}
         norm = [self.check_text(text) for text in texts]
         before: dict[str, int] = {}
         if self.walk == "bytes":
@@ -505,11 +541,14 @@ class GeneralScorer:
                     raise UnscorableTextError(
                         f"student tokens {list(key)} do not align with the text bytes {xb!r}"
                     )
+                if not job.doc_ids:
+                    job.doc_ids = tuple(teacher_ids[d])
                 mine.append(job)
             student_ids.append(ids)
             row_jobs.append(mine)
         if self.walk == "tokens":
             self._run_tokens(teacher, list(jobs.values()))
+            self._rows = {}  # (the document-forward rows kept for the walk)
         else:
             self._run(teacher, list(jobs.values()))
         out = [
@@ -758,18 +797,28 @@ class GeneralScorer:
         node's weight is placed where the word would end after its last token."""
         if self.kind != "approx":
             roots = [n for n in job.nodes if not n.sigma]
-            rest = [n for n in job.nodes if n.sigma]
-            job.nodes = roots + self._keep(job, rest, lambda n: n.w)
+            rest = self._keep(job, [n for n in job.nodes if n.sigma], lambda n: n.w)
+            if self.budget is not None and len(rest) > self.budget - job.spent:
+                rest.sort(key=lambda n: -n.w)
+                cut = max(0, self.budget - job.spent)
+                job.pruned += sum(n.w for n in rest[cut:])
+                rest = rest[:cut]
+            job.spent += len(rest)
+            job.nodes = roots + rest
             return
         stay = [n for n in job.nodes if not n.sigma or n.gold]
         rest = [n for n in job.nodes if n.sigma and not n.gold]
         floor = self.min_prob * job.start
         keep = [n for n in rest if n.w >= floor]
         drop = [n for n in rest if n.w < floor]
-        if len(keep) > self.beam:
+        cap = self.beam
+        if self.budget is not None:
+            cap = min(cap, max(0, self.budget - job.spent))
+        if len(keep) > cap:
             keep.sort(key=lambda n: -n.w)
-            drop += keep[self.beam :]
-            keep = keep[: self.beam]
+            drop += keep[cap:]
+            keep = keep[:cap]
+        job.spent += len(keep)
         for n in drop:
             self._estimate(job, job.heads[n.k] + n.z, n.w, n.k)
         job.nodes = stay + keep
@@ -843,37 +892,179 @@ class GeneralScorer:
     ) -> Iterator[tuple[list[tuple[_RowJob, _Node]], np.ndarray, np.ndarray, list[float]]]:
         """Teacher next-token probabilities (float64, ``[n, teacher ids]``) after each
         node's context + tokens, their cumulative sums in trie order (computed on the
-        teacher's device) and log P_T(context + tokens), one merged prefix tree (one
-        teacher call) at a time."""
-        docs = [_ContextPath((*job.contexts[node.k], *node.sigma)) for job, node in work]
+        teacher's device) and, for root nodes (``sigma`` empty), log P_T(context) (NaN
+        for the others), a chunk of nodes at a time.
+
+        Nodes are sent as `PrefixTree` items hanging off their document's canonical
+        teacher ids (``job.doc_ids``): a node's context shares its longest common prefix
+        with them (all of it for the row's own context, which is a canonical prefix of
+        the document), and only the rest are new tree nodes, deduplicated within an item.
+        A teacher with a native ``prefix_tree_logprobs`` (`pipeline.teacher.HFTeacher`)
+        forwards each document's ids once and then only the new nodes; the root nodes'
+        distributions and path log-probs are read off that forward
+        (`_chain_logprobs`)."""
         mbt = int(getattr(teacher, "max_batch_tokens", 1024))
         cap = self.max_batch_nodes or max(2, mbt - len(getattr(teacher, "start_ids", [0])) + 1)
-        trees, where = merge_context_trees(docs, cap)
-        members: list[list[int]] = [[] for _ in trees]
-        for j, (t, _) in enumerate(where):
-            members[t].append(j)
+        by_doc: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for j, (job, _) in enumerate(work):
+            by_doc[job.doc_ids].append(j)
         width = self.T.size
-        for t, tree in enumerate(trees):
-            (lp,) = teacher_tree_logprobs(teacher, [tree])
-            self.walk_stats["teacher_contexts"] += len(tree[0])
-            self.walk_stats["teacher_calls"] += 1
-            rows = [where[j][1][0] for j in members[t]]
-            tokens, parents = tree
-            steps = lp[parents[1:], tokens[1:]].double().cpu().numpy()
-            path = np.zeros(len(tokens))  # log P_T of every tree node's path (parents first)
-            for v in range(1, len(tokens)):
-                path[v] = path[parents[v]] + steps[v - 1]
-            sel = lp.index_select(0, torch.as_tensor(rows, device=lp.device)).double()
-            if sel.shape[1] < width:  # ids the teacher has no logit for: probability 0
-                sel = torch.nn.functional.pad(sel, (0, width - sel.shape[1]), value=-math.inf)
-            probs = torch.exp(sel[:, :width])
-            cum = self.trie.cumulative(probs)
-            yield (
-                [work[j] for j in members[t]],
-                probs.cpu().numpy(),
-                cum.cpu().numpy(),
-                [float(path[v]) for v in rows],
-            )
+        for D, members in by_doc.items():
+            pre = self._rows.setdefault(D, {})
+            if D not in self._chains:
+                # root contexts on the document, and (approx) every context of the gold
+                # path after them: their rows come with the document's forward
+                want: set[int] = set()
+                for j in members:
+                    job, node = work[j]
+                    c = job.contexts[node.k]
+                    if not node.sigma and len(c) <= len(D) and D[: len(c)] == c:
+                        gs = job.gold_sigma[node.k] if job.gold_sigma else ()
+                        want.update(range(len(c), min(len(D), len(c) + len(gs)) + 1))
+                keep = max(1, PRE_ROWS_BYTES // (4 * width))
+                want = set(sorted(want)[:keep])
+                self._chain_logprobs(teacher, D, want, pre)
+            chain = self._chains[D]
+            start = 0
+            while start < len(members):
+                item, sel, paths, stop = self._prefix_item(work, members, start, D, chain, cap, pre)
+                chunk = [work[j] for j in members[start:stop]]
+                start = stop
+                if item.rows:
+                    (lp,) = self._prefix_call(teacher, [item])
+                else:
+                    lp = torch.empty((0, width))
+                steps: dict[int, float] = {}  # log P_T of each new node's context
+                if any(
+                    math.isnan(x) for x, (_, n) in zip(paths, chunk, strict=True) if not n.sigma
+                ):
+                    point_row = {p: r for r, p in enumerate(item.points)}
+                    npts = len(item.points)
+                    par_rows = [
+                        point_row[a] if q == -1 else npts + q
+                        for q, a in zip(item.parents, item.attach, strict=True)
+                    ]
+                    ids = torch.as_tensor(par_rows, dtype=torch.long, device=lp.device)
+                    tok = torch.as_tensor(item.tokens, dtype=torch.long, device=lp.device)
+                    sv = lp[ids, tok].double().cpu().numpy()
+                    for v, (q, a) in enumerate(zip(item.parents, item.attach, strict=True)):
+                        steps[v] = (float(chain[a]) if q == -1 else steps[q]) + float(sv[v])
+                path_lp = []
+                for (_, node), x, (_, r) in zip(chunk, paths, sel, strict=True):
+                    if node.sigma:
+                        path_lp.append(math.nan)
+                    elif not math.isnan(x):
+                        path_lp.append(x)
+                    else:
+                        path_lp.append(steps[r - len(item.points)])
+                sel_lp = torch.stack([pre[r] if kind == "q" else lp[r] for kind, r in sel]).double()
+                if sel_lp.shape[1] < width:  # ids the teacher has no logit for: probability 0
+                    sel_lp = torch.nn.functional.pad(
+                        sel_lp, (0, width - sel_lp.shape[1]), value=-math.inf
+                    )
+                probs = torch.exp(sel_lp[:, :width])
+                cum = self.trie.cumulative(probs)
+                yield chunk, probs.cpu().numpy(), cum.cpu().numpy(), path_lp
+
+    def _prefix_item(
+        self,
+        work: list[tuple[_RowJob, _Node]],
+        members: list[int],
+        start: int,
+        D: tuple[int, ...],
+        chain: np.ndarray,
+        cap: int,
+        pre: dict[int, torch.Tensor],
+    ) -> tuple[PrefixTree, list[tuple[str, int]], list[float], int]:
+        """The `PrefixTree` of the nodes ``members[start:stop]`` (at most ``cap`` new
+        tree nodes) on the document ids ``D``: per node where its row is (``("p", i)``
+        or ``("n", i)``: an index into the item's rows; ``("q", p)``: ``pre[p]``, a row
+        the document's forward gave), and for root nodes whose context is a prefix of
+        ``D`` their path log-prob from ``chain`` (NaN for the others: computed from the
+        call's rows)."""
+        points: dict[int, int] = {}
+        index: dict[tuple[int, int, int], int] = {}  # (parent node or -1, attach, token)
+        tokens: list[int] = []
+        parents: list[int] = []
+        attach: list[int] = []
+        where: list[tuple[str, int]] = []
+        paths: list[float] = []
+        stop = start
+        for j in members[start:]:
+            job, node = work[j]
+            c = (*job.contexts[node.k], *node.sigma)
+            a = 0
+            n = min(len(c), len(D))
+            while a < n and c[a] == D[a]:
+                a += 1
+            if len(tokens) + len(c) - a > cap and stop > start:
+                break
+            stop += 1
+            if a == len(c) and a in pre:
+                where.append(("q", a))
+                paths.append(float(chain[a]) if not node.sigma else math.nan)
+                continue
+            if a == len(c):
+                if a not in points:
+                    points[a] = len(points)
+                where.append(("p", points[a]))
+                paths.append(float(chain[a]) if not node.sigma else math.nan)
+                continue
+            q = -1
+            for t in c[a:]:
+                key = (q, a if q == -1 else -1, int(t))
+                v = index.get(key)
+                if v is None:
+                    v = index[key] = len(tokens)
+                    tokens.append(int(t))
+                    parents.append(q)
+                    attach.append(a if q == -1 else 0)
+                q = v
+            where.append(("n", q))
+            paths.append(math.nan)
+        if any(p == -1 for p in parents):  # attach points' rows: for path log-probs
+            for v, q in enumerate(parents):
+                if q == -1 and attach[v] not in points:
+                    points[attach[v]] = len(points)
+        pts = tuple(sorted(points, key=points.__getitem__))
+        npts = len(pts)
+        sel = [(kind, npts + r if kind == "n" else r) for kind, r in where]
+        item = PrefixTree(D, pts, tuple(tokens), tuple(parents), tuple(attach))
+        return item, sel, paths, stop
+
+    def _prefix_call(self, teacher: Teacher, items: list[PrefixTree]) -> list[torch.Tensor]:
+        stats: dict[str, int] = {}
+        out = prefix_tree_logprobs(teacher, items, stats)
+        self.walk_stats["teacher_contexts"] += stats.get("positions", 0)
+        self.walk_stats["teacher_calls"] += 1
+        return out
+
+    def _chain_logprobs(
+        self, teacher: Teacher, D: tuple[int, ...], want: set[int], pre: dict[int, torch.Tensor]
+    ) -> np.ndarray:
+        """``log P_T(D[:p])`` for p = 0..len(D) (float64), cached per document for the
+        `score` call; the log-prob rows after ``D[:p]`` for ``p`` in ``want`` go into
+        ``pre`` (when the document is forwarded now): one forward of the document's
+        canonical ids, its rows read in slices (a native teacher forwards the ids once;
+        a slice after the first asks the kept prefix for one position per row)."""
+        got = self._chains.get(D)
+        if got is not None:
+            return got
+        out = np.zeros(len(D) + 1)
+        step = max(1024, (1 << 30) // (4 * self.T.size))  # rows of 1 GiB of float32
+        for a in range(0, len(D) + 1, step):
+            b = min(len(D) + 1, a + step)
+            (lp,) = self._prefix_call(teacher, [PrefixTree(D, tuple(range(a, b)))])
+            m = min(b, len(D)) - a  # rows followed by a token of D
+            tok = torch.as_tensor(D[a : a + m], dtype=torch.long, device=lp.device)
+            sv = lp[:m].gather(1, tok[:, None]).squeeze(1).double().cpu().numpy()
+            out[a + 1 : a + m + 1] = sv
+            for p in want:
+                if a <= p < b:
+                    pre[p] = lp[p - a].clone()
+        out = np.cumsum(out)
+        self._chains[D] = out
+        return out
 
     def _expand_node(self, job: _RowJob, node: _Node, p: np.ndarray, cum: np.ndarray) -> None:
         """Account or queue every next teacher token of ``node`` (``p``: its teacher
@@ -1005,8 +1196,11 @@ class GeneralScorer:
                     if pt is None:
                         pt = p[self.trie.perm]
                     lo, hi = int(los[c]), int(his[c])
-                    heavy = self.trie.keys[lo + int(np.argmax(pt[lo:hi]))]
-                    self._estimate(job, y + heavy, m, node.k)
+                    if m > tiny and hi - lo > 1:
+                        self._estimate_range(job, y, pt, lo, hi, m, w, tiny, node.k)
+                    else:
+                        heavy = self.trie.keys[lo + int(np.argmax(pt[lo:hi]))]
+                        self._estimate(job, y + heavy, m, node.k)
                     continue
                 for v in self.trie.exact.get(b, ()):
                     pv = float(p[v])
@@ -1021,6 +1215,40 @@ class GeneralScorer:
                             )
                         )
                 stack.append(b)
+
+    def _estimate_range(
+        self,
+        job: _RowJob,
+        y: bytes,
+        pt: np.ndarray,
+        lo: int,
+        hi: int,
+        m: float,
+        w: float,
+        tiny: float,
+        k: int,
+    ) -> None:
+        """Approx mode: place a dropped trie branch (tokens ``[lo, hi)`` in trie order
+        after ``y``, mass ``m``) token by token: each of its heaviest tokens above
+        ``tiny`` (at most `SPLIT_TOKENS`) at its own word end, the rest at the heaviest's
+        (placing the whole branch at its heaviest token's word end sends, e.g., every
+        word of `` tw...`` to `` two``)."""
+        seg = pt[lo:hi]
+        n = hi - lo
+        kk = min(SPLIT_TOKENS, n)
+        top = np.argpartition(-seg, kk - 1)[:kk] if kk < n else np.arange(n)
+        top = top[np.argsort(-seg[top], kind="stable")]
+        rest = m
+        first = True
+        for t in top.tolist():
+            mt = w * float(seg[t])
+            if not first and mt <= tiny:
+                break
+            first = False
+            self._estimate(job, y + self.trie.keys[lo + t], mt, k)
+            rest -= mt
+        if rest > 0.0:
+            self._estimate(job, y + self.trie.keys[lo + int(top[0])], rest, k)
 
     def _end(self, job: _RowJob, y: bytes, p: float, k: int, end_id: int | None) -> None:
         """The text (segment) ends after ``y``, followed by the student token ``end_id``

@@ -6,6 +6,7 @@ calls (`_batches`), and the teacher call itself (`teacher_tree_logprobs`: a
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -145,3 +146,99 @@ def teacher_tree_batches(
     first = np.concatenate([[0], np.cumsum([len(lp) for lp in logps])])
     lp = logps[0] if len(logps) == 1 else torch.cat([torch.as_tensor(x) for x in logps])
     yield lp, {t: int(first[t]) for t in range(len(trees))}
+
+
+@dataclass(frozen=True)
+class PrefixTree:
+    """Teacher contexts that continue one shared prefix (a document's canonical teacher
+    ids), for `prefix_tree_logprobs`.
+
+    ``prefix``: teacher ids (no start-of-text ids). ``points``: prefix lengths ``p``
+    whose next-token log-probs are wanted (after ``start + prefix[:p]``). New nodes
+    ``v = 0..n-1``: token ``tokens[v]``, parent ``parents[v]`` (an earlier node, or -1);
+    a node without a parent continues ``prefix[:attach[v]]`` (``attach`` is read only
+    for those). A node's context is ``start + prefix[:attach of its first ancestor] +``
+    the tokens on its path."""
+
+    prefix: tuple[int, ...]
+    points: tuple[int, ...] = ()
+    tokens: tuple[int, ...] = ()
+    parents: tuple[int, ...] = ()
+    attach: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens)
+        if len(self.parents) != n or len(self.attach) != n:
+            raise ValueError("tokens, parents and attach must have one entry per node")
+        P = len(self.prefix)
+        if any(not 0 <= p <= P for p in self.points):
+            raise ValueError(f"points must lie in [0, {P}]")
+        for v, (par, a) in enumerate(zip(self.parents, self.attach, strict=True)):
+            if not -1 <= par < v:
+                raise ValueError(f"node {v}: parent {par} is not an earlier node or -1")
+            if par == -1 and not 0 <= a <= P:
+                raise ValueError(f"node {v}: attach {a} is not in [0, {P}]")
+
+    @property
+    def rows(self) -> int:
+        return len(self.points) + len(self.tokens)
+
+
+def _forwarded(teacher: Teacher) -> int | None:
+    """The teacher's count of forwarded positions, where it keeps one."""
+    n = getattr(teacher, "forwarded_tokens", None)
+    return None if n is None else int(n)
+
+
+def prefix_tree_logprobs(
+    teacher: Teacher, items: Sequence[PrefixTree], stats: dict[str, int] | None = None
+) -> list[torch.Tensor]:
+    """Per item, the log-probs ``[len(points) + len(tokens), V]`` after each of its
+    points, then after each of its nodes. Uses the teacher's ``prefix_tree_logprobs``
+    when it has one (`pipeline.teacher.HFTeacher`: the prefix's keys and values are
+    computed once and kept for later calls with the same prefix, so a call forwards
+    only the new nodes), else `teacher_tree_logprobs` over one prefix tree per item
+    (prefix path + nodes, the prefix forwarded again in every call).
+
+    ``stats["positions"]`` is increased by the positions the teacher forwarded: its
+    ``forwarded_tokens`` counter where it has one (padding included), else the tree
+    nodes sent."""
+    native = getattr(teacher, "prefix_tree_logprobs", None)
+    counter = _forwarded(teacher)
+    if native is not None:
+        out = list(native(items))
+        if stats is not None and counter is not None:
+            stats["positions"] = stats.get("positions", 0) + (_forwarded(teacher) or 0) - counter
+        return out
+    trees: list[tuple[list[int], list[int]]] = []
+    rows: list[list[int]] = []
+    for it in items:
+        tokens, parents = [-1], [-1]
+        chain = [0]  # chain[p]: the tree node after prefix[:p]
+        need = max(
+            [*it.points, *(a for a, par in zip(it.attach, it.parents, strict=True) if par == -1)],
+            default=0,
+        )
+        for t in it.prefix[:need]:
+            tokens.append(int(t))
+            parents.append(chain[-1])
+            chain.append(len(tokens) - 1)
+        node: list[int] = []
+        for v in range(len(it.tokens)):
+            par = it.parents[v]
+            tokens.append(int(it.tokens[v]))
+            parents.append(chain[it.attach[v]] if par == -1 else node[par])
+            node.append(len(tokens) - 1)
+        trees.append((tokens, parents))
+        rows.append([chain[p] for p in it.points] + node)
+    out = teacher_tree_logprobs(teacher, trees)
+    if stats is not None:
+        if counter is not None:
+            n = (_forwarded(teacher) or 0) - counter
+        else:
+            n = sum(len(t) for t, _ in trees)
+        stats["positions"] = stats.get("positions", 0) + n
+    return [
+        lp[torch.as_tensor(r, dtype=torch.long, device=lp.device)]
+        for lp, r in zip(out, rows, strict=True)
+    ]
