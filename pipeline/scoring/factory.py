@@ -32,22 +32,38 @@ COST_WARNING = (
 )
 
 # What `jobs/bench/general.py` measured for approx mode (SmolLM2 teacher, Qwen2.5, Llama-3
-# and a SentencePiece-style BPE student, 2 GSM8K texts of 80 bytes; jobs/bench/README.md),
-# by (beam, min_prob): the log line at job start. Other settings: not measured.
-APPROX_MEASURED = {
-    (16, 1e-3): (
-        "TV to a generous reference 0.003-0.020 on rows it leaves nearly exact "
-        "(u_ref <= 0.02), rigorous all-row TV lower bound 0.0012-0.0031, the actual next "
-        "token never 0, |sum log q(gold) - teacher log-likelihood| <= 0.02 nats per token "
-        "on GSM8K (up to 0.45 for the SentencePiece student on Python docs), estimated "
-        "mass 0.34-0.36 per row, 44-59 teacher positions per student token, 46-90x the "
-        "subset-exact scorer's time"
+# and a SentencePiece-style BPE student, 2 GSM8K texts and 2 paragraphs of Python's docs of
+# 80 bytes each, teacher positions counted with HFTeacher's document forward;
+# jobs/bench/README.md), by (beam, min_prob, budget): the log line at job start. Other
+# settings: not measured.
+APPROX_MEASURED: dict[tuple[int, float, int | None], str] = {
+    (6, 5e-3, None): (
+        "rigorous all-row TV lower bound 0.0042-0.0083, TV to a generous reference "
+        "0.003-0.034 on the rows it leaves within 0.05 of the truth (0.034: Llama-3's "
+        "3-digit number tokens), the actual next token never 0, |sum log q(gold) - "
+        "teacher log-likelihood| <= 0.05 nats per token on GSM8K (up to 0.44 for the "
+        "SentencePiece student on Python docs), estimated mass 0.43-0.68 per row, 17-27 "
+        "teacher positions per student token, 17-36x the subset-exact scorer's time"
     ),
-    (4, 1e-2): (
-        "TV to a generous reference 0.004-0.056 on rows it leaves nearly exact "
-        "(u_ref <= 0.02), rigorous all-row TV lower bound 0.014-0.022, the actual next "
-        "token never 0, estimated mass 0.49-0.60 per row, 15-17 teacher positions per "
-        "student token, 16-23x the subset-exact scorer's time"
+    (16, 1e-3, None): (
+        "rigorous all-row TV lower bound 0.0011-0.0039, TV to a generous reference "
+        "0.003-0.027 on the rows it leaves within 0.05 of the truth, the actual next "
+        "token never 0, calibration within 0.03 nats per token on GSM8K (up to 0.45 for "
+        "the SentencePiece student on Python docs), estimated mass 0.33-0.60 per row, "
+        "42-74 teacher positions per student token, 42-87x the subset-exact scorer's time"
+    ),
+    (4, 1e-2, None): (
+        "rigorous all-row TV lower bound 0.0062-0.041, TV to a generous reference "
+        "0.003-0.041 on the rows it leaves within 0.05 of the truth, the actual next "
+        "token never 0, estimated mass 0.49-0.72 per row, 13-20 teacher positions per "
+        "student token, 12-22x the subset-exact scorer's time"
+    ),
+    (16, 5e-3, 6): (
+        "for Qwen2.5 (digits split one by one): rigorous all-row TV lower bound "
+        "0.0072-0.015, TV to a generous reference 0.016 on the rows it leaves within "
+        "0.05 of the truth, 8 teacher positions per student token; for students with "
+        "multi-digit number tokens (Llama-3, the SentencePiece one) 0.021-0.034 and "
+        "0.019-0.050; the actual next token never 0; 8-15x the subset-exact scorer's time"
     ),
 }
 
@@ -55,12 +71,17 @@ APPROX_MEASURED = {
 def approx_expectation(cfg: JobConfig) -> str:
     """The measured error and cost of approx mode at the config's setting."""
     g = cfg.scoring.general
-    got = APPROX_MEASURED.get((g.beam, g.min_prob))
+    got = APPROX_MEASURED.get((g.beam, g.min_prob, g.budget))
     where = f"general scorer, approx mode, beam {g.beam}, min_prob {g.min_prob:g}"
+    if g.budget is not None:
+        where += f", budget {g.budget}"
     if got is None:
         return (
             f"{where}: error and cost not measured at this setting (measured settings: "
-            + ", ".join(f"beam {b} min_prob {p:g}" for b, p in APPROX_MEASURED)
+            + "; ".join(
+                f"beam {b} min_prob {p:g}" + (f" budget {n}" if n is not None else "")
+                for b, p, n in APPROX_MEASURED
+            )
             + "; jobs/bench/README.md)"
         )
     return f"{where}: measured {got} (SmolLM2 teacher, jobs/bench/README.md)"

@@ -178,8 +178,8 @@ What keeps the teacher positions down (`_node_probs`):
   dropped like the beam's (bounded: unaccounted; approx: placed by the estimate).
 - Approx mode places a dropped trie branch token by token (`SPLIT_TOKENS` heaviest
   tokens, each at its own word end), so that a branch such as `` tw...`` below the floor
-  does not send `` twice`` and `` twelve`` to `` two``: at no teacher cost, this halved
-  the rigorous TV lower bound at beam 4 (jobs/bench/README.md).
+  does not send `` twice`` and `` twelve`` to `` two``: at no teacher cost, this cut
+  the rigorous TV lower bound at beam 4 by 1.3-2.3x (jobs/bench/README.md).
 """
 
 from __future__ import annotations
