@@ -218,9 +218,10 @@ DECIDE_FLOOR = 0.01
 SPLIT_TOKENS = 16
 
 # Token walk: the document-forward rows kept for later levels (root and gold-path
-# contexts) take at most this many bytes per document (float32 rows); a context past it
-# is asked of the teacher again (one position with a native prefix forward).
-PRE_ROWS_BYTES = 1 << 30
+# contexts) take at most this many bytes in all per `score` call (float32 rows, on the
+# teacher's device); a context past it is asked of the teacher again (one position with
+# a native prefix forward).
+PRE_ROWS_BYTES = 512 << 20
 
 _T = TypeVar("_T")
 
@@ -921,7 +922,8 @@ class GeneralScorer:
                     if not node.sigma and len(c) <= len(D) and D[: len(c)] == c:
                         gs = job.gold_sigma[node.k] if job.gold_sigma else ()
                         want.update(range(len(c), min(len(D), len(c) + len(gs)) + 1))
-                keep = max(1, PRE_ROWS_BYTES // (4 * width))
+                held = sum(len(r) for r in self._rows.values())
+                keep = max(0, PRE_ROWS_BYTES // (4 * width) - held)
                 want = set(sorted(want)[:keep])
                 self._chain_logprobs(teacher, D, want, pre)
             chain = self._chains[D]

@@ -155,9 +155,11 @@ def test_the_factory_chooses_builds_and_describes(world):
     assert isinstance(g, GeneralScorer) and g.params == cfg.scoring.general.model_dump()
     assert (scorer_label("subset"), scorer_label("general")) == ("subset-exact", "general")
     # approx mode is the default: the measured error and cost of its setting
-    assert "measured TV to a generous reference" in cost_warning("general", cfg)
+    assert "measured rigorous all-row TV lower bound" in cost_warning("general", cfg)
     other = load_config(None, ["scoring.general.beam=8"])
     assert "not measured at this setting" in cost_warning("general", other)
+    capped = load_config(None, ["scoring.general.beam=16", "scoring.general.budget=6"])
+    assert "budget 6: measured for Qwen2.5" in cost_warning("general", capped)
     for mode in ("bounded", "fast"):
         bounded = load_config(None, [f"scoring.general.mode={mode}"])
         assert cost_warning("general", bounded) == COST_WARNING
