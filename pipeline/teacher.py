@@ -371,7 +371,8 @@ class HFTeacher:
     log_softmax_slice_bytes = LOG_SOFTMAX_SLICE_BYTES
     # the dtype of the returned log-probs (`_log_softmax_` fills a tensor of it)
     logprob_dtype = torch.float32
-    # `prefix_tree_logprobs`: bytes of prefix keys/values kept (settable); call counters
+    # `prefix_tree_logprobs`: bytes of prefix keys/values kept (settable; on CUDA the
+    # max_batch_tokens="auto" plan reserves it, as set at construction); call counters
     prefix_cache_bytes: int = 1 << 30
     prefix_cache_hits: int = 0
     prefix_cache_misses: int = 0
@@ -456,6 +457,9 @@ class HFTeacher:
             log.info("teacher max_batch_tokens=auto: 2048 on %s", self.device)
             return 2048
         free, total = torch.cuda.mem_get_info(self.device)
+        # the keys/values `prefix_tree_logprobs` may keep (the general scorer's documents)
+        reserve = int(self.prefix_cache_bytes)
+        free = max(0, free - reserve)
         shape = ModelShape.from_config(self.model.config)
         n = plan_max_batch_tokens(
             shape, self.vocab_size, self.dtype, free, call_batches=call_batches
@@ -464,12 +468,13 @@ class HFTeacher:
             shape, n, self.vocab_size, self.dtype, call_nodes=math.ceil(call_batches * n)
         )
         log.info(
-            "teacher max_batch_tokens=auto: %d (free %.2f of %.2f GiB after the weights, "
-            "safety 0.9; %s, vocab %d, dtype %s, call holds %g batches; estimated peak "
-            "%.2f GiB: %s)",
+            "teacher max_batch_tokens=auto: %d (free %.2f of %.2f GiB after the weights "
+            "and %.2f GiB kept for prefix caches, safety 0.9; %s, vocab %d, dtype %s, call "
+            "holds %g batches; estimated peak %.2f GiB: %s)",
             n,
             free / 2**30,
             total / 2**30,
+            reserve / 2**30,
             shape,
             self.vocab_size,
             self.dtype,

@@ -47,9 +47,12 @@ unaccounted mass (shown as a dash) and every row is an estimate.
 - calibration per text: ``(sum of the rows' gold log-probs - log P_T(text + end of
   text)) / rows``, the teacher's log-likelihood from the subset-exact scorer's rows
   (they telescope to it); ``-inf`` where a row lost the gold token;
-- teacher contexts (tree nodes sent to the teacher) and rows expanded per row (teacher
-  distributions for the token walk, byte-model rows for the byte walk and the paper's
-  heuristic; ``GeneralScorer.last_stats``);
+- teacher contexts and rows expanded per row (``GeneralScorer.last_stats``). Teacher
+  contexts are the positions the teacher forwarded: with `HFTeacher`'s document forward
+  (token walk), each document once plus each level's new nodes (``forwarded_tokens``);
+  for the byte walk and the paper's heuristic, the byte model's tree nodes. Rows
+  expanded are teacher distributions for the token walk and byte-model rows for the byte
+  walk and the paper's heuristic;
 - wall seconds per row, and the general scorer's total wall time over the subset-exact
   scorer's (``SubsetExactScorer`` with the teacher's first ``--subset-merges`` merges as
   student, ``top_k=64``) on the same texts.

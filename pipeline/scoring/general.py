@@ -410,6 +410,7 @@ class GeneralScorer:
         self.walk_stats = {"teacher_contexts": 0, "teacher_calls": 0}
         self._chains: dict[tuple[int, ...], np.ndarray] = {}  # per `score` call
         self._rows: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}  # (`_node_probs`)
+        self._flip = False  # (`_node_probs`)
 
     # ------------------------------------------------------------------ the Scorer interface
     # (`pipeline.scoring.protocol.Scorer`)
@@ -910,7 +911,14 @@ class GeneralScorer:
         for j, (job, _) in enumerate(work):
             by_doc[job.doc_ids].append(j)
         width = self.T.size
-        for D, members in by_doc.items():
+        # documents in the order opposite to the previous call's: a teacher that keeps
+        # fewer documents' keys/values than the batch holds (least recently used out)
+        # still finds the last ones of the previous level (a fixed order would miss all)
+        order = list(by_doc.items())
+        if self._flip:
+            order.reverse()
+        self._flip = not self._flip
+        for D, members in order:
             pre = self._rows.setdefault(D, {})
             if D not in self._chains:
                 # root contexts on the document, and (approx) every context of the gold

@@ -193,3 +193,30 @@ def test_job_config_budget():
                 "scoring.general.mode=bounded",
             ],
         )
+
+
+def test_documents_alternate_order_when_the_cache_holds_one(random_teacher):
+    """With room for one document's keys/values, the walk still reuses them: levels take
+    the documents in alternating order, so each level starts with the last document of
+    the previous one (a fixed order would miss every time); rows are unchanged."""
+    tok, teacher = random_teacher
+    S = other_byte_bpe("qwen2")
+    texts = [LONG_TEXTS[0][:40], LONG_TEXTS[1][:40]]
+    sc = GeneralScorer(tok, S, "approx", max_depth=6, beam=4, min_prob=0.01)
+    teacher.clear_prefix_cache()
+    roomy = sc.score(teacher, texts, top_k=None)
+    one = max(teacher.prefix_cache_stats()["bytes"] // 2 + 1, 1)
+    old = teacher.prefix_cache_bytes
+    try:
+        teacher.prefix_cache_bytes = one + one // 2  # one document fits, not two
+        teacher.clear_prefix_cache()
+        teacher.prefix_cache_hits = teacher.prefix_cache_misses = 0
+        tight = sc.score(teacher, texts, top_k=None)
+        stats = teacher.prefix_cache_stats()
+    finally:
+        teacher.prefix_cache_bytes = old
+        teacher.clear_prefix_cache()
+    assert stats["entries"] == 1
+    assert stats["hits"] >= 2 and stats["misses"] >= 3, stats
+    for a, b in zip(roomy, tight, strict=True):
+        np.testing.assert_allclose(np.exp(a.logprobs), np.exp(b.logprobs), atol=FLOAT64_TOL)
