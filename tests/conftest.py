@@ -178,3 +178,14 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="CUDA not available (gpu marker)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(params=[1, 2])
+def torch_threads(request):
+    """Run with 1 and with 2 torch threads (the float32 rounding differed between them)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)

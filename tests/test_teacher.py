@@ -32,15 +32,6 @@ def teacher64(request):
     return Float64Teacher(model, tok, device="cpu", max_batch_tokens=64)
 
 
-@pytest.fixture(params=[1, 2])
-def torch_threads(request):
-    """Run with 1 and with 2 torch threads (the float32 rounding differed between them)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
-
-
 def _plain(teacher: HFTeacher, ctx: list[int]) -> torch.Tensor:
     ids = torch.as_tensor([[*teacher.start_ids, *ctx]])
     with torch.no_grad():

@@ -47,14 +47,6 @@ def teacher64(arch):
     return _make(arch, "float64")
 
 
-@pytest.fixture(params=[1, 2])
-def torch_threads(request):
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def one_thread():
     n = torch.get_num_threads()

@@ -11,18 +11,15 @@ import numpy as np
 import pytest
 
 from pipeline.scoring import GeneralScorer, Regime
-from tests.scoring.float64_teacher import FLOAT64_TOL, Float64Teacher
+from tests.scoring.float64_teacher import FLOAT64_TOL
 from tests.scoring.general_assets import STUDENTS, other_byte_bpe
 from tests.scoring.test_general_bruteforce import DOCS, SEP, TOL, World, _rows, _world
 from tests.scoring.test_general_local import LONG_TEXTS
 from tests.tiny_assets import (
     all_strings,
-    hf_tokenizer,
     string_distribution,
     student_truth,
-    tiny_causal_lm,
     tiny_teacher_tokenizer,
-    trained_byte_bpe,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -191,16 +188,6 @@ def test_approx_topk_and_errors(world):
         GeneralScorer(world.T, S, "approx", walk="bytes")
     with pytest.raises(ValueError, match="mode"):
         GeneralScorer(world.T, S, "greedy")
-
-
-@pytest.fixture(scope="module")
-def random_teacher():
-    """A seeded random LM over a trained byte-level BPE (as in `test_general_local`):
-    every token sequence has mass, non-canonical ones included."""
-    tok = trained_byte_bpe(400)
-    hf = hf_tokenizer(tok)
-    model = tiny_causal_lm(len(hf), arch="llama", seed=3)
-    return tok, Float64Teacher(model, hf, device="cpu", max_batch_tokens=512)
 
 
 def test_random_teacher_approx_against_a_generous_reference(random_teacher):

@@ -14,17 +14,14 @@ from pipeline.scoring import GeneralScorer
 from pipeline.scoring.factory import make_scorer
 from pipeline.scoring.general import SPLIT_TOKENS
 from pipeline.scoring.trees import PrefixTree, prefix_tree_logprobs
-from tests.scoring.float64_teacher import FLOAT64_TOL, Float64Teacher
+from tests.scoring.float64_teacher import FLOAT64_TOL
 from tests.scoring.general_assets import STUDENTS, other_byte_bpe
 from tests.scoring.test_general_bruteforce import DOCS, TOL, World, _rows, _world
 from tests.scoring.test_general_local import LONG_TEXTS
 from tests.tiny_assets import (
-    hf_tokenizer,
     string_distribution,
     student_truth,
-    tiny_causal_lm,
     tiny_teacher_tokenizer,
-    trained_byte_bpe,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,15 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def world() -> World:
     return _world(tiny_teacher_tokenizer("qwen2"), string_distribution(5, seed=0))
-
-
-@pytest.fixture(scope="module")
-def random_teacher():
-    """A seeded random LM over a trained byte-level BPE: every token sequence has mass."""
-    tok = trained_byte_bpe(400)
-    hf = hf_tokenizer(tok)
-    model = tiny_causal_lm(len(hf), arch="llama", seed=3)
-    return tok, Float64Teacher(model, hf, device="cpu", max_batch_tokens=512)
 
 
 class _NoPrefix:

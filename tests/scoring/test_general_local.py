@@ -23,7 +23,7 @@ from pipeline.scoring.general import ByteModel
 from pipeline.scoring.subset import merge_context_trees
 from pipeline.teacher import HFTeacher
 from pipeline.tokenization import ByteLevelBPE, load_tokenizer, truncate_merges
-from tests.scoring.float64_teacher import FLOAT64_TOL, Float64Teacher
+from tests.scoring.float64_teacher import FLOAT64_TOL
 from tests.scoring.general_assets import (
     STUDENTS,
     other_byte_bpe,
@@ -36,10 +36,8 @@ from tests.tiny_assets import (
     PerfectTeacher,
     all_strings,
     encode,
-    hf_tokenizer,
     string_distribution,
     student_truth,
-    tiny_causal_lm,
     tiny_teacher_tokenizer,
     trained_byte_bpe,
 )
@@ -254,12 +252,6 @@ def test_local_boundary_splits_the_canonical_encoding(name):
 
 
 # --------------------------------------------------------------------------- random teacher
-@pytest.fixture(scope="module")
-def random_teacher():
-    tok = trained_byte_bpe(400)
-    hf = hf_tokenizer(tok)
-    model = tiny_causal_lm(len(hf), arch="llama", seed=3)
-    return tok, Float64Teacher(model, hf, device="cpu", max_batch_tokens=512)
 
 
 LONG_TEXTS = [
