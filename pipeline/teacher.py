@@ -984,7 +984,6 @@ class HFTeacher:
         if not kv:
             raise RuntimeError("the model's forward filled no KV cache")
         return tuple(kv)
-        return kv
 
     def _forward_prefix_nodes(
         self,

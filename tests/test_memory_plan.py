@@ -288,11 +288,16 @@ def test_auto_on_cuda_plans_from_the_free_memory(monkeypatch, caplog):
     t.device = torch.device("cuda")
     t.dtype = torch.bfloat16
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**31))
+    t.prefix_cache_bytes = 2**28  # reserved for `prefix_tree_logprobs`' kept keys/values
     with caplog.at_level("INFO", logger="pipeline.teacher"):
         n = t._resolve_max_batch_tokens("auto", 4.0)
     shape = ModelShape.from_config(t.model.config)
-    assert n == plan_max_batch_tokens(shape, len(tok), torch.bfloat16, 2**30, call_batches=4.0)
-    assert f"max_batch_tokens=auto: {n} (free 1.00 of 2.00 GiB" in caplog.text
+    free = 2**30 - 2**28
+    assert n == plan_max_batch_tokens(shape, len(tok), torch.bfloat16, free, call_batches=4.0)
+    assert (
+        f"max_batch_tokens=auto: {n} (free 0.75 of 2.00 GiB after the weights and 0.25 GiB "
+        "kept for prefix caches" in caplog.text
+    )
 
 
 def test_config_accepts_auto():
