@@ -176,10 +176,10 @@ class GeneralScorerConfig(_Strict):
     )
     max_depth: int = Field(24, ge=1, description="continuation bytes enumerated per row")
     beam: int = Field(
-        6, ge=1, description="approx/bounded: open branches expanded per level and row"
+        64, ge=1, description="approx/bounded: open branches expanded per level and row"
     )
     min_prob: float = Field(
-        5e-3,
+        0.02,
         ge=0.0,
         lt=1.0,
         description="approx/bounded: branches below this share are dropped (approx: "

@@ -240,7 +240,7 @@ def test_help_config_lists_every_key_with_default_and_meaning(capsys):
     assert sorted(keys) == sorted(want)
     by_key = dict(zip(keys, lines, strict=True))
     assert by_key["ray.storage_retry_seconds"].startswith("ray.storage_retry_seconds: float = 15.0")
-    assert "scoring.general.beam: int = 6" in by_key["scoring.general.beam"]
+    assert "scoring.general.beam: int = 64" in by_key["scoring.general.beam"]
     assert all("(" in line for line in lines), [x for x in lines if "(" not in x]  # all explained
     # every key it lists takes its listed default as an override, and has that default
     for line in lines:
@@ -500,7 +500,7 @@ def test_unrelated_student_gets_the_general_scorer(tiny_teacher_dir, tmp_path, c
         "truncated-merge pair" in caplog.text
     )
     # the job states what approx mode's rows are worth at this setting (not measured)
-    assert "approx mode, beam 6, min_prob 0.01: error and cost not measured" in caplog.text
+    assert "approx mode, beam 64, min_prob 0.01: error and cost not measured" in caplog.text
     m = json.loads((out / "g.manifest.json").read_text())
     assert m["scorer"] == "general-approx" and m["scorer_params"]["max_depth"] == 3
     assert [(k["doc_id"], "added token" in k["reason"]) for k in m["skipped"]] == [("bad", True)]

@@ -158,7 +158,10 @@ def test_the_factory_chooses_builds_and_describes(world):
     assert "measured rigorous all-row TV lower bound" in cost_warning("general", cfg)
     other = load_config(None, ["scoring.general.beam=8"])
     assert "not measured at this setting" in cost_warning("general", other)
-    capped = load_config(None, ["scoring.general.beam=16", "scoring.general.budget=6"])
+    capped = load_config(
+        None,
+        ["scoring.general.beam=16", "scoring.general.min_prob=0.005", "scoring.general.budget=6"],
+    )
     assert "budget 6: measured for Qwen2.5" in cost_warning("general", capped)
     for mode in ("bounded", "fast"):
         bounded = load_config(None, [f"scoring.general.mode={mode}"])
