@@ -630,18 +630,14 @@ class Stats:
         if not np.array_equal(np.diff(row_off), np.diff(id_off) + 1):
             raise _BadRows("loss_mask does not have L + 1 rows per sequence")
         cols: dict[str, np.ndarray] = {}
-        for name in _ROW_COLUMNS:
+        for name in (*_ROW_COLUMNS, "estimated_mass"):
+            if name == "estimated_mass" and name not in table.column_names:
+                cols[name] = np.zeros(len(mask), np.float32)  # schemas 1 and 2
+                continue
             values, off = flat_list(table[name])
             if not np.array_equal(off, row_off):
                 raise _BadRows(f"{name} does not have one value per target row")
             cols[name] = values
-        if "estimated_mass" in table.column_names:
-            values, off = flat_list(table["estimated_mass"])
-            if not np.array_equal(off, row_off):
-                raise _BadRows("estimated_mass does not have one value per target row")
-            cols["estimated_mass"] = values
-        else:
-            cols["estimated_mass"] = np.zeros(len(mask), np.float32)
         dq, off = flat_list(table["topk_logprob_dq"])
         topk_ids, off_ids = flat_list(table["topk_ids"])
         if not (np.array_equal(off, row_off * k) and np.array_equal(off_ids, row_off * k)):

@@ -850,23 +850,9 @@ class HFTeacher:
     def _prefix_tree_fallback(self, items: Sequence[PrefixTree]) -> list[torch.Tensor]:
         """`prefix_tree_logprobs` by `tree_logprobs` over one explicit prefix tree per
         item (the prefix path up to the last point or attach, then the nodes)."""
-        trees: list[tuple[list[int], list[int]]] = []
-        rows: list[list[int]] = []
-        for it in items:
-            tokens, parents = [-1], [-1]
-            chain = [0]  # chain[p]: the tree node after prefix[:p]
-            roots = [int(a) for a, par in zip(it.attach, it.parents, strict=True) if par < 0]
-            for t in it.prefix[: max([*it.points, *roots], default=0)]:
-                tokens.append(int(t))
-                parents.append(chain[-1])
-                chain.append(len(tokens) - 1)
-            node: list[int] = []
-            for v, par in enumerate(it.parents):
-                tokens.append(int(it.tokens[v]))
-                parents.append(chain[int(it.attach[v])] if par < 0 else node[par])
-                node.append(len(tokens) - 1)
-            trees.append((tokens, parents))
-            rows.append([chain[p] for p in it.points] + node)
+        from pipeline.scoring.trees import explicit_prefix_trees
+
+        trees, rows = explicit_prefix_trees(items)
         out = self.tree_logprobs(trees)
         return [
             lp[torch.as_tensor(r, dtype=torch.long, device=lp.device)]

@@ -277,16 +277,6 @@ class PaperRows:
     gold: list[int]
 
 
-def _valid_prefix(b: bytes) -> str | None:
-    """``b`` decoded without a trailing incomplete UTF-8 character; None when invalid."""
-    for cut in range(min(4, len(b) + 1)):
-        try:
-            return b[: len(b) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    return None
-
-
 def paper_heuristic_rows(
     scorer: Any,
     teacher: Any,
@@ -336,6 +326,7 @@ def paper_heuristic_rows(
     import numpy as np
 
     from pipeline.scoring.byte_model import EOS_COL, UNMAPPED_COL
+    from pipeline.scoring.student_view import _utf8_split
 
     S = scorer.student
     bm = scorer.byte_model
@@ -390,9 +381,10 @@ def paper_heuristic_rows(
                 b[2] += bytes((nxt,))
     for r, p, tail, state in branches:
         d, i, x, key = rows[r]
-        full = _valid_prefix(x + tail)
-        if full is None:
+        split = _utf8_split(x + tail)  # a trailing partial character is left out
+        if split is None:
             continue  # not valid UTF-8: the student cannot see it
+        full = split[0]
         enc = S.encode(full)
         if enc[:i] != key:
             continue  # the rollout's encoding contradicts the row's prefix

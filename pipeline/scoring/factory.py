@@ -88,20 +88,21 @@ APPROX_MEASURED: dict[tuple[int, float, int | None], str] = {
 }
 
 
+def _setting(beam: int, min_prob: float, budget: int | None, sep: str = " ") -> str:
+    """``beam B{sep}min_prob P`` (and ``{sep}budget N`` when there is one)."""
+    out = f"beam {beam}{sep}min_prob {min_prob:g}"
+    return out if budget is None else f"{out}{sep}budget {budget}"
+
+
 def approx_expectation(cfg: JobConfig) -> str:
     """The measured error and cost of approx mode at the config's setting."""
     g = cfg.scoring.general
     got = APPROX_MEASURED.get((g.beam, g.min_prob, g.budget))
-    where = f"general scorer, approx mode, beam {g.beam}, min_prob {g.min_prob:g}"
-    if g.budget is not None:
-        where += f", budget {g.budget}"
+    where = f"general scorer, approx mode, {_setting(g.beam, g.min_prob, g.budget, ', ')}"
     if got is None:
         return (
             f"{where}: error and cost not measured at this setting (measured settings: "
-            + "; ".join(
-                f"beam {b} min_prob {p:g}" + (f" budget {n}" if n is not None else "")
-                for b, p, n in APPROX_MEASURED
-            )
+            + "; ".join(_setting(*key) for key in APPROX_MEASURED)
             + "; jobs/bench/README.md)"
         )
     return f"{where}: measured {got} (SmolLM2 teacher, jobs/bench/README.md)"

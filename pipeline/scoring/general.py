@@ -688,17 +688,36 @@ class GeneralScorer:
     def _prune(self, job: _RowJob) -> None:
         job.frontier = self._keep(job, job.frontier, lambda n: n[1])
 
-    def _keep(self, job: _RowJob, items: list[_T], weight: Callable[[_T], float]) -> list[_T]:
-        """Bounded mode: the items at or above the row's floor, at most ``beam`` of them
-        (heaviest first); the weight of the others is added to ``job.pruned``."""
+    def _keep(
+        self, job: _RowJob, items: list[_T], weight: Callable[[_T], float], cap: int | None = None
+    ) -> list[_T]:
+        """Bounded mode: `_split` with ``cap`` (default ``beam``); the weight of the
+        dropped items is added to ``job.pruned``."""
+        keep, low, over = self._split(job, items, weight, self.beam if cap is None else cap)
+        job.pruned += sum(weight(x) for x in low)
+        job.pruned += sum(weight(x) for x in over)
+        return keep
+
+    def _split(
+        self, job: _RowJob, items: list[_T], weight: Callable[[_T], float], cap: int
+    ) -> tuple[list[_T], list[_T], list[_T]]:
+        """The items at or above the row's floor, at most ``cap`` of them (heaviest
+        first); then those below the floor, and those over the cap."""
         floor = self.min_prob * job.start
         keep = [x for x in items if weight(x) >= floor]
-        job.pruned += sum(weight(x) for x in items if weight(x) < floor)
-        if len(keep) > self.beam:
+        low = [x for x in items if weight(x) < floor]
+        over: list[_T] = []
+        if len(keep) > cap:
             keep.sort(key=lambda x: -weight(x))
-            job.pruned += sum(weight(x) for x in keep[self.beam :])
-            keep = keep[: self.beam]
-        return keep
+            keep, over = keep[:cap], keep[cap:]
+        return keep, low, over
+
+    def _node_cap(self, job: _RowJob) -> int:
+        """Nodes a row may still keep at this level: ``beam``, within what is left of its
+        ``budget``."""
+        if self.budget is None:
+            return self.beam
+        return min(self.beam, max(0, self.budget - job.spent))
 
     def _place(self, job: _RowJob, y: bytes, w: float, k: int) -> None:
         """Account a branch that has just been reached, or queue it for expansion."""
@@ -797,31 +816,18 @@ class GeneralScorer:
         nodes, whose weight is not known yet, always stay). Approx mode: the same, but
         the gold path's nodes always stay too (outside the beam), and each dropped
         node's weight is placed where the word would end after its last token."""
+        cap = self._node_cap(job)
         if self.kind != "approx":
             roots = [n for n in job.nodes if not n.sigma]
-            rest = self._keep(job, [n for n in job.nodes if n.sigma], lambda n: n.w)
-            if self.budget is not None and len(rest) > self.budget - job.spent:
-                rest.sort(key=lambda n: -n.w)
-                cut = max(0, self.budget - job.spent)
-                job.pruned += sum(n.w for n in rest[cut:])
-                rest = rest[:cut]
+            rest = self._keep(job, [n for n in job.nodes if n.sigma], lambda n: n.w, cap)
             job.spent += len(rest)
             job.nodes = roots + rest
             return
         stay = [n for n in job.nodes if not n.sigma or n.gold]
         rest = [n for n in job.nodes if n.sigma and not n.gold]
-        floor = self.min_prob * job.start
-        keep = [n for n in rest if n.w >= floor]
-        drop = [n for n in rest if n.w < floor]
-        cap = self.beam
-        if self.budget is not None:
-            cap = min(cap, max(0, self.budget - job.spent))
-        if len(keep) > cap:
-            keep.sort(key=lambda n: -n.w)
-            drop += keep[cap:]
-            keep = keep[:cap]
+        keep, low, over = self._split(job, rest, lambda n: n.w, cap)
         job.spent += len(keep)
-        for n in drop:
+        for n in (*low, *over):
             self._estimate(job, job.heads[n.k] + n.z, n.w, n.k)
         job.nodes = stay + keep
 
@@ -933,7 +939,7 @@ class GeneralScorer:
                 held = sum(len(r) for r in self._rows.values())
                 keep = max(0, PRE_ROWS_BYTES // (4 * width) - held)
                 want = set(sorted(want)[:keep])
-                self._chain_logprobs(teacher, D, want, pre)
+                self._chains[D] = self._chain_logprobs(teacher, D, want, pre)
             chain = self._chains[D]
             start = 0
             while start < len(members):
@@ -1010,14 +1016,8 @@ class GeneralScorer:
             if len(tokens) + len(c) - a > cap and stop > start:
                 break
             stop += 1
-            if a == len(c) and a in pre:
-                where.append(("q", a))
-                paths.append(float(chain[a]) if not node.sigma else math.nan)
-                continue
-            if a == len(c):
-                if a not in points:
-                    points[a] = len(points)
-                where.append(("p", points[a]))
+            if a == len(c):  # a context on the document: a point (or a row it gave)
+                where.append(("q", a) if a in pre else ("p", points.setdefault(a, len(points))))
                 paths.append(float(chain[a]) if not node.sigma else math.nan)
                 continue
             q = -1
@@ -1032,10 +1032,9 @@ class GeneralScorer:
                 q = v
             where.append(("n", q))
             paths.append(math.nan)
-        if any(p == -1 for p in parents):  # attach points' rows: for path log-probs
-            for v, q in enumerate(parents):
-                if q == -1 and attach[v] not in points:
-                    points[attach[v]] = len(points)
+        for v, q in enumerate(parents):  # attach points' rows: for path log-probs
+            if q == -1:
+                points.setdefault(attach[v], len(points))
         pts = tuple(sorted(points, key=points.__getitem__))
         npts = len(pts)
         sel = [(kind, npts + r if kind == "n" else r) for kind, r in where]
@@ -1052,14 +1051,10 @@ class GeneralScorer:
     def _chain_logprobs(
         self, teacher: Teacher, D: tuple[int, ...], want: set[int], pre: dict[int, torch.Tensor]
     ) -> np.ndarray:
-        """``log P_T(D[:p])`` for p = 0..len(D) (float64), cached per document for the
-        `score` call; the log-prob rows after ``D[:p]`` for ``p`` in ``want`` go into
-        ``pre`` (when the document is forwarded now): one forward of the document's
+        """``log P_T(D[:p])`` for p = 0..len(D) (float64); the log-prob rows after
+        ``D[:p]`` for ``p`` in ``want`` go into ``pre``: one forward of the document's
         canonical ids, its rows read in slices (a native teacher forwards the ids once;
         a slice after the first asks the kept prefix for one position per row)."""
-        got = self._chains.get(D)
-        if got is not None:
-            return got
         out = np.zeros(len(D) + 1)
         step = max(1024, (1 << 30) // (4 * self.T.size))  # rows of 1 GiB of float32
         for a in range(0, len(D) + 1, step):
@@ -1072,9 +1067,7 @@ class GeneralScorer:
             for p in want:
                 if a <= p < b:
                     pre[p] = lp[p - a].clone()
-        out = np.cumsum(out)
-        self._chains[D] = out
-        return out
+        return np.cumsum(out)
 
     def _expand_node(self, job: _RowJob, node: _Node, p: np.ndarray, cum: np.ndarray) -> None:
         """Account or queue every next teacher token of ``node`` (``p``: its teacher
@@ -1324,21 +1317,18 @@ class GeneralScorer:
                 regime[i] = int(Regime.APPROXIMATE)
                 enumerated[i] = estimated[i] == 0.0
                 z = sum(job.mass.values()) + job.remainder + job.cut + job.pruned
-                if z + job.unmapped > 0.0:
-                    unmapped[i] = job.unmapped / (z + job.unmapped)
-                    prefix_lp[i] = job.log_shift + math.log(z + job.unmapped)
-                continue
-            lost = job.cut + job.pruned
-            z = sum(job.mass.values()) + lost
-            if lost > 0.0:
-                regime[i] = int(Regime.APPROXIMATE)
             else:
-                enumerated[i] = True
-            if z > 0.0:
-                for g, m in job.mass.items():
-                    if m > 0.0:
-                        dense[i, g] = math.log(m / z)
-                unacc[i] = lost / z
+                lost = job.cut + job.pruned
+                z = sum(job.mass.values()) + lost
+                if lost > 0.0:
+                    regime[i] = int(Regime.APPROXIMATE)
+                else:
+                    enumerated[i] = True
+                if z > 0.0:
+                    for g, m in job.mass.items():
+                        if m > 0.0:
+                            dense[i, g] = math.log(m / z)
+                    unacc[i] = lost / z
             if z + job.unmapped > 0.0:
                 unmapped[i] = job.unmapped / (z + job.unmapped)
                 prefix_lp[i] = job.log_shift + math.log(z + job.unmapped)

@@ -184,6 +184,36 @@ class PrefixTree:
         return len(self.points) + len(self.tokens)
 
 
+def explicit_prefix_trees(
+    items: Sequence[PrefixTree],
+) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
+    """Each item as a plain prefix tree (tokens, parents; node 0 the start of text): its
+    prefix path up to the last point or attach it uses, then its nodes; and per item the
+    tree node of each of its rows (points, then nodes)."""
+    trees: list[tuple[list[int], list[int]]] = []
+    rows: list[list[int]] = []
+    for it in items:
+        tokens, parents = [-1], [-1]
+        chain = [0]  # chain[p]: the tree node after prefix[:p]
+        need = max(
+            [*it.points, *(a for a, par in zip(it.attach, it.parents, strict=True) if par == -1)],
+            default=0,
+        )
+        for t in it.prefix[:need]:
+            tokens.append(int(t))
+            parents.append(chain[-1])
+            chain.append(len(tokens) - 1)
+        node: list[int] = []
+        for v in range(len(it.tokens)):
+            par = it.parents[v]
+            tokens.append(int(it.tokens[v]))
+            parents.append(chain[it.attach[v]] if par == -1 else node[par])
+            node.append(len(tokens) - 1)
+        trees.append((tokens, parents))
+        rows.append([chain[p] for p in it.points] + node)
+    return trees, rows
+
+
 def _forwarded(teacher: Teacher) -> int | None:
     """The teacher's count of forwarded positions, where it keeps one."""
     n = getattr(teacher, "forwarded_tokens", None)
@@ -210,27 +240,7 @@ def prefix_tree_logprobs(
         if stats is not None and counter is not None:
             stats["positions"] = stats.get("positions", 0) + (_forwarded(teacher) or 0) - counter
         return out
-    trees: list[tuple[list[int], list[int]]] = []
-    rows: list[list[int]] = []
-    for it in items:
-        tokens, parents = [-1], [-1]
-        chain = [0]  # chain[p]: the tree node after prefix[:p]
-        need = max(
-            [*it.points, *(a for a, par in zip(it.attach, it.parents, strict=True) if par == -1)],
-            default=0,
-        )
-        for t in it.prefix[:need]:
-            tokens.append(int(t))
-            parents.append(chain[-1])
-            chain.append(len(tokens) - 1)
-        node: list[int] = []
-        for v in range(len(it.tokens)):
-            par = it.parents[v]
-            tokens.append(int(it.tokens[v]))
-            parents.append(chain[it.attach[v]] if par == -1 else node[par])
-            node.append(len(tokens) - 1)
-        trees.append((tokens, parents))
-        rows.append([chain[p] for p in it.points] + node)
+    trees, rows = explicit_prefix_trees(items)
     out = teacher_tree_logprobs(teacher, trees)
     if stats is not None:
         if counter is not None:
